@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (install, then build the embedded demo) and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# torch is pinned first: on CPU machines 2.13.0 is a local CPU wheel, and an unpinned torch
+# pulled in by another package would fetch a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/dataselect build --recipe recipes/demo.yaml
+
+test: install
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs out

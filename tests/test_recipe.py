@@ -1,0 +1,62 @@
+import pytest
+
+from dataselect.recipe import RecipeError, load_recipe, validate_recipe
+
+from .conftest import DEMO
+
+
+def test_demo_recipe_validates():
+    recipe = load_recipe(DEMO)
+    assert recipe.model.tiny is not None and recipe.model.lora is None
+    assert [s.name for s in recipe.sources][:2] == ["lexicon", "lexicon_cot"]
+    assert recipe.target.validation.split == "validation"
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    text = DEMO.read_text().replace("group_by: task}", "group_by: task, fromat: x}", 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert "bad.yaml" in str(e.value)
+    assert "sources.0.fromat: unknown key" in str(e.value)
+
+
+def test_overrides_set_nested_values_and_parse_yaml():
+    recipe = load_recipe(DEMO, ["estimate.subsets=200", "sources.1.max_rows=50", "select.min_score=null",
+                                "model.tiny.hidden_size=32"])
+    assert recipe.estimate.subsets == 200
+    assert recipe.sources[1].max_rows == 50
+    assert recipe.model.tiny.hidden_size == 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sources.9.name=x", "no list item '9'"),
+    ("estimate", "not key.path=value"),
+    ("estimate.subsets=3", "estimate.subsets"),
+])
+def test_bad_overrides_fail_clearly(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(DEMO, [override])
+
+
+def test_model_needs_exactly_one_base():
+    raw = {"name": "x", "model": {"base": "a/b", "tiny": {}}, "sources": [{"name": "s", "dataset": "d.jsonl",
+           "format": "messages"}], "target": {"dataset": "t.jsonl", "format": "messages",
+           "validation": {"split": "train"}}, "output": {"path": "o"}}
+    with pytest.raises(RecipeError, match="exactly one of model.base"):
+        validate_recipe(raw)
+
+
+def test_group_by_and_clusters_are_exclusive():
+    raw = {"name": "x", "model": {"base": "a/b"}, "sources": [{"name": "s", "dataset": "d.jsonl",
+           "format": "messages", "group_by": "task", "clusters": 4}], "target": {"dataset": "t.jsonl",
+           "format": "messages", "validation": {"split": "train"}}, "output": {"path": "o"}}
+    with pytest.raises(RecipeError, match="exclusive"):
+        validate_recipe(raw)
+
+
+def test_fingerprint_follows_settings():
+    a, b = load_recipe(DEMO), load_recipe(DEMO, ["select.keep_fraction=0.3"])
+    assert a.fingerprint("sketch", "estimate") == b.fingerprint("sketch", "estimate")
+    assert a.fingerprint("select") != b.fingerprint("select")
