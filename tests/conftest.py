@@ -1,0 +1,41 @@
+"""Shared fixtures: the demo recipe pointed at temporary folders, and one finished demo build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dataselect import build, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo.yaml"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def demo_recipe(tmp: Path, *overrides: str):
+    return load_recipe(DEMO, [f"workdir={tmp / 'run'}", f"output.path={tmp / 'out'}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The demo recipe built once for the whole session: (recipe, summaries, manifest)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    recipe = demo_recipe(tmp)
+    summaries = build(recipe)
+    manifest = json.loads((tmp / "out" / "manifest.json").read_text())
+    return recipe, summaries, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny model and tokenizer built the way `model.tiny` builds them, untrained."""
+    from dataselect.demo import materialize
+    from dataselect.model import build_tiny_model, train_tiny_tokenizer
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    rows = [json.loads(line) for line in materialize("lexicon", tmp, 0).read_text().splitlines()]
+    tokenizer = train_tiny_tokenizer((r[k] for r in rows for k in ("question", "answer")), 128)
+    recipe = demo_recipe(tmp)
+    return build_tiny_model(recipe, tokenizer).eval(), tokenizer, rows
