@@ -1,0 +1,271 @@
+"""Stage 2, meta-initialization: load the base model, fine-tune it once on all sources (θ*).
+
+Also owns what every later stage needs from the model: the tokenizer, turning a conversation
+into token ids with the prompt masked, padding a batch, and reloading θ*.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .recipe import Model, Recipe
+
+log = logging.getLogger(__name__)
+
+TINY_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+# Used by the tiny model, and by base models that ship without a chat template.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
+    "{% elif m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% else %}User: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    """A model or tokenizer that cannot be loaded, named by its path or Hub id."""
+
+
+# --- tokenizer and base model -------------------------------------------------------------
+
+def tiny_base_dir(recipe: Recipe) -> Path:
+    """Where the tiny model and its tokenizer live once ingestion has built them."""
+    return recipe.run_dir / "ingest" / "base"
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A BPE tokenizer with single-digit tokens, trained on the recipe's own text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = PLAIN_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(recipe: Recipe, tokenizer):
+    """A randomly initialised Llama-style LM sized by `model.tiny`, seeded by the recipe."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = recipe.model.tiny
+    assert spec is not None
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        max_position_embeddings=recipe.sketch.max_length, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(config)
+
+
+def _pretrained_args(spec: Model) -> tuple[str, dict]:
+    """Resolve `model.base` to from_pretrained arguments (Hub id, folder, or GGUF file)."""
+    base, kwargs = spec.base, {"trust_remote_code": spec.trust_remote_code}
+    assert base is not None
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    path = Path(base)
+    if base.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model.base: GGUF file {base} not found")
+        return str(path.parent), {**kwargs, "gguf_file": path.name}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    if (base.startswith((".", "/", "~")) or path.exists()) and not path.is_dir():
+        raise ModelError(f"model.base: local model folder {base} not found")
+    return base, kwargs
+
+
+def load_tokenizer(recipe: Recipe):
+    if recipe.model.tiny is not None:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(tiny_base_dir(recipe))
+    from transformers import AutoTokenizer
+
+    name, kwargs = _pretrained_args(recipe.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+    except Exception as e:  # transformers raises many types; the user needs the name and cause
+        raise ModelError(f"model.base: cannot load tokenizer from {recipe.model.base}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        log.info("tokenizer of %s has no chat template; using dataselect's plain template", recipe.model.base)
+        tok.chat_template = PLAIN_CHAT_TEMPLATE
+    return tok
+
+
+def load_base_model(recipe: Recipe):
+    """The pretrained (or freshly built tiny) model, float32, eager attention for per-example grads."""
+    from transformers import AutoModelForCausalLM
+
+    if recipe.model.tiny is not None:
+        path, kwargs = tiny_base_dir(recipe), {}
+    else:
+        path, kwargs = _pretrained_args(recipe.model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                    **kwargs)
+    except Exception as e:
+        raise ModelError(f"model.base: cannot load model from {path}: {e}") from e
+
+
+def with_trainable(model, recipe: Recipe):
+    """Attach LoRA adapters (peft) or make every weight trainable for full fine-tuning."""
+    if recipe.model.lora is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    spec = recipe.model.lora
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(recipe.seed)
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters meta-init trains and sketches differentiate: one definition for both."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- examples as token ids ----------------------------------------------------------------
+
+def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], int, bool] | str:
+    """Token ids of a conversation and how many belong to the prompt, or a rejection reason.
+
+    The prompt is everything before the final assistant turn as the chat template renders it;
+    loss and gradients see only the response tokens.
+    """
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        return "chat template does not render the prompt as a prefix of the conversation"
+    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    n_prompt = sum(1 for start, _ in offsets if start < len(prompt_text))
+    if n_prompt >= len(ids):
+        return "response has no tokens"
+    if n_prompt >= max_length:
+        return f"prompt alone is {n_prompt} tokens, not shorter than sketch.max_length={max_length}"
+    return ids[:max_length], n_prompt, len(ids) > max_length
+
+
+def pad_batch(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and a mask of the positions whose next token is gold."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, n_prompt) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        target[i, n_prompt - 1 : len(ids) - 1] = True  # position t predicts token t+1
+    return {"input_ids": input_ids, "attention_mask": attention, "target_mask": target}
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """log p(gold next token) at every position (zero where target_mask is off)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nxt = torch.roll(input_ids, -1, dims=-1)
+    gold = torch.gather(logp, -1, nxt.unsqueeze(-1)).squeeze(-1)
+    return torch.where(target_mask, gold, torch.zeros_like(gold))
+
+
+# --- meta-initialization --------------------------------------------------------------------
+
+def meta_train_rows(recipe: Recipe, rows_by_source: dict[str, list[tuple[list[int], int]]]) -> list:
+    """All sources together, each capped at max_examples_per_source by a seeded sample."""
+    cap = recipe.meta_init.max_examples_per_source
+    rng = random.Random(recipe.seed)
+    chosen = []
+    for name in sorted(rows_by_source):
+        rows = rows_by_source[name]
+        chosen += rng.sample(rows, cap) if cap and len(rows) > cap else rows
+    return chosen
+
+
+def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, pad_id: int) -> dict:
+    """Fine-tune the base on `rows` (token CE on response tokens) and save θ* as safetensors."""
+    spec = recipe.meta_init
+    model = with_trainable(load_base_model(recipe), recipe)
+    model.train()
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
+    steps = max(1, math.ceil(len(rows) * spec.epochs / spec.batch_size))
+    warmup = int(spec.warmup_ratio * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(1, warmup), max(0.0, (steps - s) / max(1, steps - warmup))))
+    rng = random.Random(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    order: list[int] = []
+    losses = []
+    for step in tqdm(range(steps), desc="meta-init", unit="step"):
+        if len(order) < spec.batch_size:
+            epoch = list(range(len(rows)))
+            rng.shuffle(epoch)
+            order += epoch
+        batch = pad_batch([rows[i] for i in order[: spec.batch_size]], pad_id)
+        del order[: spec.batch_size]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        gold = response_logprobs(logits, batch["input_ids"], batch["target_mask"])
+        loss = -gold.sum() / batch["target_mask"].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, out_dir / "theta.safetensors")
+    first, last = _mean(losses[: max(1, steps // 10)]), _mean(losses[-max(1, steps // 10):])
+    summary = {"steps": steps, "examples": len(rows), "trainable_parameters": sum(p.numel() for p in params.values()),
+               "loss_first_10pct": first, "loss_last_10pct": last}
+    (out_dir / "losses.json").write_text(json.dumps(losses))
+    return summary
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs))
+
+
+def load_theta_star(recipe: Recipe):
+    """The base model with the trainable parameters set to θ*, in eval mode."""
+    model = with_trainable(load_base_model(recipe), recipe)
+    state = load_file(recipe.run_dir / "meta_init" / "theta.safetensors")
+    params = trainable_parameters(model)
+    if set(state) != set(params):
+        raise ModelError("meta_init/theta.safetensors does not match the recipe's trainable parameters; "
+                         "rerun with --force")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    return model.eval()
+
+
+def stage(recipe: Recipe, out: Path) -> dict:
+    from .sources import read_ingested, token_rows, usable
+
+    examples = read_ingested(recipe)
+    by_source = {s.name: token_rows(usable(examples, "source", s.name)) for s in recipe.sources}
+    rows = meta_train_rows(recipe, by_source)
+    return meta_init(recipe, rows, out, load_tokenizer(recipe).pad_token_id)
