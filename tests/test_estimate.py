@@ -1,0 +1,83 @@
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from dataselect.estimate import estimate_subsets, sample_subsets, solve_subsets, target_loss
+from dataselect.recipe import Select
+from dataselect.select import apply_keep_rules, random_ensemble_scores
+
+
+def _problem(seed=0, n=300, d=12):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    f0 = rng.normal(0.5, 1.0, size=n).astype(np.float32)
+    return x, f0
+
+
+def _reference(x, f0, rows, lam):
+    """The same objective per subset with scipy's L-BFGS, in float64."""
+    x, f0 = x[rows].astype(np.float64), f0[rows].astype(np.float64)
+
+    def fun(w):
+        m = f0 + x @ w
+        loss = np.logaddexp(0, -m).mean() + lam * w @ w
+        grad = -(x * (1 / (1 + np.exp(m)))[:, None]).mean(0) + 2 * lam * w
+        return loss, grad
+
+    return minimize(fun, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", tol=1e-12).x
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.05])
+def test_batched_solver_matches_per_subset_reference(lam):
+    x, f0 = _problem()
+    rng = np.random.default_rng(1)
+    masks = rng.random((6, len(x))) < 0.5
+    weights = torch.from_numpy(masks / masks.sum(1, keepdims=True)).float()
+    w, _, unconverged = solve_subsets(torch.from_numpy(x), torch.from_numpy(f0), weights, lam, 2000, 1e-7)
+    assert unconverged == 0
+    for s in range(len(masks)):
+        ref = _reference(x, f0, masks[s], lam)
+        assert np.allclose(w[s].numpy(), ref, atol=2e-4 * max(1, np.abs(ref).max())), s
+
+
+def test_target_loss_at_zero_step_is_token_cross_entropy():
+    p = torch.tensor([0.9, 0.5, 0.01])
+    odds = torch.log(p / (1 - p))
+    loss = target_loss(torch.randn(3, 4), odds, torch.zeros(1, 4))
+    assert torch.allclose(loss, -p.log().mean().unsqueeze(0), atol=1e-6)
+
+
+def test_subsets_are_seeded_and_sized():
+    a, b = sample_subsets(10, 50, 0.3, seed=7), sample_subsets(10, 50, 0.3, seed=7)
+    assert np.array_equal(a, b) and (a.sum(1) == 3).all()
+    assert not np.array_equal(a, sample_subsets(10, 50, 0.3, seed=8))
+
+
+def test_estimates_reward_groups_aligned_with_the_target():
+    """Group 0 pushes along the target's gradient, group 1 against it, group 2 sideways."""
+    rng = np.random.default_rng(0)
+    d, u = 16, np.eye(16, dtype=np.float32)
+    x = np.concatenate([u[0] + 0.1 * rng.normal(size=(50, d)), -u[0] + 0.1 * rng.normal(size=(50, d)),
+                        u[1] + 0.1 * rng.normal(size=(50, d))]).astype(np.float32)
+    group_of = np.repeat(np.arange(3), 50)
+    token_x = np.tile(u[0], (20, 1)).astype(np.float32)
+    subsets = sample_subsets(3, 200, 0.5, seed=0)
+    est = estimate_subsets(x, np.zeros(150, np.float32), group_of, token_x, np.zeros(20, np.float32), subsets,
+                           l2=0.5, max_iter=500, tol=1e-6)
+    scores = random_ensemble_scores(subsets, est.loss, ["good", "bad", "side"])
+    order = scores.sort("score", descending=True)["group"].to_list()
+    assert order == ["good", "side", "bad"]
+
+
+def test_keep_rules_give_reasons():
+    groups = pl.DataFrame({"group": list("abcd"), "score": [0.3, -0.1, 0.2, None], "examples": [10, 10, 30, 5]})
+    top = apply_keep_rules(groups, Select(keep_fraction=0.5))
+    assert top.filter("selected")["group"].to_list() == ["a", "c"]
+    assert "outside the top 50%" in top.filter(pl.col("group") == "b")["reason"][0]
+    assert "no score" in top.filter(pl.col("group") == "d")["reason"][0]
+    budget = apply_keep_rules(groups, Select(keep_fraction=1.0, max_examples=20))
+    assert budget.filter("selected")["group"].to_list() == ["a", "b"]
+    threshold = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=0.0))
+    assert threshold.filter("selected")["group"].to_list() == ["a", "c"]
