@@ -1,0 +1,76 @@
+"""The `dataselect` command: a thin layer over `dataselect.pipeline.run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import click
+
+from .export import ExportError
+from .model import ModelError
+from .pipeline import STAGES, run
+from .recipe import RecipeError, load_recipe
+from .sources import SourceError
+
+USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError)
+
+
+def _options(f):
+    f = click.option("--quiet", "-q", is_flag=True, help="Only print the result (no progress bars or logs).")(f)
+    f = click.option("--force", is_flag=True, help="Rerun every stage even if a finished one matches the recipe.")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a recipe setting, e.g. --set estimate.subsets=200 or "
+                          "--set sources.0.dataset=./data/cot.jsonl (value parsed as YAML).")(f)
+    f = click.option("--recipe", "-r", required=True, type=click.Path(dir_okay=False),
+                     help="Recipe YAML file (see README, 'Recipe reference').")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dataselect")
+def main() -> None:
+    """Choose a fine-tuning mixture from many data sources for one target task.
+
+    Stages, in order: ingest → meta-init → sketch → estimate → select → export. Each stage
+    command runs the stages before it too, reusing any that already finished for the same
+    recipe settings; `build` runs them all.
+    """
+
+
+def _make_command(name: str, until: str, about: str) -> click.Command:
+    @click.command(name=name, help=about)
+    @_options
+    def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
+        _setup_logging(quiet)
+        try:
+            summaries = run(load_recipe(recipe, overrides), until=until, force=force)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+        _report(until, summaries, quiet)
+
+    return command
+
+
+def _setup_logging(quiet: bool) -> None:
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="dataselect: %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _report(until: str, summaries: dict, quiet: bool) -> None:
+    if until == "export":
+        out = summaries["export"]
+        click.echo(f"mixture: {out['rows']} rows written to {out['path']} (fingerprint {out['fingerprint']})")
+        click.echo(f"manifest: {out['path']}/manifest.json")
+    elif not quiet:
+        click.echo(json.dumps(summaries[until], indent=2))
+
+
+main.add_command(_make_command("build", "export", "Run every stage and write the selected mixture (the usual entry point)."))
+for _stage in STAGES:
+    main.add_command(_make_command(_stage.name.replace("_", "-"), _stage.name,
+                                   f"Run the stages up to {_stage.name}: {_stage.about}."))

@@ -1,0 +1,100 @@
+"""The pipeline: sources → model → sketch → estimate → select → export, each stage a folder.
+
+A stage writes into a temporary folder under the run directory and is renamed into place when it
+finishes, with a `stage.json` holding the hash of every recipe setting it (and the stages before
+it) depends on. A later build reuses a stage whose hash still matches and reruns it otherwise, so
+editing `select.keep_fraction` reruns only selection and export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import estimate, export, model, select, sketch, sources
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    settings: tuple[str, ...]  # recipe settings this stage reads
+    run: Callable[[Recipe, Path], dict]
+    about: str
+
+
+STAGES = (
+    Stage("ingest", ("seed", "model", "sources", "target", "sketch.max_length"), sources.stage,
+          "read sources and target, map rows to examples, tokenize, count rejections"),
+    Stage("meta_init", ("meta_init",), model.stage,
+          "fine-tune the base model once on all sources together (θ*)"),
+    Stage("sketch", ("sketch",), sketch.stage,
+          "per-example gradients of the mean log-odds at θ*, randomly projected; cluster sources"),
+    Stage("estimate", ("estimate",), estimate.stage,
+          "linearised target loss after fine-tuning on random subsets of groups"),
+    Stage("select", ("select",), select.stage,
+          "score each group from the subset estimates and apply the keep-rules"),
+    Stage("export", ("output",), export.stage,
+          "write the mixture as a Hugging Face dataset with a manifest"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+_CODE_VERSION = "1"  # bump when a stage's output format or meaning changes
+
+
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    """Each stage's hash chains the one before it, so a change invalidates everything downstream."""
+    keys, previous = {}, ""
+    for stage in STAGES:
+        chained = f"{previous}:{recipe.fingerprint(*stage.settings)}:{_CODE_VERSION}"
+        previous = keys[stage.name] = hashlib.sha256(chained.encode()).hexdigest()[:16]
+    return keys
+
+
+def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
+    record = recipe.run_dir / stage / "stage.json"
+    if not record.exists() or json.loads(record.read_text()).get("key") != key:
+        return False
+    if stage == "export":  # the mixture lives outside the run dir; check it is still there
+        return (Path(recipe.output.path) / export.MANIFEST).exists()
+    return True
+
+
+def run(recipe: Recipe, until: str = "export", force: bool = False) -> dict[str, dict]:
+    """Run every stage up to `until`, reusing finished ones unless `force`; return their summaries."""
+    if until not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
+    keys = stage_keys(recipe)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
+        done = recipe.run_dir / stage.name
+        if not force and is_finished(recipe, stage.name, keys[stage.name]):
+            log.info("%s: reusing finished stage in %s", stage.name, done)
+            summaries[stage.name] = json.loads((done / "stage.json").read_text())["summary"]
+            continue
+        summaries[stage.name] = _run_stage(recipe, stage, keys[stage.name])
+    return summaries
+
+
+def _run_stage(recipe: Recipe, stage: Stage, key: str) -> dict:
+    log.info("%s: %s", stage.name, stage.about)
+    done = recipe.run_dir / stage.name
+    tmp = recipe.run_dir / f".{stage.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    summary = stage.run(recipe, tmp)
+    record = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), "summary": summary}
+    (tmp / "stage.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+    log.info("%s: done in %.1f s", stage.name, record["seconds"])
+    return summary

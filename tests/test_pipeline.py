@@ -1,0 +1,135 @@
+"""The demo end to end: the mixture, the manifest, row accounting, stage reuse, and the CLI."""
+
+import json
+
+import datasets
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from dataselect import build
+from dataselect.cli import main
+from dataselect.export import ExportError
+from dataselect.pipeline import STAGE_NAMES, run
+
+from .conftest import DEMO, demo_recipe
+
+HELPFUL, CORRUPTED = {"lexicon", "lexicon_cot"}, {"wrong_answers", "wrong_rationales"}
+
+
+def _source_scores(manifest) -> dict[str, float]:
+    groups = pl.DataFrame(manifest["groups"])
+    weighted = groups.group_by("source").agg((pl.col("score") * pl.col("examples")).sum() / pl.col("examples").sum())
+    return dict(zip(weighted["source"], weighted["score"]))
+
+
+def test_output_opens_with_load_from_disk_and_keeps_provenance(demo_build):
+    recipe, summaries, manifest = demo_build
+    ds = datasets.load_from_disk(str(recipe.output.path))
+    assert ds.num_rows == summaries["export"]["rows"] == manifest["mixture"]["rows"] > 0
+    assert {"messages", "source", "group", "id", "score"} <= set(ds.column_names)
+    row = ds[0]
+    assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["content"]
+    selected = {g["group"] for g in manifest["groups"] if g["selected"]}
+    assert set(ds["group"]) == selected
+    jsonl = datasets.load_dataset("json", data_files=str(recipe.output.path / "mixture.jsonl"), split="train")
+    assert jsonl.num_rows == ds.num_rows
+
+
+def test_corrupted_sources_score_below_helpful_ones_and_helpful_are_kept(demo_build):
+    _, _, manifest = demo_build
+    scores = _source_scores(manifest)
+    assert max(scores[s] for s in CORRUPTED) < min(scores[s] for s in HELPFUL), scores
+    assert scores["trivia"] < min(scores[s] for s in HELPFUL)
+    kept = {g["group"] for g in manifest["groups"] if g["selected"]}
+    assert {"lexicon/short", "lexicon/long", "lexicon_cot"} <= kept
+    assert not any(g["source"] in CORRUPTED for g in manifest["groups"] if g["selected"])
+
+
+def test_best_cluster_of_the_unlabeled_source_is_mostly_helpful(demo_build):
+    recipe, _, manifest = demo_build
+    lines = (recipe.run_dir / "demo_data" / "unlabeled.jsonl").read_text().splitlines()
+    quality = pl.DataFrame({"id": [f"unlabeled/{i}" for i in range(len(lines))],
+                            "quality": [json.loads(line)["quality"] for line in lines]})
+    rows = pl.read_parquet(recipe.output.path / "rows.parquet").join(quality, on="id")
+    clusters = sorted((g for g in manifest["groups"] if g["source"] == "unlabeled"), key=lambda g: -g["score"])
+    best = rows.filter(pl.col("group") == clusters[0]["group"])["quality"].value_counts()
+    counts = dict(zip(best["quality"], best["count"]))
+    assert counts.get("helpful", 0) > counts.get("corrupted", 0)
+
+
+def test_every_input_row_is_accounted_for(demo_build):
+    recipe, summaries, manifest = demo_build
+    rows = pl.read_parquet(recipe.output.path / "rows.parquet")
+    assert set(rows["status"].unique()) <= {"selected", "not_selected", "rejected"}
+    assert rows["reason"].null_count() == 0 and rows["id"].n_unique() == rows.height
+    read = {name: c["rows"] for name, c in summaries["ingest"]["rows"].items() if c["role"] == "source"}
+    assert rows.group_by("source").len().sort("source").rows() == sorted(read.items())
+    for name, counts in manifest["sources"].items():
+        assert counts["rows"] == counts["selected"] + counts["not_selected"] + counts["rejected"]
+    assert manifest["sources"]["trivia"]["rejected"] == 3
+    assert rows.filter(pl.col("status") == "selected").height == manifest["mixture"]["rows"]
+
+
+def test_manifest_records_recipe_scores_and_stages(demo_build):
+    recipe, _, manifest = demo_build
+    assert manifest["recipe"]["name"] == "demo" and manifest["recipe"]["sketch"]["dim"] == recipe.sketch.dim
+    assert set(manifest["stages"]) == set(STAGE_NAMES) - {"export"}
+    group = manifest["groups"][0]
+    assert {"group", "source", "examples", "tokens", "score", "ci95", "mean_loss_with", "selected", "reason"} <= set(group)
+    assert manifest["stages"]["estimate"]["unconverged"] == 0
+    assert manifest["stages"]["meta_init"]["loss_last_10pct"] < manifest["stages"]["meta_init"]["loss_first_10pct"]
+
+
+def test_a_second_build_reuses_every_stage(demo_build, caplog):
+    recipe, summaries, _ = demo_build
+    caplog.set_level("INFO", logger="dataselect.pipeline")
+    again = build(recipe)
+    assert again["export"]["fingerprint"] == summaries["export"]["fingerprint"]
+    assert sum("reusing finished stage" in m for m in caplog.messages) == len(STAGE_NAMES)
+
+
+def test_changing_selection_reruns_only_selection_and_export(demo_build, caplog):
+    recipe, _, _ = demo_build
+    changed = recipe.model_copy(update={"select": recipe.select.model_copy(update={"keep_fraction": 0.25})})
+    caplog.set_level("INFO", logger="dataselect.pipeline")
+    summaries = run(changed)
+    reused = [m.split(":")[0] for m in caplog.messages if "reusing finished stage" in m]
+    assert reused == ["ingest", "meta_init", "sketch", "estimate"]
+    assert summaries["select"]["groups_selected"] == 3
+    run(recipe)  # leave the shared build as it was
+
+
+def test_export_refuses_to_replace_foreign_folders(tmp_path, demo_build):
+    recipe, _, _ = demo_build
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    moved = recipe.model_copy(update={"output": recipe.output.model_copy(update={"path": foreign})})
+    with pytest.raises(ExportError, match="not a dataselect output"):
+        run(moved)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_help_describes_every_stage():
+    runner = CliRunner()
+    out = runner.invoke(main, ["--help"]).output
+    for command in ["build", "ingest", "meta-init", "sketch", "estimate", "select", "export"]:
+        assert command in out
+        sub = runner.invoke(main, [command, "--help"])
+        assert sub.exit_code == 0 and "--recipe" in sub.output and "--set" in sub.output
+
+
+def test_cli_reports_bad_recipes_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("seed: 0", "seed: 0\nsede: 1"))
+    result = CliRunner().invoke(main, ["build", "--recipe", str(bad)])
+    assert result.exit_code == 1
+    assert "sede: unknown key" in result.output and "Traceback" not in result.output
+
+
+def test_cli_reports_missing_source_files(tmp_path):
+    recipe = demo_recipe(tmp_path)  # only to reuse its paths
+    result = CliRunner().invoke(main, ["ingest", "-q", "--recipe", str(DEMO), "--set", f"workdir={recipe.workdir}",
+                                       "--set", "sources.0.dataset=./missing/data.jsonl"])
+    assert result.exit_code == 1 and "./missing/data.jsonl: no such file" in result.output
