@@ -56,9 +56,11 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
 def _setup_logging(quiet: bool) -> None:
     if quiet:
         import datasets
+        import transformers
 
         os.environ["TQDM_DISABLE"] = "1"
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="dataselect: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "filelock", "urllib3", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

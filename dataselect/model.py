@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +32,11 @@ PLAIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+def progress(**kwargs) -> tqdm:
+    """A progress bar with rate and ETA, off when the CLI runs quiet (TQDM_DISABLE=1)."""
+    return tqdm(disable=os.environ.get("TQDM_DISABLE") == "1", **kwargs)
 
 
 class ModelError(RuntimeError):
@@ -220,7 +226,7 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
     torch.manual_seed(recipe.seed)
     order: list[int] = []
     losses = []
-    for step in tqdm(range(steps), desc="meta-init", unit="step"):
+    for step in progress(iterable=range(steps), desc="meta-init", unit="step"):
         if len(order) < spec.batch_size:
             epoch = list(range(len(rows)))
             rng.shuffle(epoch)

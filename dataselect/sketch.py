@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, jacrev, vmap
-from tqdm.auto import tqdm
 
-from .model import pad_batch, response_logprobs, trainable_parameters
+from .model import pad_batch, progress, response_logprobs, trainable_parameters
 from .recipe import Recipe
 
 OUTPUT_FUNCTION = "mean_log_odds"
@@ -91,7 +90,7 @@ def sketch_rows(model, rows: list[tuple[list[int], int]], projector: Projector, 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     sketches = np.zeros((len(rows), projector.dim), dtype=np.float32)
     f0 = np.zeros(len(rows), dtype=np.float32)
-    with tqdm(total=len(rows), desc=desc, unit="ex") as bar:
+    with progress(total=len(rows), desc=desc, unit="ex") as bar:
         for start in range(0, len(rows), batch_size):
             idx = order[start : start + batch_size]
             grads, values = per_example_gradients(model, pad_batch([rows[i] for i in idx], pad_id))
@@ -110,7 +109,7 @@ def sketch_tokens(model, rows: list[tuple[list[int], int]], projector: "Projecto
     decide an answer among many already-fitted ones.
     """
     sketches, odds, owner = [], [], []
-    with tqdm(total=len(rows), desc="target tokens", unit="ex") as bar:
+    with progress(total=len(rows), desc="target tokens", unit="ex") as bar:
         for start in range(0, len(rows), batch_size):
             batch = pad_batch(rows[start : start + batch_size], pad_id)
             grads, values = per_token_gradients(model, batch)
