@@ -102,11 +102,10 @@ def _pretrained_args(spec: Model) -> tuple[str, dict]:
 
 
 def load_tokenizer(recipe: Recipe):
-    if recipe.model.tiny is not None:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(tiny_base_dir(recipe))
     from transformers import AutoTokenizer
 
+    if recipe.model.tiny is not None:
+        return AutoTokenizer.from_pretrained(tiny_base_dir(recipe))
     name, kwargs = _pretrained_args(recipe.model)
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)

@@ -62,8 +62,10 @@ def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
     record = recipe.run_dir / stage / "stage.json"
     if not record.exists() or json.loads(record.read_text()).get("key") != key:
         return False
-    if stage == "export":  # the mixture lives outside the run dir; check it is still there
-        return (Path(recipe.output.path) / export.MANIFEST).exists()
+    if stage == "export":  # the mixture lives outside the run dir: is it still the one we wrote?
+        manifest = Path(recipe.output.path) / export.MANIFEST
+        written = json.loads(record.read_text())["summary"]["fingerprint"]
+        return manifest.exists() and json.loads(manifest.read_text())["mixture"]["fingerprint"] == written
     return True
 
 

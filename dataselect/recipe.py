@@ -165,6 +165,8 @@ class Recipe(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"source names must be unique; repeated: {dupes}")
+        if self.target.name in names:
+            raise ValueError(f"target.name {self.target.name!r} is also a source name")
         return self
 
     @property

@@ -152,8 +152,6 @@ def read_examples(recipe: Recipe) -> pl.DataFrame:
     rows: list[dict] = []
     for source in recipe.sources:
         rows += _source_rows(source, recipe.run_dir, recipe.seed)
-    if recipe.target.name in {s.name for s in recipe.sources}:
-        raise SourceError(f"target name {recipe.target.name!r} is also a source name")
     rows += _split_rows(recipe.target, recipe.target.validation, "validation", recipe.run_dir, recipe.seed)
     if recipe.target.test is not None:
         rows += _split_rows(recipe.target, recipe.target.test, "test", recipe.run_dir, recipe.seed)

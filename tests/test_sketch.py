@@ -78,3 +78,26 @@ def test_projection_preserves_inner_products_on_average():
     sketches = [Projector(sizes, 512, seed=s).project({"w": torch.cat([x, y])}) for s in range(8)]
     est = np.mean([float(s[0] @ s[1]) for s in sketches])
     assert abs(est - float(x[0] @ y[0])) < 0.1 * float(x.norm() * y.norm())
+
+
+def test_lora_sketches_differentiate_only_the_adapters(tiny):
+    """With peft LoRA, the gradient covers exactly the adapter weights, batched or looped."""
+    from peft import LoraConfig, get_peft_model
+
+    model, batch = _batch(tiny, 3)
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # peft starts B at zero; move it so that A's gradient is not zero too
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    params = trainable_parameters(lora)
+    assert params and all("lora_" in n for n in params)
+    assert sum(p.numel() for p in params.values()) == 2 * 2 * (4 * 64 + 64 * 4)  # layers × (q, v) × (A + B)
+    grads, values = per_example_gradients(lora.eval(), batch)
+    one = {k: v[1:2] for k, v in batch.items()}
+    f = output_function(lora(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits,
+                        one["input_ids"], one["target_mask"])[0]
+    for (name, _), g in zip(params.items(), torch.autograd.grad(f, list(params.values()))):
+        assert torch.allclose(grads[name][1], g, atol=1e-6, rtol=1e-4), name
+    lora.unload()  # give the shared fixture model back without adapters
