@@ -79,3 +79,7 @@ main.add_command(_make_command("build", "export", "Run every stage and write the
 for _stage in STAGES:
     main.add_command(_make_command(_stage.name.replace("_", "-"), _stage.name,
                                    f"Run the stages up to {_stage.name}: {_stage.about}."))
+
+
+if __name__ == "__main__":
+    main()

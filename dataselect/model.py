@@ -76,7 +76,7 @@ def build_tiny_model(recipe: Recipe, tokenizer):
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        max_position_embeddings=recipe.sketch.max_length, tie_word_embeddings=True,
+        max_position_embeddings=recipe.sketch.max_length, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
     torch.manual_seed(recipe.seed)

@@ -1,7 +1,8 @@
 """The pipeline: sources → model → sketch → estimate → select → export, each stage a folder.
 
 A stage writes into a temporary folder under the run directory and is renamed into place when it
-finishes, with a `stage.json` holding the hash of every recipe setting it (and the stages before
+finishes (a stage killed half-way finds its folder again and resumes what it can, e.g. sketch
+chunks), with a `stage.json` holding the hash of every recipe setting it (and the stages before
 it) depends on. A later build reuses a stage whose hash still matches and reruns it otherwise, so
 editing `select.keep_fraction` reruns only selection and export.
 """
@@ -90,8 +91,13 @@ def _run_stage(recipe: Recipe, stage: Stage, key: str) -> dict:
     log.info("%s: %s", stage.name, stage.about)
     done = recipe.run_dir / stage.name
     tmp = recipe.run_dir / f".{stage.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    marker = tmp / "stage.key"
+    if marker.exists() and marker.read_text() == key:
+        log.info("%s: resuming the unfinished run in %s", stage.name, tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        marker.write_text(key)
     start = time.perf_counter()
     summary = stage.run(recipe, tmp)
     record = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), "summary": summary}

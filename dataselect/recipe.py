@@ -122,6 +122,8 @@ class Sketch(Strict):
     dim: int = Field(256, ge=8)
     max_length: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
+    modules: list[str] = []  # glob patterns of linear layers; default: LoRA adapters, else all linears
+    chunk_size: int = Field(1024, ge=1)  # rows written (and resumable) at a time
 
 
 class Estimate(Strict):

@@ -1,27 +1,36 @@
 """Stage 3, gradient sketches: per-example ∇F at θ* and F⁰, randomly projected to `dim`.
 
 F is the mean log-odds of the gold response tokens, logit(p) = log p − log(1 − p), computed from
-log-softmax so it stays finite for any p. The projection P (p × d, Rademacher ±1/√d) is generated
-per parameter tensor from a hash of (seed, tensor name), so the full matrix never exists at once
-and the same seed gives the same sketch in any process.
+log-softmax so it stays finite for any p. Per-example gradients come from one batched forward and
+one backward pass: hooks on the sketched linear layers keep each layer's inputs x and catch its
+output gradients δ, and the projection of Σ_t δ_t x_tᵀ is formed from those directly
+(`projection.py`). The backward pass computes activation gradients only — no weight gradient is
+ever formed — so a sketch costs about what a training step costs.
+
+Which weights are sketched: the LoRA adapters (lora_A, lora_B) when the model has them, otherwise
+every linear layer not tied to the input embeddings; or the layers matched by `sketch.modules`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value, jacrev, vmap
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
 
-from .model import pad_batch, progress, response_logprobs, trainable_parameters
+from .model import ModelError, pad_batch, progress, response_logprobs
+from .projection import KIND as PROJECTION
+from .projection import KroneckerProjector
 from .recipe import Recipe
+from .store import SketchStore, read_store
 
 OUTPUT_FUNCTION = "mean_log_odds"
-PROJECTION = "rademacher_per_tensor"
 
 
 def log_odds(logp: torch.Tensor) -> torch.Tensor:
@@ -37,185 +46,87 @@ def output_function(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
     return odds.sum(-1) / target_mask.sum(-1).clamp(min=1)
 
 
-class Projector:
-    """x ↦ Pᵀx for a seeded Rademacher P, built one parameter tensor at a time.
+def sketched_modules(model, patterns: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The linear layers whose weights are sketched, checked to be weights meta-init trained."""
+    embedding = model.get_input_embeddings().weight
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if patterns:
+        chosen = {n: m for n, m in linears.items() if any(fnmatch(n, p) for p in patterns)}
+    elif any(".lora_A." in n for n in linears):
+        chosen = {n: m for n, m in linears.items() if ".lora_A." in n or ".lora_B." in n}
+    else:
+        chosen = {n: m for n, m in linears.items() if m.weight is not embedding}
+    if not chosen:
+        raise ModelError(f"sketch.modules {list(patterns)} matches no linear layer of the model")
+    for name, m in chosen.items():
+        if not m.weight.requires_grad:
+            raise ModelError(f"sketch.modules: {name} was not trained at meta-init (frozen weight)")
+        if m.weight is embedding:
+            raise ModelError(f"sketch.modules: {name} is tied to the input embeddings; leave it out")
+        if m.bias is not None and m.bias.requires_grad:
+            raise ModelError(f"sketch.modules: {name} has a trained bias, which the sketcher does not cover")
+    return chosen
 
-    Blocks are cached while they fit in `cache_bytes`; beyond that they are regenerated per
-    call, which is slower but never holds more than one tensor's block.
+
+@contextlib.contextmanager
+def _no_weight_grads(model):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class Sketcher:
+    """Sketches of ∇F for every example of a batch from one forward and one backward pass."""
+
+    def __init__(self, model, modules: dict[str, nn.Linear], projector: KroneckerProjector):
+        self.model, self.modules, self.projector = model, modules, projector
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = batch["input_ids"].shape[0]
+        sketch = torch.zeros(n, self.projector.proj_dim)
+        fired: set[str] = set()
+
+        def capture(name):
+            def hook(module, args, output):
+                x = args[0].detach()
+
+                def on_grad(g):
+                    fired.add(name)
+                    sketch.add_(self.projector.project_factored(name, x, g))
+
+                output.register_hook(on_grad)
+            return hook
+
+        handles = [m.register_forward_hook(capture(n)) for n, m in self.modules.items()]
+        try:
+            with torch.enable_grad(), _no_weight_grads(self.model):
+                embeds = self.model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+                logits = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+                values = output_function(logits, batch["input_ids"], batch["target_mask"])
+                values.sum().backward(inputs=[embeds])
+        finally:
+            for h in handles:
+                h.remove()
+        if len(fired) != len(self.modules):
+            missing = sorted(set(self.modules) - fired)[:3]
+            raise ModelError(f"sketched layers never reached by the backward pass, e.g. {missing}")
+        return sketch, values.detach()
+
+
+def per_token_gradients(model, modules: dict[str, nn.Linear], batch: dict[str, torch.Tensor]):
+    """∇ logit(p_t) of the sketched weights and logit(p_t), for every position of every example.
+
+    Used for the target's validation tokens (its loss linearises token by token) and as the
+    materialized reference in tests; costs one backward pass per token.
     """
-
-    def __init__(self, sizes: dict[str, int], dim: int, seed: int, cache_bytes: int = 1 << 30):
-        self.sizes, self.dim, self.seed = dict(sizes), dim, seed
-        self._cache: dict[str, torch.Tensor] = {}
-        self._cache_ok = sum(sizes.values()) * dim * 4 <= cache_bytes
-
-    def block(self, name: str) -> torch.Tensor:
-        if name in self._cache:
-            return self._cache[name]
-        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        signs = torch.randint(0, 2, (self.sizes[name], self.dim), generator=gen, dtype=torch.int8)
-        block = (signs.float() * 2 - 1) / math.sqrt(self.dim)
-        if self._cache_ok:
-            self._cache[name] = block
-        return block
-
-    def project(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum over tensors of g_k P_k: (batch, p_k) @ (p_k, d)."""
-        out = None
-        for name, g in grads.items():
-            part = g.reshape(g.shape[0], -1).float() @ self.block(name)
-            out = part if out is None else out + part
-        return out
-
-
-def per_example_gradients(model, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """∇_θ F and F for every example of a padded batch, via vmap over single-example grads."""
-    params = {n: p.detach() for n, p in trainable_parameters(model).items()}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-    frozen.update(dict(model.named_buffers()))
-
-    def f(p, ids, attention, target):
-        logits = functional_call(model, {**frozen, **p}, (ids[None],), {"attention_mask": attention[None]}).logits
-        return output_function(logits, ids[None], target[None])[0]
-
-    grads, values = vmap(grad_and_value(f), in_dims=(None, 0, 0, 0))(
-        params, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-    return grads, values
-
-
-def sketch_rows(model, rows: list[tuple[list[int], int]], projector: Projector, batch_size: int, pad_id: int,
-                desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Sketches (n × d) and F⁰ (n) in the order of `rows`; batches are formed by length."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    sketches = np.zeros((len(rows), projector.dim), dtype=np.float32)
-    f0 = np.zeros(len(rows), dtype=np.float32)
-    with progress(total=len(rows), desc=desc, unit="ex") as bar:
-        for start in range(0, len(rows), batch_size):
-            idx = order[start : start + batch_size]
-            grads, values = per_example_gradients(model, pad_batch([rows[i] for i in idx], pad_id))
-            sketches[idx] = projector.project(grads).numpy()
-            f0[idx] = values.numpy()
-            bar.update(len(idx))
-    return sketches, f0
-
-
-def sketch_tokens(model, rows: list[tuple[list[int], int]], projector: "Projector", batch_size: int,
-                  pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token sketches and log-odds of the target's response tokens, and each token's example.
-
-    The target's loss is token cross-entropy, and −log p = ℓ(logit p) exactly per token, so it
-    linearises token by token; a per-example mean of log-odds would hide the few tokens that
-    decide an answer among many already-fitted ones.
-    """
-    sketches, odds, owner = [], [], []
-    with progress(total=len(rows), desc="target tokens", unit="ex") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = pad_batch(rows[start : start + batch_size], pad_id)
-            grads, values = per_token_gradients(model, batch)
-            n, width = values.shape
-            flat = projector.project({k: g.reshape(n * width, -1) for k, g in grads.items()}).reshape(n, width, -1)
-            mask = batch["target_mask"]
-            sketches.append(flat[mask].numpy())
-            odds.append(values[mask].numpy())
-            owner.append((torch.arange(n).unsqueeze(1).expand(n, width)[mask] + start).numpy())
-            bar.update(n)
-    return np.concatenate(sketches), np.concatenate(odds), np.concatenate(owner)
-
-
-def write_store(folder: Path, ids: list[str], sketches: np.ndarray, f0: np.ndarray) -> None:
-    """One store: plain .npy arrays (no pickle) and the example ids in row order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "sketches.npy", sketches, allow_pickle=False)
-    np.save(folder / "f0.npy", f0, allow_pickle=False)
-    (folder / "ids.json").write_text(json.dumps(ids))
-
-
-def read_store(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    ids = json.loads((folder / "ids.json").read_text())
-    return (ids, np.load(folder / "sketches.npy", mmap_mode="r", allow_pickle=False),
-            np.load(folder / "f0.npy", allow_pickle=False))
-
-
-def cluster(sketches: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Spherical k-means (FAISS) on the sketches: groups of examples with similar gradients."""
-    import faiss
-
-    x = np.ascontiguousarray(sketches, dtype=np.float32).copy()
-    faiss.normalize_L2(x)
-    k = min(k, len(x))
-    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, max_points_per_centroid=len(x))
-    km.train(x)
-    _, labels = km.index.search(x, 1)
-    return labels[:, 0].astype(np.int64)
-
-
-def parameter_summary(model) -> dict:
-    params = trainable_parameters(model)
-    return {"count": sum(p.numel() for p in params.values()), "tensors": len(params),
-            "names_sha256": hashlib.sha256("\n".join(params).encode()).hexdigest()[:16]}
-
-
-def stage(recipe: Recipe, out: Path) -> dict:
-    """One store per source and one for the target's validation split, plus cluster labels."""
-    from .model import load_theta_star, load_tokenizer
-    from .sources import read_ingested, token_rows, usable
-
-    examples = read_ingested(recipe)
-    model = load_theta_star(recipe)
-    pad_id = load_tokenizer(recipe).pad_token_id
-    sizes = {n: p.numel() for n, p in trainable_parameters(model).items()}
-    projector = Projector(sizes, recipe.sketch.dim, recipe.seed)
-    parts = [(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters)
-             for s in recipe.sources]
-    counts = {}
-    for name, part, folder, clusters in parts:
-        sketches, f0 = sketch_rows(model, token_rows(part), projector, recipe.sketch.batch_size, pad_id, name)
-        write_store(folder, part["id"].to_list(), sketches, f0)
-        if clusters:
-            np.save(folder / "clusters.npy", cluster(sketches, clusters, recipe.seed), allow_pickle=False)
-        counts[name] = len(part)
-    target = usable(examples, "validation")
-    folder = out / "target" / "validation"
-    sketches, f0 = sketch_rows(model, token_rows(target), projector, recipe.sketch.batch_size, pad_id,
-                               "target validation")
-    write_store(folder, target["id"].to_list(), sketches, f0)
-    tokens, odds, owner = sketch_tokens(model, token_rows(target), projector, recipe.sketch.batch_size, pad_id)
-    np.save(folder / "token_sketches.npy", tokens, allow_pickle=False)
-    np.save(folder / "token_log_odds.npy", odds, allow_pickle=False)
-    np.save(folder / "token_example.npy", owner, allow_pickle=False)
-    counts["target validation"] = len(target)
-    counts["target validation tokens"] = len(odds)
-    theta = (recipe.run_dir / "meta_init" / "theta.safetensors").read_bytes()
-    manifest = {"dim": recipe.sketch.dim, "seed": recipe.seed, "projection": PROJECTION,
-                "output_function": OUTPUT_FUNCTION, "parameters": parameter_summary(model),
-                "theta_sha256": hashlib.sha256(theta).hexdigest()[:16], "examples": counts}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """All source stores stacked: ids, each row's group (task value, cluster or source), sketches, F⁰."""
-    from .sources import usable
-
-    all_ids, names, xs, f0s = [], [], [], []
-    for s in recipe.sources:
-        folder = recipe.run_dir / "sketch" / "sources" / s.name
-        ids, x, f0 = read_store(folder)
-        all_ids += ids
-        if s.clusters:
-            names += [f"{s.name}/c{c}" for c in np.load(folder / "clusters.npy")]
-        else:
-            names += usable(examples, "source", s.name)["group"].to_list()
-        xs.append(np.asarray(x))
-        f0s.append(f0)
-    return all_ids, names, np.concatenate(xs), np.concatenate(f0s)
-
-
-def per_token_gradients(model, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """∇_θ logit(p_t) and logit(p_t) for every position t of every example (zeros off target)."""
-    params = {n: p.detach() for n, p in trainable_parameters(model).items()}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    names = [f"{n}.weight" for n in modules]
+    params = {k: v.detach() for k, v in model.named_parameters() if k in names}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in params}
     frozen.update(dict(model.named_buffers()))
 
     def f(p, ids, attention, target):
@@ -226,4 +137,129 @@ def per_token_gradients(model, batch: dict[str, torch.Tensor]) -> tuple[dict[str
 
     grads, values = vmap(jacrev(f, has_aux=True), in_dims=(None, 0, 0, 0))(
         params, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-    return grads, values
+    return {n: grads[f"{n}.weight"] for n in modules}, values
+
+
+def sketch_tokens(model, modules, projector: KroneckerProjector, rows: list[tuple[list[int], int]],
+                  batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token sketches and log-odds of the target's response tokens, and each token's example."""
+    sketches, odds, owner = [], [], []
+    with progress(total=len(rows), desc="target tokens", unit="ex") as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = pad_batch(rows[start : start + batch_size], pad_id)
+            grads, values = per_token_gradients(model, modules, batch)
+            n, width = values.shape
+            flat = projector.project({k: g.reshape(n * width, *g.shape[2:]) for k, g in grads.items()})
+            mask = batch["target_mask"]
+            sketches.append(flat.reshape(n, width, -1)[mask].numpy())
+            odds.append(values[mask].numpy())
+            owner.append((torch.arange(n).unsqueeze(1).expand(n, width)[mask] + start).numpy())
+            bar.update(n)
+    return np.concatenate(sketches), np.concatenate(odds), np.concatenate(owner)
+
+
+def sketch_into_store(sketcher: Sketcher, store: SketchStore, rows: list[tuple[list[int], int]], batch_size: int,
+                      pad_id: int, desc: str) -> None:
+    """Fill a store chunk by chunk in length order (cheap padding), resuming where it stopped."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
+    done = min(store.progress()["chunks_done"] * store.chunk_rows, len(rows))
+    with progress(total=len(rows), initial=done, desc=desc, unit="ex") as bar:
+        for chunk in store.pending_chunks():
+            idx = order[chunk * store.chunk_rows : (chunk + 1) * store.chunk_rows]
+            sketches, values = [], []
+            for start in range(0, len(idx), batch_size):
+                s, v = sketcher(pad_batch([rows[i] for i in idx[start : start + batch_size]], pad_id))
+                sketches.append(s)
+                values.append(v)
+                bar.update(len(s))
+            store.write_chunk(chunk, np.array(idx), torch.cat(sketches).numpy(), torch.cat(values).numpy())
+    store.finish()
+
+
+def cluster(sketches: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spherical k-means (FAISS) on the sketches: groups of examples with similar gradients."""
+    import faiss
+
+    x = np.array(sketches, dtype=np.float32)
+    faiss.normalize_L2(x)
+    k = min(k, len(x))
+    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, max_points_per_centroid=len(x))
+    km.train(x)
+    _, labels = km.index.search(x, 1)
+    return labels[:, 0].astype(np.int64)
+
+
+def store_settings(recipe: Recipe, model, modules: dict[str, nn.Linear]) -> dict:
+    """Everything a sketch depends on; stores made with other settings are refused."""
+    weights = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(p.detach().cpu().contiguous().numpy().tobytes())
+    theta = (recipe.run_dir / "meta_init" / "theta.safetensors").read_bytes()
+    return {"model_sha256": weights.hexdigest()[:16], "adapter_sha256": hashlib.sha256(theta).hexdigest()[:16],
+            "seed": recipe.seed, "dim": recipe.sketch.dim, "projection": PROJECTION,
+            "output_function": OUTPUT_FUNCTION, "max_length": recipe.sketch.max_length,
+            "modules": len(modules), "modules_sha256": hashlib.sha256("\n".join(modules).encode()).hexdigest()[:16],
+            "grad_dim": sum(m.weight.numel() for m in modules.values())}
+
+
+def stage(recipe: Recipe, out: Path) -> dict:
+    """One store per source and one for the target's validation split, plus cluster labels."""
+    from .model import load_theta_star, load_tokenizer
+    from .sources import read_ingested, token_rows, usable
+
+    examples = read_ingested(recipe)
+    model = load_theta_star(recipe)
+    pad_id = load_tokenizer(recipe).pad_token_id
+    modules = sketched_modules(model, recipe.sketch.modules)
+    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
+                                   recipe.seed)
+    assert projector.grad_dim == sum(m.weight.numel() for m in modules.values())
+    settings = store_settings(recipe, model, modules)
+    sketcher = Sketcher(model, modules, projector)
+    chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
+    parts = [(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters)
+             for s in recipe.sources]
+    parts.append(("target validation", usable(examples, "validation"), out / "target" / "validation", None))
+    counts = {}
+    for name, part, folder, clusters in parts:
+        store = SketchStore.open(folder, settings, part["id"].to_list(), recipe.sketch.dim, chunk_rows)
+        if not store.progress()["complete"]:
+            sketch_into_store(sketcher, store, token_rows(part), recipe.sketch.batch_size, pad_id, name)
+        if clusters and not (folder / "clusters.npy").exists():
+            labels = cluster(np.load(folder / "sketches.npy", mmap_mode="r"), clusters, recipe.seed)
+            np.save(folder / "clusters.npy", labels, allow_pickle=False)
+        counts[name] = len(part)
+    target = parts[-1][2]
+    if not (target / "token_example.npy").exists():
+        tokens, odds, owner = sketch_tokens(model, modules, projector, token_rows(parts[-1][1]),
+                                            recipe.sketch.batch_size, pad_id)
+        np.save(target / "token_sketches.npy", tokens, allow_pickle=False)
+        np.save(target / "token_log_odds.npy", odds, allow_pickle=False)
+        np.save(target / "token_example.npy", owner, allow_pickle=False)
+    counts["target validation tokens"] = int(np.load(target / "token_example.npy").shape[0])
+    manifest = {**settings, "examples": counts}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """All source stores stacked: ids, each row's group (task value, cluster or source), sketches, F⁰."""
+    from .sources import usable
+
+    root = recipe.run_dir / "sketch"
+    settings = {k: v for k, v in json.loads((root / "manifest.json").read_text()).items()
+                if k != "examples"}
+    all_ids, names, xs, f0s = [], [], [], []
+    for s in recipe.sources:
+        folder = root / "sources" / s.name
+        ids, x, f0 = read_store(folder, settings)
+        all_ids += ids
+        if s.clusters:
+            names += [f"{s.name}/c{c}" for c in np.load(folder / "clusters.npy")]
+        else:
+            names += usable(examples, "source", s.name)["group"].to_list()
+        xs.append(np.asarray(x))
+        f0s.append(f0)
+    return all_ids, names, np.concatenate(xs), np.concatenate(f0s)
+
