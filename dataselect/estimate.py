@@ -120,15 +120,14 @@ def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, token_
 
 def stage(recipe: Recipe, out: Path) -> dict:
     """Sample subsets of groups, estimate each, and keep everything selection needs as files."""
-    from .sketch import read_store, stacked_sources
+    from .sketch import stacked_sources, target_tokens
     from .sources import read_ingested
 
     ids, names, x, f0 = stacked_sources(recipe, read_ingested(recipe))
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}
     group_of = np.array([index[n] for n in names], dtype=np.int64)
-    target = recipe.run_dir / "sketch" / "target" / "validation"
-    tx, tf0 = np.load(target / "token_sketches.npy"), np.load(target / "token_log_odds.npy")
+    tx, tf0 = target_tokens(recipe)
     spec = recipe.estimate
     subsets = sample_subsets(len(groups), spec.subsets, spec.subset_fraction, recipe.seed)
     start = time.perf_counter()

@@ -243,13 +243,25 @@ def stage(recipe: Recipe, out: Path) -> dict:
     return manifest
 
 
+def finished_settings(recipe: Recipe) -> dict:
+    """The settings the finished sketch stage ran with; every store it wrote must carry them."""
+    manifest = json.loads((recipe.run_dir / "sketch" / "manifest.json").read_text())
+    return {k: v for k, v in manifest.items() if k != "examples"}
+
+
+def target_tokens(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token sketches and log-odds of the target's validation responses."""
+    folder = recipe.run_dir / "sketch" / "target" / "validation"
+    read_store(folder, finished_settings(recipe))
+    return np.load(folder / "token_sketches.npy"), np.load(folder / "token_log_odds.npy")
+
+
 def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """All source stores stacked: ids, each row's group (task value, cluster or source), sketches, F⁰."""
     from .sources import usable
 
     root = recipe.run_dir / "sketch"
-    settings = {k: v for k, v in json.loads((root / "manifest.json").read_text()).items()
-                if k != "examples"}
+    settings = finished_settings(recipe)
     all_ids, names, xs, f0s = [], [], [], []
     for s in recipe.sources:
         folder = root / "sources" / s.name
