@@ -11,8 +11,8 @@ mean_k ℓ(logit p_k + ĝ_k·ŵ_S), no model pass. (−log p = ℓ(logit p) hold
 λ is `estimate.l2` times the mean squared sketch norm, which makes it independent of the model's
 gradient scale; it sets how far the linearised fine-tune moves from θ*.
 
-All subsets are solved together: Nesterov-accelerated gradient descent on a batch of subsets,
-with each subset's step size from a power-iteration bound on its curvature.
+All subsets are solved together: Newton-like steps preconditioned by the pool's Hessian at
+w = 0, on a batch of subsets at a time (two matrix products per step).
 """
 
 from __future__ import annotations
@@ -50,47 +50,48 @@ def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndar
     return members
 
 
-def solve_subsets(x: torch.Tensor, f0: torch.Tensor, weights: torch.Tensor, lam: float,
-                  max_iter: int, tol: float) -> tuple[torch.Tensor, int, int]:
+def solve_subsets(x: torch.Tensor, f0: torch.Tensor, weights: torch.Tensor, lam: float, max_iter: int,
+                  tol: float, precond: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
     """ŵ for each row of `weights` (subsets × examples, rows summing to 1).
 
-    Returns (w of shape subsets × d, iterations run, subsets not converged to `tol`, measured
-    as the gradient norm relative to its value at w = 0).
+    Newton-like steps w ← w − P⁻¹∇f_S(w) with one preconditioner shared by all subsets, the
+    pool's Hessian at w = 0 (`pool_preconditioner`); a step that raises a subset's objective is
+    halved for that subset. Each step costs two matrix products over the batch of subsets.
+    Returns (w, steps run, subsets whose gradient norm is still above tol × its value at w = 0).
     """
     m, d = weights.shape[0], x.shape[1]
-    lipschitz = 0.25 * _top_eigenvalue(x, weights) + 2 * lam
-    step = (1.0 / lipschitz).unsqueeze(1)
-    kappa = lipschitz / (2 * lam)
-    momentum = ((kappa.sqrt() - 1) / (kappa.sqrt() + 1)).unsqueeze(1)
-
-    def gradient(w: torch.Tensor) -> torch.Tensor:
-        margins = f0 + w @ x.T  # (m, n)
-        return -(weights * torch.sigmoid(-margins)) @ x + 2 * lam * w
-
+    chol = torch.linalg.cholesky(precond if precond is not None else pool_preconditioner(x, f0, lam))
     w = torch.zeros(m, d, dtype=x.dtype)
-    g0 = gradient(w).norm(dim=1).clamp(min=1e-30)
-    y, it = w, 0
+    step = torch.ones(m, 1, dtype=x.dtype)
+    loss, grad = _objective(x, f0, weights, lam, w)
+    g0 = grad.norm(dim=1).clamp(min=1e-30)
+    it = 0
     for it in range(1, max_iter + 1):
-        g = gradient(y)
-        if bool((g.norm(dim=1) <= tol * g0).all()):
-            w = y
+        if bool((grad.norm(dim=1) <= tol * g0).all()):
             break
-        w_next = y - step * g
-        y = w_next + momentum * (w_next - w)
-        w = w_next
-    unconverged = int((gradient(w).norm(dim=1) > tol * g0 * 10).sum())
+        proposal = w - step * torch.cholesky_solve(grad.T, chol).T
+        new_loss, new_grad = _objective(x, f0, weights, lam, proposal)
+        better = (new_loss <= loss + 1e-5 * loss.abs()).unsqueeze(1)  # float32 rounding is no overshoot
+        w = torch.where(better, proposal, w)
+        grad = torch.where(better, new_grad, grad)
+        loss = torch.where(better.squeeze(1), new_loss, loss)
+        step = torch.where(better, step, step / 2)
+    unconverged = int((grad.norm(dim=1) > tol * g0).sum())
     return w, it, unconverged
 
 
-def _top_eigenvalue(x: torch.Tensor, weights: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """Largest eigenvalue of Xᵀ diag(weights_s) X for every subset s, by power iteration."""
-    v = torch.ones(weights.shape[0], x.shape[1], dtype=x.dtype) / math.sqrt(x.shape[1])
-    est = torch.ones(weights.shape[0], dtype=x.dtype)
-    for _ in range(iters):
-        u = (weights * (v @ x.T)) @ x
-        est = u.norm(dim=1)
-        v = u / est.clamp(min=1e-30).unsqueeze(1)
-    return est * 1.05  # power iteration approaches from below
+def pool_preconditioner(x: torch.Tensor, f0: torch.Tensor, lam: float) -> torch.Tensor:
+    """Hessian of the objective at w = 0 over the whole pool: Xᵀ diag(σ'(F⁰)/n) X + 2λI."""
+    curvature = torch.sigmoid(f0) * torch.sigmoid(-f0) / len(f0)
+    return (x.T * curvature) @ x + 2 * lam * torch.eye(x.shape[1], dtype=x.dtype)
+
+
+def _objective(x, f0, weights, lam, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-subset mean logistic loss + λ‖w‖², and its gradient."""
+    margins = f0 + w @ x.T  # (m, n)
+    loss = (weights * nnf.softplus(-margins)).sum(1) + lam * (w * w).sum(1)
+    grad = -(weights * torch.sigmoid(-margins)) @ x + 2 * lam * w
+    return loss, grad
 
 
 def target_loss(token_x: torch.Tensor, token_odds: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -107,11 +108,12 @@ def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, token_
     tx = torch.from_numpy(np.array(token_x, dtype=np.float32))
     tf = torch.from_numpy(np.array(token_odds, dtype=np.float32))
     lam = l2 * float((xt**2).sum(1).mean())
+    precond = pool_preconditioner(xt, ft, lam)
     losses, its, bad = [], 0, 0
     for start in range(0, len(subsets), chunk):
         member = torch.from_numpy(subsets[start : start + chunk][:, group_of]).float()  # (c, n)
         weights = member / member.sum(1, keepdim=True).clamp(min=1)
-        w, it, unconverged = solve_subsets(xt, ft, weights, lam, max_iter, tol)
+        w, it, unconverged = solve_subsets(xt, ft, weights, lam, max_iter, tol, precond)
         losses.append(target_loss(tx, tf, w).numpy())
         its, bad = max(its, it), bad + unconverged
     base = float(nnf.softplus(-tf).mean())

@@ -35,11 +35,11 @@ def test_batched_solver_matches_per_subset_reference(lam):
     rng = np.random.default_rng(1)
     masks = rng.random((6, len(x))) < 0.5
     weights = torch.from_numpy(masks / masks.sum(1, keepdims=True)).float()
-    w, _, unconverged = solve_subsets(torch.from_numpy(x), torch.from_numpy(f0), weights, lam, 2000, 1e-7)
-    assert unconverged == 0
+    w, steps, unconverged = solve_subsets(torch.from_numpy(x), torch.from_numpy(f0), weights, lam, 200, 1e-5)
+    assert unconverged == 0 and steps < 30
     for s in range(len(masks)):
         ref = _reference(x, f0, masks[s], lam)
-        assert np.allclose(w[s].numpy(), ref, atol=2e-4 * max(1, np.abs(ref).max())), s
+        assert np.allclose(w[s].numpy(), ref, atol=1e-4 * max(1, np.abs(ref).max())), s
 
 
 def test_target_loss_at_zero_step_is_token_cross_entropy():
