@@ -49,7 +49,7 @@ def main() -> None:
                     f"tokens, {sketch_rate:.0f} examples/s = {sketch_rate / train_rate:.2f}x training")
         elif stage == "estimate":
             e = summaries["estimate"]
-            note = f"{e['subsets']} subsets of {e['groups']} groups, solver {e['seconds']:.2f} s"
+            note = f"{e['subsets']} subsets of {e['groups']} groups, estimates {e['seconds']:.2f} s"
         print(f"{stage:<10} {s:>8.1f}  {note}")
     print(f"{'total':<10} {total:>8.1f}")
 

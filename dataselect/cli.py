@@ -10,8 +10,9 @@ import click
 
 from .export import ExportError
 from .model import ModelError
+from .pipeline import STAGE_NAMES as STAGE_ORDER
 from .pipeline import STAGES, run
-from .recipe import RecipeError, load_recipe
+from .recipe import SELECT_METHODS, RecipeError, load_recipe
 from .sources import SourceError
 
 USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError)
@@ -42,14 +43,22 @@ def main() -> None:
 def _make_command(name: str, until: str, about: str) -> click.Command:
     @click.command(name=name, help=about)
     @_options
-    def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
+    def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, method: str | None = None) -> None:
         _setup_logging(quiet)
+        if method:
+            overrides = (*overrides, f"select.method={method}")
         try:
             summaries = run(load_recipe(recipe, overrides), until=until, force=force)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
         _report(until, summaries, quiet)
 
+    if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
+        command = click.option(
+            "--method", type=click.Choice(SELECT_METHODS),
+            help="Selector (same as --set select.method=...): random_ensemble and forward (GradEx), surrogate, "
+                 "or a baseline: all, random, gradient_similarity (LESS-style), representation_similarity, dsir.",
+        )(command)
     return command
 
 

@@ -38,6 +38,7 @@ class Estimates:
     base_loss: float  # the same at θ* (the empty subset)
     iterations: int
     unconverged: int
+    steps: np.ndarray  # (m, d) ŵ_S
 
 
 def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndarray:
@@ -99,29 +100,90 @@ def target_loss(token_x: torch.Tensor, token_odds: torch.Tensor, w: torch.Tensor
     return nnf.softplus(-(token_odds + w @ token_x.T)).mean(dim=1)
 
 
+def reference_steps(x: torch.Tensor, weights: torch.Tensor, bound: float) -> torch.Tensor:
+    """The research code's estimator, in closed form: its all-positive logistic fit at C = 1e-4
+    (random labels, flipped signs, no offsets) is the subset's mean sketch direction, rescaled to
+    a fixed norm."""
+    mean = weights @ x
+    return bound * mean / mean.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+def clip_norm(w: torch.Tensor, bound: float | None) -> torch.Tensor:
+    if bound is None:
+        return w
+    return w * (bound / w.norm(dim=1, keepdim=True).clamp(min=1e-30)).clamp(max=1.0)
+
+
 def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, token_x: np.ndarray,
                      token_odds: np.ndarray, subsets: np.ndarray, l2: float, max_iter: int, tol: float,
-                     chunk: int = 256) -> Estimates:
-    """f̂(S) for every subset row of `subsets` (membership over groups), in chunks of subsets."""
+                     solver: str = "logistic", bound: float | None = None, chunk: int = 256) -> Estimates:
+    """f̂(S) (linearised target loss) and ŵ_S for every subset row of `subsets`, in chunks.
+
+    `bound` limits ‖ŵ‖ (the sketch-space image of the radius); the reference solver needs it.
+    """
     xt = torch.from_numpy(np.array(x, dtype=np.float32))
     ft = torch.from_numpy(np.array(f0, dtype=np.float32))
     tx = torch.from_numpy(np.array(token_x, dtype=np.float32))
     tf = torch.from_numpy(np.array(token_odds, dtype=np.float32))
     lam = l2 * float((xt**2).sum(1).mean())
-    precond = pool_preconditioner(xt, ft, lam)
-    losses, its, bad = [], 0, 0
+    precond = pool_preconditioner(xt, ft, lam) if solver == "logistic" else None
+    losses, steps, its, bad = [], [], 0, 0
     for start in range(0, len(subsets), chunk):
         member = torch.from_numpy(subsets[start : start + chunk][:, group_of]).float()  # (c, n)
         weights = member / member.sum(1, keepdim=True).clamp(min=1)
-        w, it, unconverged = solve_subsets(xt, ft, weights, lam, max_iter, tol, precond)
+        if solver == "reference":
+            w = reference_steps(xt, weights, bound)
+        else:
+            w, it, unconverged = solve_subsets(xt, ft, weights, lam, max_iter, tol, precond)
+            w, its, bad = clip_norm(w, bound), max(its, it), bad + unconverged
         losses.append(target_loss(tx, tf, w).numpy())
-        its, bad = max(its, it), bad + unconverged
+        steps.append(w.numpy())
     base = float(nnf.softplus(-tf).mean())
-    return Estimates(subsets=subsets, loss=np.concatenate(losses), base_loss=base, iterations=its, unconverged=bad)
+    return Estimates(subsets=subsets, loss=np.concatenate(losses), base_loss=base, iterations=its, unconverged=bad,
+                     steps=np.concatenate(steps))
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
-    """Sample subsets of groups, estimate each, and keep everything selection needs as files."""
+def exact_losses(recipe: Recipe, steps: np.ndarray) -> np.ndarray:
+    """Target validation token cross-entropy from a real forward pass at θ* + Pŵ for each ŵ.
+
+    Pŵ is lifted layer by layer: with Kronecker factors, layer l's part is P_out ŵ_l P_inᵀ where
+    ŵ_l is ŵ reshaped to k_out × k_in — one small product per layer, never the p × d matrix.
+    """
+    from .model import load_theta_star, load_tokenizer, pad_batch, progress, response_logprobs
+    from .projection import KroneckerProjector
+    from .sketch import sketched_modules
+    from .sources import read_ingested, token_rows, usable
+
+    model = load_theta_star(recipe)
+    modules = sketched_modules(model, recipe.sketch.modules)
+    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
+                                   recipe.seed)
+    rows = token_rows(usable(read_ingested(recipe), "validation"))
+    pad = load_tokenizer(recipe).pad_token_id
+    batches = [pad_batch(rows[i : i + recipe.sketch.batch_size], pad) for i in range(0, len(rows),
+                                                                                     recipe.sketch.batch_size)]
+    originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+    out = np.zeros(len(steps))
+    with torch.no_grad():
+        for s, w in enumerate(progress(iterable=steps, desc="exact estimates", unit="subset")):
+            w = torch.from_numpy(w)
+            for name, m in modules.items():
+                p_out, p_in = projector.factors(name)
+                m.weight.copy_(originals[name] + p_out @ w.reshape(p_out.shape[1], p_in.shape[1]) @ p_in.T)
+            total, count = 0.0, 0
+            for b in batches:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                total -= float(response_logprobs(logits, b["input_ids"], b["target_mask"]).sum())
+                count += int(b["target_mask"].sum())
+            out[s] = total / count
+        for name, m in modules.items():
+            m.weight.copy_(originals[name])
+    return out
+
+
+def subset_estimator(recipe: Recipe):
+    """(ids, their groups, group names, evaluate): evaluate(membership over groups) gives the
+    Estimates of those subsets with the recipe's solver, radius and target mode; data load once."""
     from .sketch import stacked_sources, target_tokens
     from .sources import read_ingested
 
@@ -131,17 +193,44 @@ def stage(recipe: Recipe, out: Path) -> dict:
     group_of = np.array([index[n] for n in names], dtype=np.int64)
     tx, tf0 = target_tokens(recipe)
     spec = recipe.estimate
+    bound = None if spec.radius is None else spec.radius * math.sqrt(recipe.sketch.dim / grad_dim(recipe))
+
+    def evaluate(membership: np.ndarray) -> Estimates:
+        est = estimate_subsets(x, f0, group_of, tx, tf0, membership, spec.l2, spec.max_iter, spec.tol,
+                               spec.solver, bound)
+        if spec.target == "exact":
+            est.loss = exact_losses(recipe, est.steps)
+        return est
+
+    return ids, names, groups, evaluate
+
+
+def stage(recipe: Recipe, out: Path) -> dict:
+    """Sample subsets of groups, estimate each, and keep everything selection needs as files."""
+    ids, names, groups, evaluate = subset_estimator(recipe)
+    spec = recipe.estimate
     subsets = sample_subsets(len(groups), spec.subsets, spec.subset_fraction, recipe.seed)
     start = time.perf_counter()
-    est = estimate_subsets(x, f0, group_of, tx, tf0, subsets, spec.l2, spec.max_iter, spec.tol)
+    est = evaluate(subsets)
     seconds = time.perf_counter() - start
     np.save(out / "subsets.npy", est.subsets, allow_pickle=False)
     np.save(out / "loss.npy", est.loss, allow_pickle=False)
+    np.save(out / "steps.npy", est.steps, allow_pickle=False)
     pl.DataFrame({"id": ids, "group": names}).write_parquet(out / "assignments.parquet")
     (out / "groups.json").write_text(json.dumps(groups))
+    norms = np.linalg.norm(est.steps, axis=1) * math.sqrt(grad_dim(recipe) / recipe.sketch.dim)
     return {"groups": len(groups), "subsets": len(subsets), "subset_size": int(subsets[0].sum()),
-            "base_loss": est.base_loss, "loss_min": float(est.loss.min()), "loss_max": float(est.loss.max()),
-            "solver_iterations": est.iterations, "unconverged": est.unconverged, "seconds": round(seconds, 3)}
+            "solver": spec.solver, "target": spec.target, "base_loss": est.base_loss,
+            "loss_min": float(est.loss.min()), "loss_max": float(est.loss.max()),
+            "step_norm_median": float(np.median(norms)), "solver_iterations": est.iterations,
+            "unconverged": est.unconverged, "seconds": round(seconds, 3)}
+
+
+def grad_dim(recipe: Recipe) -> int:
+    """p, the number of sketched weights: ‖Pw‖ ≈ √(p/d)‖w‖ for this projection."""
+    from .sketch import finished_settings
+
+    return finished_settings(recipe)["grad_dim"]
 
 
 def read_estimates(recipe: Recipe) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -129,16 +129,30 @@ class Sketch(Strict):
 class Estimate(Strict):
     subsets: int = Field(1000, ge=10)
     subset_fraction: float = Field(0.5, gt=0, lt=1)
+    solver: Literal["logistic", "reference"] = "logistic"  # reference: the research code's estimator
+    target: Literal["linear", "exact"] = "linear"  # exact: a forward pass of the target at θ* + Pŵ
     l2: float = Field(0.05, gt=0)  # λ as a multiple of the mean squared sketch norm
-    max_iter: int = Field(500, ge=1)
+    radius: float | None = Field(None, gt=0)  # bound on the parameter-space step ‖Pŵ‖
+    max_iter: int = Field(100, ge=1)
     tol: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _reference_needs_radius(self) -> "Estimate":
+        if self.solver == "reference" and self.radius is None:
+            raise ValueError("solver: reference rescales every step to a fixed norm; set estimate.radius")
+        return self
+
+
+SELECT_METHODS = ("random_ensemble", "surrogate", "forward", "all", "random", "gradient_similarity",
+                  "representation_similarity", "dsir")
 
 
 class Select(Strict):
-    method: Literal["random_ensemble"] = "random_ensemble"
+    method: Literal[SELECT_METHODS] = "random_ensemble"
     keep_fraction: float = Field(0.7, gt=0, le=1)
     min_score: float | None = None
     max_examples: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
 
 
 class Output(Strict):

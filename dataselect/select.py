@@ -1,20 +1,37 @@
-"""Stage 5, selection: score every group from the subset estimates, then apply the keep-rules.
+"""Stage 5, selection: score every group, then apply the keep-rules.
 
-Random ensemble: a group's score is how much lower the estimated target loss is over subsets
-that contain it than over subsets that do not (positive = the group helps), with a 95%
-confidence interval from the two sample means. The paper's T_i (mean estimate over subsets that
-contain the group) is reported beside it as `mean_loss_with`.
+Every method produces one score per group (positive = estimated to help the target) and the same
+keep-rules decide, so the methods can be compared on the same data:
+
+- `random_ensemble` (GradEx-RE): how much lower the estimated target loss is over sampled subsets
+  that contain the group than over those that do not, with a 95% confidence interval; the
+  paper's T_i (mean estimate over subsets that contain it) is kept as `mean_loss_with`.
+- `surrogate`: a linear model f̂(S) ≈ β₀ + Σ_i β_i·[i ∈ S] fitted to the same estimates; score −β_i.
+- `forward` (GradEx-FS): true forward stepwise selection on estimates; each step adds the group
+  whose addition lowers the estimated loss most, and it stops when none does.
+- baselines: `all` (every group), `random` (random scores, so the same keep-rules give the same
+  budget), `gradient_similarity` (LESS-style: cosine of an example's sketch to the target's,
+  max over target examples), `representation_similarity` (cosine of the mean-pooled last hidden
+  state to the target's mean), `dsir` (hashed unigram+bigram importance weights, DSIR-style).
+  Per-example baseline scores are centred on the pool's mean and averaged per group, so for
+  every method a score of 0 means "as good as the average group" and `min_score: 0` keeps the
+  groups above average.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from .recipe import Recipe, Select
+
+SCORE_SCHEMA = {"group": pl.String, "score": pl.Float64, "ci95": pl.Float64}
 
 
 def random_ensemble_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[str]) -> pl.DataFrame:
@@ -25,58 +42,209 @@ def random_ensemble_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[s
             rows.append({"group": group, "score": None, "ci95": None, "mean_loss_with": None,
                          "subsets_with": len(inside)})
             continue
-        score = float(outside.mean() - inside.mean())
         se = math.sqrt(inside.var(ddof=1) / len(inside) + outside.var(ddof=1) / len(outside))
-        rows.append({"group": group, "score": score, "ci95": 1.96 * se, "mean_loss_with": float(inside.mean()),
-                     "subsets_with": len(inside)})
-    return pl.DataFrame(rows, schema={"group": pl.String, "score": pl.Float64, "ci95": pl.Float64,
-                                      "mean_loss_with": pl.Float64, "subsets_with": pl.Int64})
+        rows.append({"group": group, "score": float(outside.mean() - inside.mean()), "ci95": 1.96 * se,
+                     "mean_loss_with": float(inside.mean()), "subsets_with": len(inside)})
+    return pl.DataFrame(rows, schema={**SCORE_SCHEMA, "mean_loss_with": pl.Float64, "subsets_with": pl.Int64})
+
+
+def surrogate_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[str]) -> pl.DataFrame:
+    """Least squares f̂(S) ≈ β₀ + Σ β_i [i ∈ S]; score −(β_i − mean β) with its 95% interval.
+
+    With subsets of one size the intercept and Σβ_i are confounded, so only differences between
+    groups are identified: scores are relative to the average group, like the ensemble's.
+    """
+    design = np.hstack([np.ones((len(loss), 1)), subsets.astype(np.float64)])
+    beta, *_ = np.linalg.lstsq(design, loss, rcond=None)
+    resid = loss - design @ beta
+    dof = max(1, len(loss) - np.linalg.matrix_rank(design))
+    cov = (resid @ resid / dof) * np.linalg.pinv(design.T @ design)
+    se = np.sqrt(np.clip(np.diag(cov)[1:], 0, None))
+    effect = beta[1:] - beta[1:].mean()
+    return pl.DataFrame({"group": groups, "score": -effect, "ci95": 1.96 * se}, schema=SCORE_SCHEMA)
+
+
+def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: int,
+                      base_loss: float) -> tuple[list[int], np.ndarray]:
+    """Forward stepwise on estimates: (groups in the order added, each group's score).
+
+    A chosen group's score is the drop in estimated loss when it was added; an unchosen one's is
+    the (non-positive) drop it would have given at the last step.
+    """
+    chosen: list[int] = []
+    current, scores = base_loss, np.zeros(n_groups)
+    while len(chosen) < n_groups:
+        remaining = [i for i in range(n_groups) if i not in chosen]
+        candidates = np.zeros((len(remaining), n_groups), dtype=bool)
+        candidates[:, chosen] = True
+        candidates[np.arange(len(remaining)), remaining] = True
+        losses = evaluate(candidates)
+        gains = current - losses
+        for i, g in zip(remaining, gains):
+            scores[i] = g
+        best = int(np.argmax(gains))
+        if gains[best] <= 0:
+            break
+        chosen.append(remaining[best])
+        current = float(losses[best])
+    return chosen, scores
+
+
+def gradient_similarity(x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per example: max over target examples of the cosine between sketches (LESS-style)."""
+    a = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-30)
+    b = target / np.linalg.norm(target, axis=1, keepdims=True).clip(1e-30)
+    return np.concatenate([(a[i : i + 4096] @ b.T).max(1) for i in range(0, len(a), 4096)])
+
+
+def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000) -> np.ndarray:
+    """Per example: Σ over its hashed unigrams and bigrams of log p_target − log p_raw, per n-gram."""
+    def features(text: str) -> np.ndarray:
+        words = re.findall(r"\w+|[^\w\s]", text.lower())
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+        return np.bincount([zlib.crc32(g.encode()) % buckets for g in grams], minlength=buckets)
+
+    raw = np.stack([features(t) for t in texts]).astype(np.float64)
+    target = np.stack([features(t) for t in target_texts]).sum(0) + 1.0
+    weights = np.log(target / target.sum()) - np.log((raw.sum(0) + 1.0) / (raw.sum() + buckets))
+    return (raw @ weights) / raw.sum(1).clip(1)
+
+
+def representation_similarity(recipe: Recipe, examples: pl.DataFrame, ids: list[str]) -> np.ndarray:
+    """Per example: cosine of its mean-pooled last hidden state at θ* to the target's mean."""
+    import torch
+
+    from .model import load_theta_star, load_tokenizer, pad_batch
+    from .sources import token_rows, usable
+
+    model = load_theta_star(recipe)
+    pad = load_tokenizer(recipe).pad_token_id
+
+    def pooled(rows):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows), recipe.sketch.batch_size):
+                b = pad_batch(rows[i : i + recipe.sketch.batch_size], pad)
+                hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                               output_hidden_states=True).hidden_states[-1]
+                mask = b["attention_mask"].unsqueeze(-1).float()
+                out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+        return np.concatenate(out)
+
+    order = examples.filter(pl.col("id").is_in(ids)).sort(pl.col("id").replace_strict(ids, range(len(ids))))
+    reps = pooled(token_rows(order))
+    target = pooled(token_rows(usable(examples, "validation"))).mean(0)
+    return reps @ target / (np.linalg.norm(reps, axis=1) * np.linalg.norm(target)).clip(1e-30)
 
 
 def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
     """Mark groups kept, best score first, with the reason for each decision.
 
-    `groups` has columns group, score, examples. Rules: keep the top `keep_fraction` of groups,
-    only those with score ≥ `min_score`, and stop before `max_examples` would be exceeded.
+    `groups` has columns group, score, examples, tokens. Rules: keep the top `keep_fraction` of
+    groups, only those with score ≥ `min_score`, and skip a group that would exceed `max_examples`
+    or `max_tokens`.
     """
     ranked = groups.sort(["score", "group"], descending=[True, False], nulls_last=True)
     n_keep = max(1, math.ceil(rules.keep_fraction * ranked.height))
-    kept, reasons, total = [], [], 0
+    kept, reasons, examples, tokens = [], [], 0, 0
     for rank, row in enumerate(ranked.iter_rows(named=True), start=1):
-        where = f"rank {rank}/{ranked.height}"
+        where = f"rank {rank}/{ranked.height} by {rules.method}"
         if row["score"] is None:
             keep, why = False, "no score: the group was in too few or too many sampled subsets"
         elif rank > n_keep:
             keep, why = False, f"{where}, outside the top {rules.keep_fraction:.0%} of groups"
         elif rules.min_score is not None and row["score"] < rules.min_score:
             keep, why = False, f"{where}, score {row['score']:.4g} below min_score {rules.min_score}"
-        elif rules.max_examples is not None and total + row["examples"] > rules.max_examples:
+        elif rules.max_examples is not None and examples + row["examples"] > rules.max_examples:
             keep, why = False, f"{where}, would exceed max_examples={rules.max_examples}"
+        elif rules.max_tokens is not None and tokens + row["tokens"] > rules.max_tokens:
+            keep, why = False, f"{where}, would exceed max_tokens={rules.max_tokens}"
         else:
-            keep, why = True, f"{where}, within the top {rules.keep_fraction:.0%} by estimated target-loss reduction"
-            total += row["examples"]
+            keep, why = True, f"{where}, within the top {rules.keep_fraction:.0%} and the rules"
+            examples, tokens = examples + row["examples"], tokens + row["tokens"]
         kept.append(keep)
         reasons.append(why)
     return ranked.with_columns(pl.Series("selected", kept), pl.Series("reason", reasons),
                                pl.Series("rank", range(1, ranked.height + 1)))
 
 
+def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
+    """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
+    from .estimate import read_estimates, subset_estimator
+    from .sketch import finished_settings, stacked_sources
+    from .sources import read_ingested, usable
+    from .store import read_store
+
+    method = recipe.select.method
+    groups, subsets, loss = read_estimates(recipe)
+    if method == "random_ensemble":
+        return random_ensemble_scores(subsets, loss, groups), None
+    if method == "surrogate":
+        return surrogate_scores(subsets, loss, groups), None
+    if method in ("all", "random"):
+        rng = np.random.default_rng(recipe.seed)
+        score = None if method == "all" else rng.random(len(groups)) - 0.5
+        return pl.DataFrame({"group": groups, "score": score, "ci95": None}, schema=SCORE_SCHEMA), None
+    if method == "forward":
+        _, _, groups, evaluate = subset_estimator(recipe)
+        base = evaluate(np.zeros((1, len(groups)), dtype=bool)).base_loss
+        chosen, scores = forward_selection(lambda m: evaluate(m).loss, len(groups), base)
+        frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
+        return frame, [groups[i] for i in chosen]
+    examples = read_ingested(recipe)
+    assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
+    ids = assignments["id"].to_list()
+    if method == "gradient_similarity":
+        _, _, x, _ = stacked_sources(recipe, examples)
+        _, target, _ = read_store(recipe.run_dir / "sketch" / "target" / "validation", finished_settings(recipe))
+        per_example = gradient_similarity(np.asarray(x), np.asarray(target))
+    elif method == "dsir":
+        text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
+        lookup = dict(zip(text["id"], text["text"]))
+        target = usable(examples, "validation")
+        per_example = dsir_scores([lookup[i] for i in ids],
+                                  (target["prompt"] + " " + target["response"]).to_list())
+    else:
+        per_example = representation_similarity(recipe, examples, ids)
+    per_example = per_example - per_example.mean()  # relative to the pool: 0 is an average example
+    frame = (assignments.with_columns(score=pl.Series(per_example)).group_by("group")
+             .agg(pl.col("score").mean(), ci95=1.96 * pl.col("score").std() / pl.len().sqrt()))
+    return frame.select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), None
+
+
 def stage(recipe: Recipe, out: Path) -> dict:
     """Per-group scores joined with sizes, then the keep decision and its reason."""
-    from .estimate import read_estimates
     from .sources import read_ingested
 
-    groups, subsets, loss = read_estimates(recipe)
     assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
     sizes = (read_ingested(recipe).select("id", "source", "n_tokens")
              .join(assignments, on="id", how="inner")
              .group_by("group").agg(pl.col("source").first(), examples=pl.len(), tokens=pl.col("n_tokens").sum()))
-    scored = random_ensemble_scores(subsets, loss, groups).join(sizes, on="group", how="left")
-    decided = apply_keep_rules(scored, recipe.select)
+    scores, forward_set = score_groups(recipe)
+    scored = scores.join(sizes, on="group", how="left")
+    rules = recipe.select
+    if rules.method == "all":
+        decided = scored.sort("group").with_columns(selected=pl.lit(True), reason=pl.lit("method all: every group"),
+                                                    rank=pl.lit(None, dtype=pl.Int64))
+    elif forward_set is not None:
+        order = {g: i for i, g in enumerate(forward_set)}
+        kept = apply_keep_rules(scored.filter(pl.col("group").is_in(forward_set)),
+                                rules.model_copy(update={"keep_fraction": 1.0, "min_score": None}))
+        dropped = scored.filter(~pl.col("group").is_in(forward_set)).with_columns(
+            selected=pl.lit(False), reason=pl.lit("forward selection stopped before adding it"),
+            rank=pl.lit(None, dtype=pl.Int64))
+        kept = kept.with_columns(rank=pl.col("group").replace_strict(order, return_dtype=pl.Int64) + 1,
+                                 reason=pl.format("added at forward step {}; {}",
+                                                  pl.col("group").replace_strict(order, return_dtype=pl.Int64) + 1,
+                                                  pl.col("reason")))
+        decided = pl.concat([kept.sort("rank"), dropped.select(kept.columns)], how="vertical_relaxed")
+    else:
+        decided = apply_keep_rules(scored, rules)
     decided.write_parquet(out / "groups.parquet")
     kept = decided.filter(pl.col("selected"))
-    return {"method": recipe.select.method, "groups": decided.height, "groups_selected": kept.height,
-            "examples_selected": int(kept["examples"].sum())}
+    return {"method": rules.method, "rules": rules.model_dump(mode="json"), "groups": decided.height,
+            "groups_selected": kept.height, "examples_selected": int(kept["examples"].sum()),
+            "tokens_selected": int(kept["tokens"].sum())}
 
 
 def read_selection(recipe: Recipe) -> pl.DataFrame:

@@ -72,7 +72,8 @@ def test_estimates_reward_groups_aligned_with_the_target():
 
 
 def test_keep_rules_give_reasons():
-    groups = pl.DataFrame({"group": list("abcd"), "score": [0.3, -0.1, 0.2, None], "examples": [10, 10, 30, 5]})
+    groups = pl.DataFrame({"group": list("abcd"), "score": [0.3, -0.1, 0.2, None], "examples": [10, 10, 30, 5],
+                           "tokens": [100, 900, 200, 50]})
     top = apply_keep_rules(groups, Select(keep_fraction=0.5))
     assert top.filter("selected")["group"].to_list() == ["a", "c"]
     assert "outside the top 50%" in top.filter(pl.col("group") == "b")["reason"][0]
@@ -81,3 +82,47 @@ def test_keep_rules_give_reasons():
     assert budget.filter("selected")["group"].to_list() == ["a", "b"]
     threshold = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=0.0))
     assert threshold.filter("selected")["group"].to_list() == ["a", "c"]
+    tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, max_tokens=350))
+    assert tokens.filter("selected")["group"].to_list() == ["a", "c"]
+    assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
+
+
+def test_reference_mode_agrees_with_the_research_codes_construction():
+    """The research code: random labels ~ Bernoulli(0.7), flip the feature sign for label 0, fit
+    sklearn's L2 logistic regression (C = 1e-4, liblinear, intercept) and keep coef_. Our
+    reference mode gives the same direction in closed form."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dataselect.estimate import reference_steps
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(4000, 100)) + rng.normal(size=100)).astype(np.float32)
+    labels = rng.random(4000) < 0.7
+    flipped = np.where(labels[:, None], x, -x)
+    fit = LogisticRegression(C=1e-4, solver="liblinear").fit(flipped, labels.astype(int))
+    research = fit.coef_[0]
+    ours = reference_steps(torch.from_numpy(x), torch.full((1, 4000), 1 / 4000), 2.0)[0].numpy()
+    cosine = research @ ours / (np.linalg.norm(research) * np.linalg.norm(ours))
+    assert cosine > 0.99 and np.isclose(np.linalg.norm(ours), 2.0)
+
+
+def _additive(effects):
+    return lambda members: 1.0 + members.astype(float) @ np.asarray(effects)
+
+
+def test_forward_selection_recovers_the_best_set_of_an_additive_score():
+    from dataselect.select import forward_selection
+
+    effects = [-0.3, 0.2, -0.1, 0.05, -0.2, 0.0]  # negative lowers the loss
+    chosen, scores = forward_selection(_additive(effects), len(effects), base_loss=1.0)
+    assert chosen == [0, 4, 2]
+    assert np.allclose(scores[[0, 4, 2]], [0.3, 0.2, 0.1]) and (scores[[1, 3, 5]] <= 0).all()
+
+
+def test_surrogate_recovers_additive_effects_up_to_their_mean():
+    from dataselect.select import surrogate_scores
+
+    effects = np.array([-0.3, 0.2, -0.1, 0.05, -0.2, 0.0])
+    subsets = sample_subsets(6, 300, 0.5, seed=0)
+    scores = surrogate_scores(subsets, _additive(effects)(subsets), list("abcdef"))
+    assert np.allclose(scores["score"].to_numpy(), -(effects - effects.mean()), atol=1e-9)

@@ -133,3 +133,36 @@ def test_cli_reports_missing_source_files(tmp_path):
     result = CliRunner().invoke(main, ["ingest", "-q", "--recipe", str(DEMO), "--set", f"workdir={recipe.workdir}",
                                        "--set", "sources.0.dataset=./missing/data.jsonl"])
     assert result.exit_code == 1 and "./missing/data.jsonl: no such file" in result.output
+
+
+@pytest.mark.parametrize("method", ["surrogate", "forward", "all", "random", "gradient_similarity",
+                                    "representation_similarity", "dsir"])
+def test_every_selector_returns_a_valid_selection(demo_build, method):
+    recipe, _, manifest = demo_build
+    other = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
+    summaries = run(other, until="select")
+    groups = pl.read_parquet(other.run_dir / "select" / "groups.parquet")
+    assert sorted(groups["group"]) == sorted(g["group"] for g in manifest["groups"])
+    assert groups["reason"].null_count() == 0 and groups["selected"].dtype == pl.Boolean
+    assert 0 < summaries["select"]["groups_selected"] <= groups.height
+    assert summaries["select"]["method"] == method and summaries["select"]["rules"]["method"] == method
+    if method == "all":
+        assert groups["selected"].all()
+    if method == "forward":
+        assert "lexicon/long" in groups.filter("selected")["group"].to_list()
+    run(recipe)  # leave the shared build as it was
+
+
+def test_exact_forward_pass_agrees_with_the_linear_estimate(demo_build):
+    """With the demo's step sizes the linearisation is nearly exact: a real forward pass at
+    θ* + Pŵ (lifted through the projection's factors) gives the same target loss."""
+    import numpy as np
+
+    from dataselect.estimate import exact_losses, subset_estimator
+
+    recipe, _, _ = demo_build
+    _, _, groups, evaluate = subset_estimator(recipe)
+    est = evaluate(np.eye(len(groups), dtype=bool)[:6])
+    exact = exact_losses(recipe, est.steps)
+    assert np.allclose(exact, est.loss, rtol=1e-3)
+    assert np.argsort(exact).tolist() == np.argsort(est.loss).tolist()
