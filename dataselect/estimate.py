@@ -226,6 +226,30 @@ def stage(recipe: Recipe, out: Path) -> dict:
             "unconverged": est.unconverged, "seconds": round(seconds, 3)}
 
 
+def step_norm(recipe: Recipe, finetuned: Path | str) -> float:
+    """‖θ_S − θ*‖ over the sketched layers for a real fine-tune saved like meta-init's
+    `theta.safetensors` (the trainable parameters): the quantity `estimate.radius` bounds.
+
+    Calibration: fine-tune from θ* with the recipe's meta_init settings on 3–5 subsets of groups,
+    save each run's trainable parameters with safetensors, and set `estimate.radius` to the median
+    of this function over them (`dataselect verify` will automate it).
+    """
+    from safetensors.torch import load_file
+
+    from .model import load_theta_star
+    from .sketch import sketched_modules
+
+    model = load_theta_star(recipe)
+    state = load_file(str(finetuned))
+    total = 0.0
+    for name, module in sketched_modules(model, recipe.sketch.modules).items():
+        key = f"{name}.weight"
+        if key not in state:
+            raise ValueError(f"{finetuned}: no tensor {key}; save the fine-tune's trainable parameters")
+        total += float((state[key] - module.weight.detach()).square().sum())
+    return math.sqrt(total)
+
+
 def grad_dim(recipe: Recipe) -> int:
     """p, the number of sketched weights: ‖Pw‖ ≈ √(p/d)‖w‖ for this projection."""
     from .sketch import finished_settings
