@@ -84,6 +84,27 @@ def _report(until: str, summaries: dict, quiet: bool) -> None:
         click.echo(json.dumps(summaries[until], indent=2))
 
 
+@main.command()
+@_options
+@click.option("--subsets", "k_random", default=8, show_default=True,
+              help="How many of the estimate stage's random subsets to fine-tune for real (plus the selection "
+                   "and its complement).")
+def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, k_random: int) -> None:
+    """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
+    first-order check, scatter plot, radius calibration) in runs/<name>/verify/."""
+    from .verify import verify as run_verify
+
+    _setup_logging(quiet)
+    try:
+        loaded = load_recipe(recipe, overrides)
+        if force:
+            run(loaded, until="select", force=True)
+        summary = run_verify(loaded, k_random)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(summary, indent=2) if not quiet else f"verify: {loaded.run_dir / 'verify'}")
+
+
 main.add_command(_make_command("build", "export", "Run every stage and write the selected mixture (the usual entry point)."))
 for _stage in STAGES:
     main.add_command(_make_command(_stage.name.replace("_", "-"), _stage.name,

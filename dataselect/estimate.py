@@ -149,7 +149,7 @@ def exact_losses(recipe: Recipe, steps: np.ndarray) -> np.ndarray:
     Pŵ is lifted layer by layer: with Kronecker factors, layer l's part is P_out ŵ_l P_inᵀ where
     ŵ_l is ŵ reshaped to k_out × k_in — one small product per layer, never the p × d matrix.
     """
-    from .model import load_theta_star, load_tokenizer, pad_batch, progress, response_logprobs
+    from .model import load_theta_star, load_tokenizer, mean_token_loss, progress
     from .projection import KroneckerProjector
     from .sketch import sketched_modules
     from .sources import read_ingested, token_rows, usable
@@ -160,25 +160,23 @@ def exact_losses(recipe: Recipe, steps: np.ndarray) -> np.ndarray:
                                    recipe.seed)
     rows = token_rows(usable(read_ingested(recipe), "validation"))
     pad = load_tokenizer(recipe).pad_token_id
-    batches = [pad_batch(rows[i : i + recipe.sketch.batch_size], pad) for i in range(0, len(rows),
-                                                                                     recipe.sketch.batch_size)]
     originals = {n: m.weight.detach().clone() for n, m in modules.items()}
     out = np.zeros(len(steps))
     with torch.no_grad():
         for s, w in enumerate(progress(iterable=steps, desc="exact estimates", unit="subset")):
-            w = torch.from_numpy(w)
-            for name, m in modules.items():
-                p_out, p_in = projector.factors(name)
-                m.weight.copy_(originals[name] + p_out @ w.reshape(p_out.shape[1], p_in.shape[1]) @ p_in.T)
-            total, count = 0.0, 0
-            for b in batches:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                total -= float(response_logprobs(logits, b["input_ids"], b["target_mask"]).sum())
-                count += int(b["target_mask"].sum())
-            out[s] = total / count
+            set_step(modules, projector, originals, torch.from_numpy(w))
+            out[s] = mean_token_loss(model, rows, recipe.sketch.batch_size, pad)
         for name, m in modules.items():
             m.weight.copy_(originals[name])
     return out
+
+
+def set_step(modules, projector, originals: dict, w: torch.Tensor) -> None:
+    """Set the sketched weights to θ* + Pw, layer by layer: P_out w_l P_inᵀ with w_l = w reshaped."""
+    with torch.no_grad():
+        for name, m in modules.items():
+            p_out, p_in = projector.factors(name)
+            m.weight.copy_(originals[name] + p_out @ w.reshape(p_out.shape[1], p_in.shape[1]) @ p_in.T)
 
 
 def subset_estimator(recipe: Recipe):

@@ -253,14 +253,27 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs))
 
 
-def load_theta_star(recipe: Recipe):
-    """The base model with the trainable parameters set to θ*, in eval mode."""
+def mean_token_loss(model, rows: list[tuple[list[int], int]], batch_size: int, pad_id: int) -> float:
+    """Token cross-entropy of the response tokens of `rows` (the target's validation loss)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            b = pad_batch(rows[i : i + batch_size], pad_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total -= float(response_logprobs(logits, b["input_ids"], b["target_mask"]).sum())
+            count += int(b["target_mask"].sum())
+    return total / max(count, 1)
+
+
+def load_theta_star(recipe: Recipe, path: Path | None = None):
+    """The base model with the trainable parameters set to θ* (or to a fine-tune saved the same
+    way at `path`), in eval mode."""
     model = with_trainable(load_base_model(recipe), recipe)
-    state = load_file(recipe.run_dir / "meta_init" / "theta.safetensors")
+    path = path or recipe.run_dir / "meta_init" / "theta.safetensors"
+    state = load_file(path)
     params = trainable_parameters(model)
     if set(state) != set(params):
-        raise ModelError("meta_init/theta.safetensors does not match the recipe's trainable parameters; "
-                         "rerun with --force")
+        raise ModelError(f"{path} does not match the recipe's trainable parameters; rerun with --force")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

@@ -1,0 +1,275 @@
+"""Verification: how far to trust the estimates, measured against real fine-tunes.
+
+For k subsets of groups — some sampled at random, plus the selector's choice — fine-tune the base
+model for real (meta-init's settings, on the subset's rows only) and measure the target's
+validation token cross-entropy. Report, per subset, the estimate and the truth, and overall the
+rank correlations (Spearman, Kendall), R² and median relative error: of the raw estimates, of the
+estimates mapped to the truth's scale by an affine fit (leave-one-out, so no subset grades itself),
+of a constant-mean predictor, and the rank correlations of the similarity baselines' subset scores.
+The first-order check compares, on the trained subsets' steps, F⁰ + ĝ·ŵ with F measured at
+θ* + Pŵ, beside the zeroth-order control F⁰. Writes runs/<name>/verify/: results.parquet,
+first_order.parquet, summary.json, report.md and scatter.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from .recipe import Recipe
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def kendall(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b."""
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    upper = np.triu_indices(len(a), 1)
+    concordance = (da * db)[upper].sum()
+    return float(concordance / math.sqrt((da[upper] != 0).sum() * (db[upper] != 0).sum()))
+
+
+def r_squared(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return float(1 - ((truth - predicted) ** 2).sum() / ((truth - truth.mean()) ** 2).sum())
+
+
+def median_relative_error(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.median(np.abs(predicted - truth) / np.abs(truth)))
+
+
+def leave_one_out_affine(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each subset's estimate mapped by a + b·estimate fitted on the other subsets."""
+    out = np.empty(len(truth))
+    for i in range(len(truth)):
+        keep = np.arange(len(truth)) != i
+        b, a = np.polyfit(estimate[keep], truth[keep], 1)
+        out[i] = a + b * estimate[i]
+    return out
+
+
+def leave_one_out_mean(truth: np.ndarray) -> np.ndarray:
+    return (truth.sum() - truth) / (len(truth) - 1)
+
+
+def quality(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    return {"spearman": spearman(predicted, truth), "kendall": kendall(predicted, truth),
+            "r2": r_squared(truth, predicted), "median_relative_error": median_relative_error(truth, predicted)}
+
+
+def choose_subsets(recipe: Recipe, groups: list[str], k_random: int) -> list[tuple[str, np.ndarray]]:
+    """The estimate stage's first k sampled subsets, then the selected groups and their complement."""
+    from .select import read_selection
+
+    sampled = np.load(recipe.run_dir / "estimate" / "subsets.npy")[:k_random]
+    chosen = [(f"random {i}", row) for i, row in enumerate(sampled)]
+    selected = set(read_selection(recipe).filter(pl.col("selected"))["group"])
+    member = np.array([g in selected for g in groups])
+    chosen.append((f"selected by {recipe.select.method}", member))
+    if (~member).any():
+        chosen.append(("not selected", ~member))
+    return chosen
+
+
+def true_loss(recipe: Recipe, rows: list[tuple[list[int], int]], folder: Path) -> float:
+    """Fine-tune the base model on `rows` with meta-init's settings; its target validation loss."""
+    from .model import load_theta_star, load_tokenizer, mean_token_loss, meta_init
+    from .sources import read_ingested, token_rows, usable
+
+    pad = load_tokenizer(recipe).pad_token_id
+    theta = folder / "theta.safetensors"
+    if not theta.exists():  # a finished fine-tune is reused when verify runs again
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_init(recipe, rows, folder, pad)
+    model = load_theta_star(recipe, theta)
+    target = token_rows(usable(read_ingested(recipe), "validation"))
+    return mean_token_loss(model, target, recipe.sketch.batch_size, pad)
+
+
+def first_order_errors(recipe: Recipe, steps: np.ndarray, x: np.ndarray, f0: np.ndarray,
+                       rows: list[tuple[list[int], int]]) -> list[dict]:
+    """Per step: mean squared relative error of F⁰ + ĝ·ŵ and of F⁰ against F measured at θ* + Pŵ."""
+    from .estimate import set_step
+    from .model import load_theta_star, load_tokenizer, pad_batch
+    from .projection import KroneckerProjector
+    from .sketch import output_function, sketched_modules
+
+    model = load_theta_star(recipe)
+    modules = sketched_modules(model, recipe.sketch.modules)
+    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
+                                   recipe.seed)
+    originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+    pad = load_tokenizer(recipe).pad_token_id
+    out = []
+    for w in steps:
+        set_step(modules, projector, originals, torch.from_numpy(w))
+        moved = []
+        with torch.no_grad():
+            for i in range(0, len(rows), recipe.sketch.batch_size):
+                b = pad_batch(rows[i : i + recipe.sketch.batch_size], pad)
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                moved.append(output_function(logits, b["input_ids"], b["target_mask"]).numpy())
+        f_moved = np.concatenate(moved)
+        linear = f0 + x @ w
+        scale = np.maximum(np.abs(f_moved), np.abs(f0))
+        out.append({"first_order_error": float(np.mean(((linear - f_moved) / scale) ** 2)),
+                    "zeroth_order_error": float(np.mean(((f0 - f_moved) / scale) ** 2)),
+                    "mean_abs_change_of_f": float(np.mean(np.abs(f_moved - f0)))})
+    set_step(modules, projector, originals, torch.zeros(steps.shape[1]))
+    return out
+
+
+def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.ndarray) -> dict[str, np.ndarray]:
+    """Each similarity baseline's score of a subset: its groups' scores averaged by examples."""
+    from .select import score_groups
+
+    sizes = dict(pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet").group_by("group").len().iter_rows())
+    weight = np.array([sizes[g] for g in groups], dtype=float)
+    out = {}
+    for method in ("gradient_similarity", "representation_similarity", "dsir"):
+        other = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
+        frame, _ = score_groups(other)
+        score = dict(zip(frame["group"], frame["score"]))
+        per_group = np.array([score[g] for g in groups])
+        out[method] = (memberships * weight * per_group).sum(1) / (memberships * weight).sum(1)
+    return out
+
+
+def calibrate_radius(evaluate_with_radius, truth: np.ndarray, radii: np.ndarray) -> dict:
+    """The radius whose estimates rank the verified subsets best (ties: smaller affine error)."""
+    rows = []
+    for radius in radii:
+        est = evaluate_with_radius(float(radius))
+        fitted = leave_one_out_affine(est, truth)
+        rows.append((spearman(est, truth), -median_relative_error(truth, fitted), float(radius)))
+    best = max(rows)
+    return {"radius": best[2], "spearman": best[0], "median_relative_error_affine": -best[1],
+            "tried": [{"radius": r, "spearman": s, "median_relative_error_affine": -e} for s, e, r in rows]}
+
+
+def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
+    from .estimate import estimate_subsets, grad_dim, subset_estimator
+    from .pipeline import run
+    from .sketch import stacked_sources, target_tokens
+    from .sources import read_ingested, token_rows, usable
+
+    run(recipe, until="select")
+    out = out or recipe.run_dir / "verify"
+    out.mkdir(parents=True, exist_ok=True)
+    ids, names, groups, evaluate = subset_estimator(recipe)
+    chosen = choose_subsets(recipe, groups, k_random)
+    memberships = np.stack([m for _, m in chosen])
+    est = evaluate(memberships)
+    examples = read_ingested(recipe)
+    sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
+    group_of_id = dict(zip(ids, names))
+    truth = []
+    for (label, member), row_groups in zip(chosen, memberships):
+        kept = {g for g, m in zip(groups, row_groups) if m}
+        part = sources.filter(pl.col("id").replace_strict(group_of_id).is_in(list(kept)))
+        key = hashlib.sha256(("\n".join(sorted(kept)) + recipe.fingerprint("meta_init", "seed")).encode())
+        truth.append(true_loss(recipe, token_rows(part), out / "finetunes" / key.hexdigest()[:12]))
+    truth = np.array(truth)
+
+    _, _, x, f0 = stacked_sources(recipe, examples)
+    tx, tf0 = target_tokens(recipe)
+    group_index = {g: i for i, g in enumerate(groups)}
+    group_of = np.array([group_index[n] for n in names])
+    spec = recipe.estimate
+    scale = math.sqrt(recipe.sketch.dim / grad_dim(recipe))
+
+    def with_radius(radius: float) -> np.ndarray:
+        return estimate_subsets(x, f0, group_of, tx, tf0, memberships, spec.l2, spec.max_iter, spec.tol,
+                                spec.solver, radius * scale).loss
+
+    median_step = float(np.median(np.linalg.norm(est.steps, axis=1)) / scale)
+    calibration = calibrate_radius(with_radius, truth, median_step * np.geomspace(0.25, 64, 9))
+    fitted = leave_one_out_affine(est.loss, truth)
+    baselines = baseline_subset_scores(recipe, groups, memberships)
+    sample = np.random.default_rng(recipe.seed).choice(len(ids), size=min(200, len(ids)), replace=False)
+    lookup = dict(zip(sources["id"], token_rows(sources)))
+    first_order = first_order_errors(recipe, est.steps, np.asarray(x)[sample], f0[sample],
+                                     [lookup[ids[i]] for i in sample])
+
+    results = pl.DataFrame({
+        "subset": [label for label, _ in chosen], "groups": [int(m.sum()) for m in memberships],
+        "examples": [int(np.isin(group_of, np.flatnonzero(m)).sum()) for m in memberships],
+        "estimate": est.loss, "estimate_affine_loo": fitted, "true_loss": truth,
+        **{f"{k}_score": v for k, v in baselines.items()},
+        **{k: [r[k] for r in first_order] for k in first_order[0]},
+    })
+    results.write_parquet(out / "results.parquet")
+    summary = {
+        "subsets": len(chosen), "method": recipe.select.method, "estimate_target": spec.target,
+        "estimate": quality(truth, est.loss), "estimate_affine_loo": quality(truth, fitted),
+        "constant_mean_loo": {"median_relative_error": median_relative_error(truth, leave_one_out_mean(truth)),
+                              "r2": r_squared(truth, leave_one_out_mean(truth))},
+        "baselines_spearman": {k: spearman(-v, truth) for k, v in baselines.items()},
+        "first_order": {"first_order_error_mean": float(np.mean([r["first_order_error"] for r in first_order])),
+                        "zeroth_order_error_mean": float(np.mean([r["zeroth_order_error"] for r in first_order]))},
+        "radius_calibration": calibration,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _scatter(results, out / "scatter.png", summary)
+    (out / "report.md").write_text(_report(results, summary))
+    return summary
+
+
+def _scatter(results: pl.DataFrame, path: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    random = results.filter(pl.col("subset").str.starts_with("random"))
+    other = results.filter(~pl.col("subset").str.starts_with("random"))
+    ax.scatter(random["estimate"], random["true_loss"], label="random subsets", color="tab:blue")
+    ax.scatter(other["estimate"], other["true_loss"], label="selected / not selected", color="tab:red", marker="D")
+    ax.set_xlabel("estimated target loss at θ* + Pŵ (nats/token)")
+    ax.set_ylabel("target loss after a real fine-tune")
+    ax.set_title(f"Spearman {summary['estimate']['spearman']:.2f}, {len(results)} subsets")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _report(results: pl.DataFrame, summary: dict) -> str:
+    lines = ["# dataselect verify", "", "| subset | groups | estimate | true loss |", "|---|---|---|---|"]
+    lines += [f"| {r['subset']} | {r['groups']} | {r['estimate']:.4f} | {r['true_loss']:.4f} |"
+              for r in results.iter_rows(named=True)]
+    lines += ["", "| predictor | Spearman | Kendall | R² | median relative error |", "|---|---|---|---|---|"]
+    for name in ("estimate", "estimate_affine_loo"):
+        q = summary[name]
+        lines.append(f"| {name} | {q['spearman']:.3f} | {q['kendall']:.3f} | {q['r2']:.3f} | "
+                     f"{q['median_relative_error']:.4f} |")
+    c = summary["constant_mean_loo"]
+    lines.append(f"| constant mean (leave-one-out) | — | — | {c['r2']:.3f} | {c['median_relative_error']:.4f} |")
+    for k, v in summary["baselines_spearman"].items():
+        lines.append(f"| {k} (subset score) | {v:.3f} | | | |")
+    f = summary["first_order"]
+    lines += ["", f"First-order check: mean squared relative error of F⁰ + ĝ·ŵ {f['first_order_error_mean']:.2e}, "
+              f"of F⁰ alone (zeroth order) {f['zeroth_order_error_mean']:.2e}.",
+              f"Radius calibrated on these runs: {summary['radius_calibration']['radius']:.4g} "
+              f"(Spearman {summary['radius_calibration']['spearman']:.3f}).", ""]
+    return "\n".join(lines)

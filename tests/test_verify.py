@@ -1,0 +1,48 @@
+"""verify's bookkeeping on a tiny run, and its statistics against scipy."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats
+
+from dataselect.verify import kendall, leave_one_out_affine, spearman, verify
+
+from .conftest import demo_recipe
+
+
+def test_rank_statistics_match_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    b[:5] = b[5]  # ties
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
+    assert kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic)
+
+
+def test_leave_one_out_affine_never_uses_the_subset_itself():
+    est = np.array([0.0, 1.0, 2.0, 3.0])
+    truth = 2 * est + 1
+    truth[3] = 100.0  # an outlier cannot fit itself
+    fitted = leave_one_out_affine(est, truth)
+    assert fitted[3] == pytest.approx(7.0) and fitted[0] != pytest.approx(1.0)
+
+
+def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
+    recipe = demo_recipe(tmp_path, "meta_init.epochs=1", "estimate.subsets=40")
+    summary = verify(recipe, k_random=2)
+    out = recipe.run_dir / "verify"
+    results = pl.read_parquet(out / "results.parquet")
+    assert results["subset"].to_list() == ["random 0", "random 1", "selected by random_ensemble", "not selected"]
+    sampled = np.load(recipe.run_dir / "estimate" / "subsets.npy")
+    assert results["groups"].to_list()[:2] == sampled[:2].sum(1).tolist()
+    assert results["groups"][2] + results["groups"][3] == sampled.shape[1]
+    assert (results["true_loss"] > 0).all() and results["estimate"].is_finite().all()
+    assert {"gradient_similarity_score", "first_order_error", "zeroth_order_error"} <= set(results.columns)
+    assert set(summary) >= {"estimate", "estimate_affine_loo", "constant_mean_loo", "baselines_spearman",
+                            "first_order", "radius_calibration"}
+    assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error"}
+    assert json.loads((out / "summary.json").read_text())["subsets"] == 4
+    assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| predictor | Spearman |" in (out / "report.md").read_text()
+    assert len(list((out / "finetunes").iterdir())) == 4  # one real fine-tune per subset, kept for reuse
