@@ -141,8 +141,14 @@ def per_token_gradients(model, modules: dict[str, nn.Linear], batch: dict[str, t
 
 
 def sketch_tokens(model, modules, projector: KroneckerProjector, rows: list[tuple[list[int], int]],
-                  batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token sketches and log-odds of the target's response tokens, and each token's example."""
+                  batch_size: int, pad_id: int, memory_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token sketches and log-odds of the target's response tokens, and each token's example.
+
+    The Jacobian of a batch holds examples × positions × p floats, so the batch is cut down to
+    fit `memory_bytes` (one example at a time for long targets of large adapters).
+    """
+    width = max(len(ids) for ids, _ in rows)
+    batch_size = max(1, min(batch_size, memory_bytes // (4 * width * projector.grad_dim)))
     sketches, odds, owner = [], [], []
     with progress(total=len(rows), desc="target tokens", unit="ex") as bar:
         for start in range(0, len(rows), batch_size):

@@ -42,9 +42,10 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
             if builder is None:
                 raise SourceError(f"{dataset}: unsupported file type {path.suffix!r}; "
                                   f"use one of {', '.join(_FILE_BUILDERS)}")
-            if split != "train":
-                raise SourceError(f"{dataset}: a single file has only the 'train' split, not {split!r}")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            if split != "train" and not split.startswith("train["):
+                raise SourceError(f"{dataset}: a single file has only the 'train' split (or a slice such as "
+                                  f"'train[:1000]'), not {split!r}")
+            return datasets.load_dataset(builder, data_files=str(path), split=split)
         if path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
                 saved = datasets.load_from_disk(str(path))
@@ -61,6 +62,16 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
         raise
     except Exception as e:  # datasets raises a zoo of types; keep the name and the cause
         raise SourceError(f"{dataset} (split {split!r}): cannot load: {e}") from e
+
+
+def field(row: dict[str, Any], name: str) -> Any:
+    """A column, or a nested value by dotted path (`6b_finetuning.solution`)."""
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def map_row(row: dict[str, Any], fmt) -> tuple[list[dict], str | None] | str:
@@ -81,17 +92,18 @@ def map_row(row: dict[str, Any], fmt) -> tuple[list[dict], str | None] | str:
             return f"field {column!r}: no prompt turn before the response"
     else:
         messages = []
-        if fmt.system and row.get(fmt.system):
-            messages.append({"role": "system", "content": str(row[fmt.system])})
+        if fmt.system and field(row, fmt.system):
+            messages.append({"role": "system", "content": str(field(row, fmt.system))})
         for key, role in ((fmt.prompt, "user"), (fmt.response, "assistant")):
-            value = row.get(key)
+            value = field(row, key)
             if not isinstance(value, str):
                 return f"field {key!r} is {'null' if value is None else type(value).__name__}, not text"
             messages.append({"role": role, "content": value})
     if not messages[-1]["content"].strip():
         return "empty response"
     id_field = getattr(fmt, "id", None)
-    return messages, (None if id_field is None or row.get(id_field) is None else str(row[id_field]))
+    given = None if id_field is None else field(row, id_field)
+    return messages, (None if given is None else str(given))
 
 
 def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
@@ -103,7 +115,7 @@ def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
     else:
         wanted = [c for c in (fmt.prompt, fmt.response, fmt.system, fmt.id) if c]
     wanted += [group_by] if group_by else []
-    missing = [c for c in wanted if c not in ds.column_names]
+    missing = [c for c in wanted if c.split(".")[0] not in ds.column_names]
     if missing:
         raise SourceError(f"{where}: no column {', '.join(map(repr, missing))}; it has {ds.column_names}")
 
@@ -126,7 +138,7 @@ def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str) -> It
             yield {**out, "status": "rejected", "reason": f"duplicate id {out['id']!r}"}
             continue
         seen.add(out["id"])
-        group = name if group_by is None else f"{name}/{row[group_by]}"
+        group = name if group_by is None else f"{name}/{field(row, group_by)}"
         user = [m["content"] for m in messages[:-1] if m["role"] == "user"]
         yield {**out, "group": group, "messages": messages, "prompt": user[-1] if user else "",
                "response": messages[-1]["content"]}

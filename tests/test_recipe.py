@@ -60,3 +60,11 @@ def test_fingerprint_follows_settings():
     a, b = load_recipe(DEMO), load_recipe(DEMO, ["select.keep_fraction=0.3"])
     assert a.fingerprint("sketch", "estimate") == b.fingerprint("sketch", "estimate")
     assert a.fingerprint("select") != b.fingerprint("select")
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted(DEMO.parent.glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.sources and recipe.target.validation

@@ -100,3 +100,15 @@ def test_real_gsm8k_rows_map(tmp_path):
     gsm = examples.filter(pl.col("source") == "lexicon")
     assert gsm.height == 50 and (gsm["status"] == "ok").all()
     assert gsm["response"][0].rstrip().split("#### ")[-1].strip().isdigit()
+
+
+def test_nested_fields_and_slices_of_a_local_file(tmp_path):
+    rows = [{"q": f"q{i}", "model": {"solution": f"s{i}", "is_correct": i % 2 == 0}} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = open_dataset(str(tmp_path / "d.jsonl"), None, "train[2:5]", tmp_path, 0)
+    assert ds["q"] == ["q2", "q3", "q4"]
+    out = list(_rows("m", "source", ds, Fields(prompt="q", response="model.solution"), "model.is_correct", "m"))
+    assert [r["response"] for r in out] == ["s2", "s3", "s4"]
+    assert [r["group"] for r in out] == ["m/True", "m/False", "m/True"]
+    with pytest.raises(SourceError, match="no column 'nope.solution'"):
+        list(_rows("m", "source", ds, Fields(prompt="q", response="nope.solution"), None, "m"))
