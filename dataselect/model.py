@@ -225,7 +225,7 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
     torch.manual_seed(recipe.seed)
     order: list[int] = []
     losses = []
-    for step in progress(iterable=range(steps), desc="meta-init", unit="step"):
+    for _ in progress(iterable=range(steps), desc="meta-init", unit="step"):
         if len(order) < spec.batch_size:
             epoch = list(range(len(rows)))
             rng.shuffle(epoch)

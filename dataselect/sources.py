@@ -17,7 +17,7 @@ import polars as pl
 
 from . import demo
 from .model import encode
-from .recipe import Fields, Messages, Recipe, Source, Split, Target
+from .recipe import Messages, Recipe, Source, Split, Target
 
 log = logging.getLogger(__name__)
 

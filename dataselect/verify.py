@@ -183,7 +183,7 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
     group_of_id = dict(zip(ids, names))
     truth = []
-    for (label, member), row_groups in zip(chosen, memberships):
+    for row_groups in memberships:
         kept = {g for g, m in zip(groups, row_groups) if m}
         part = sources.filter(pl.col("id").replace_strict(group_of_id).is_in(list(kept)))
         key = hashlib.sha256(("\n".join(sorted(kept)) + recipe.fingerprint("meta_init", "seed")).encode())
