@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataselect.estimate import estimate_subsets, exact_losses, sample_subsets, subset_estimator
+from dataselect.estimate import estimate_subsets, exact_losses, load_pool, sample_subsets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,10 +94,11 @@ def main() -> None:
 
         recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [f"workdir={tmp}/run", f"output.path={tmp}/out"])
         run(recipe, until="sketch")
-        _, _, groups, evaluate = subset_estimator(recipe)
+        pool = load_pool(recipe)
+        groups = pool.groups
         demo = sample_subsets(len(groups), args.exact_subsets, 0.5, seed=1)
         start = time.perf_counter()
-        linear = evaluate(demo)
+        linear = pool.evaluate(demo)
         linear_s = (time.perf_counter() - start) / len(demo)
         start = time.perf_counter()
         exact = exact_losses(recipe, linear.steps)

@@ -149,15 +149,11 @@ def exact_losses(recipe: Recipe, steps: np.ndarray) -> np.ndarray:
     Pŵ is lifted layer by layer: with Kronecker factors, layer l's part is P_out ŵ_l P_inᵀ where
     ŵ_l is ŵ reshaped to k_out × k_in — one small product per layer, never the p × d matrix.
     """
-    from .model import load_theta_star, load_tokenizer, mean_token_loss, progress
-    from .projection import KroneckerProjector
-    from .sketch import sketched_modules
+    from .model import load_tokenizer, mean_token_loss, progress
+    from .sketch import sketch_space
     from .sources import read_ingested, token_rows, usable
 
-    model = load_theta_star(recipe)
-    modules = sketched_modules(model, recipe.sketch.modules)
-    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
-                                   recipe.seed)
+    model, modules, projector = sketch_space(recipe)
     rows = token_rows(usable(read_ingested(recipe), "validation"))
     pad = load_tokenizer(recipe).pad_token_id
     originals = {n: m.weight.detach().clone() for n, m in modules.items()}
@@ -166,8 +162,6 @@ def exact_losses(recipe: Recipe, steps: np.ndarray) -> np.ndarray:
         for s, w in enumerate(progress(iterable=steps, desc="exact estimates", unit="subset")):
             set_step(modules, projector, originals, torch.from_numpy(w))
             out[s] = mean_token_loss(model, rows, recipe.sketch.batch_size, pad)
-        for name, m in modules.items():
-            m.weight.copy_(originals[name])
     return out
 
 
@@ -179,9 +173,34 @@ def set_step(modules, projector, originals: dict, w: torch.Tensor) -> None:
             m.weight.copy_(originals[name] + p_out @ w.reshape(p_out.shape[1], p_in.shape[1]) @ p_in.T)
 
 
-def subset_estimator(recipe: Recipe):
-    """(ids, their groups, group names, evaluate): evaluate(membership over groups) gives the
-    Estimates of those subsets with the recipe's solver, radius and target mode; data load once."""
+@dataclass
+class Pool:
+    """Every source example's sketch, loaded once, and what the estimate of a subset needs."""
+
+    recipe: Recipe
+    ids: list[str]
+    names: list[str]  # each example's group
+    groups: list[str]
+    group_of: np.ndarray  # each example's index into groups
+    x: np.ndarray
+    f0: np.ndarray
+    token_x: np.ndarray
+    token_odds: np.ndarray
+
+    def evaluate(self, membership: np.ndarray, radius: float | None | str = "recipe") -> Estimates:
+        """Estimates of the subsets in `membership` (subsets × groups) with the recipe's solver and
+        target mode; `radius` overrides the recipe's."""
+        spec = self.recipe.estimate
+        radius = spec.radius if radius == "recipe" else radius
+        bound = None if radius is None else radius * math.sqrt(self.recipe.sketch.dim / grad_dim(self.recipe))
+        est = estimate_subsets(self.x, self.f0, self.group_of, self.token_x, self.token_odds, membership,
+                               spec.l2, spec.max_iter, spec.tol, spec.solver, bound)
+        if spec.target == "exact":
+            est.loss = exact_losses(self.recipe, est.steps)
+        return est
+
+
+def load_pool(recipe: Recipe) -> Pool:
     from .sketch import stacked_sources, target_tokens
     from .sources import read_ingested
 
@@ -190,34 +209,24 @@ def subset_estimator(recipe: Recipe):
     index = {g: i for i, g in enumerate(groups)}
     group_of = np.array([index[n] for n in names], dtype=np.int64)
     tx, tf0 = target_tokens(recipe)
-    spec = recipe.estimate
-    bound = None if spec.radius is None else spec.radius * math.sqrt(recipe.sketch.dim / grad_dim(recipe))
-
-    def evaluate(membership: np.ndarray) -> Estimates:
-        est = estimate_subsets(x, f0, group_of, tx, tf0, membership, spec.l2, spec.max_iter, spec.tol,
-                               spec.solver, bound)
-        if spec.target == "exact":
-            est.loss = exact_losses(recipe, est.steps)
-        return est
-
-    return ids, names, groups, evaluate
+    return Pool(recipe, ids, names, groups, group_of, np.asarray(x), f0, tx, tf0)
 
 
 def stage(recipe: Recipe, out: Path) -> dict:
     """Sample subsets of groups, estimate each, and keep everything selection needs as files."""
-    ids, names, groups, evaluate = subset_estimator(recipe)
+    pool = load_pool(recipe)
     spec = recipe.estimate
-    subsets = sample_subsets(len(groups), spec.subsets, spec.subset_fraction, recipe.seed)
+    subsets = sample_subsets(len(pool.groups), spec.subsets, spec.subset_fraction, recipe.seed)
     start = time.perf_counter()
-    est = evaluate(subsets)
+    est = pool.evaluate(subsets)
     seconds = time.perf_counter() - start
     np.save(out / "subsets.npy", est.subsets, allow_pickle=False)
     np.save(out / "loss.npy", est.loss, allow_pickle=False)
     np.save(out / "steps.npy", est.steps, allow_pickle=False)
-    pl.DataFrame({"id": ids, "group": names}).write_parquet(out / "assignments.parquet")
-    (out / "groups.json").write_text(json.dumps(groups))
+    pl.DataFrame({"id": pool.ids, "group": pool.names}).write_parquet(out / "assignments.parquet")
+    (out / "groups.json").write_text(json.dumps(pool.groups))
     norms = np.linalg.norm(est.steps, axis=1) * math.sqrt(grad_dim(recipe) / recipe.sketch.dim)
-    return {"groups": len(groups), "subsets": len(subsets), "subset_size": int(subsets[0].sum()),
+    return {"groups": len(pool.groups), "subsets": len(subsets), "subset_size": int(subsets[0].sum()),
             "solver": spec.solver, "target": spec.target, "base_loss": est.base_loss,
             "loss_min": float(est.loss.min()), "loss_max": float(est.loss.max()),
             "step_norm_median": float(np.median(norms)), "solver_iterations": est.iterations,
@@ -234,13 +243,12 @@ def step_norm(recipe: Recipe, finetuned: Path | str) -> float:
     """
     from safetensors.torch import load_file
 
-    from .model import load_theta_star
-    from .sketch import sketched_modules
+    from .sketch import sketch_space
 
-    model = load_theta_star(recipe)
+    _, modules, _ = sketch_space(recipe)
     state = load_file(str(finetuned))
     total = 0.0
-    for name, module in sketched_modules(model, recipe.sketch.modules).items():
+    for name, module in modules.items():
         key = f"{name}.weight"
         if key not in state:
             raise ValueError(f"{finetuned}: no tensor {key}; save the fine-tune's trainable parameters")

@@ -170,7 +170,7 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
 
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
-    from .estimate import read_estimates, subset_estimator
+    from .estimate import load_pool, read_estimates
     from .sketch import finished_settings, stacked_sources
     from .sources import read_ingested, usable
     from .store import read_store
@@ -186,9 +186,9 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
         score = None if method == "all" else rng.random(len(groups)) - 0.5
         return pl.DataFrame({"group": groups, "score": score, "ci95": None}, schema=SCORE_SCHEMA), None
     if method == "forward":
-        _, _, groups, evaluate = subset_estimator(recipe)
-        base = evaluate(np.zeros((1, len(groups)), dtype=bool)).base_loss
-        chosen, scores = forward_selection(lambda m: evaluate(m).loss, len(groups), base)
+        pool = load_pool(recipe)
+        base = pool.evaluate(np.zeros((1, len(groups)), dtype=bool)).base_loss
+        chosen, scores = forward_selection(lambda m: pool.evaluate(m).loss, len(groups), base)
         frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
         return frame, [groups[i] for i in chosen]
     examples = read_ingested(recipe)

@@ -195,6 +195,18 @@ def cluster(sketches: np.ndarray, k: int, seed: int) -> np.ndarray:
     return labels[:, 0].astype(np.int64)
 
 
+def sketch_space(recipe: Recipe):
+    """(model at θ*, its sketched layers, their projector): the space every stage after
+    meta-init measures in — sketches are taken there and steps Pŵ are lifted back through it."""
+    from .model import load_theta_star
+
+    model = load_theta_star(recipe)
+    modules = sketched_modules(model, recipe.sketch.modules)
+    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
+                                   recipe.seed)
+    return model, modules, projector
+
+
 def store_settings(recipe: Recipe, model, modules: dict[str, nn.Linear]) -> dict:
     """Everything a sketch depends on; stores made with other settings are refused."""
     weights = hashlib.sha256()
@@ -211,15 +223,12 @@ def store_settings(recipe: Recipe, model, modules: dict[str, nn.Linear]) -> dict
 
 def stage(recipe: Recipe, out: Path) -> dict:
     """One store per source and one for the target's validation split, plus cluster labels."""
-    from .model import load_theta_star, load_tokenizer
+    from .model import load_tokenizer
     from .sources import read_ingested, token_rows, usable
 
     examples = read_ingested(recipe)
-    model = load_theta_star(recipe)
+    model, modules, projector = sketch_space(recipe)
     pad_id = load_tokenizer(recipe).pad_token_id
-    modules = sketched_modules(model, recipe.sketch.modules)
-    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
-                                   recipe.seed)
     assert projector.grad_dim == sum(m.weight.numel() for m in modules.values())
     settings = store_settings(recipe, model, modules)
     sketcher = Sketcher(model, modules, projector)

@@ -109,14 +109,10 @@ def first_order_errors(recipe: Recipe, steps: np.ndarray, x: np.ndarray, f0: np.
                        rows: list[tuple[list[int], int]]) -> list[dict]:
     """Per step: mean squared relative error of F⁰ + ĝ·ŵ and of F⁰ against F measured at θ* + Pŵ."""
     from .estimate import set_step
-    from .model import load_theta_star, load_tokenizer, pad_batch
-    from .projection import KroneckerProjector
-    from .sketch import output_function, sketched_modules
+    from .model import load_tokenizer, pad_batch
+    from .sketch import output_function, sketch_space
 
-    model = load_theta_star(recipe)
-    modules = sketched_modules(model, recipe.sketch.modules)
-    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
-                                   recipe.seed)
+    model, modules, projector = sketch_space(recipe)
     originals = {n: m.weight.detach().clone() for n, m in modules.items()}
     pad = load_tokenizer(recipe).pad_token_id
     out = []
@@ -134,7 +130,6 @@ def first_order_errors(recipe: Recipe, steps: np.ndarray, x: np.ndarray, f0: np.
         out.append({"first_order_error": float(np.mean(((linear - f_moved) / scale) ** 2)),
                     "zeroth_order_error": float(np.mean(((f0 - f_moved) / scale) ** 2)),
                     "mean_abs_change_of_f": float(np.mean(np.abs(f_moved - f0)))})
-    set_step(modules, projector, originals, torch.zeros(steps.shape[1]))
     return out
 
 
@@ -167,21 +162,21 @@ def calibrate_radius(evaluate_with_radius, truth: np.ndarray, radii: np.ndarray)
 
 
 def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
-    from .estimate import estimate_subsets, grad_dim, subset_estimator
+    from .estimate import grad_dim, load_pool
     from .pipeline import run
-    from .sketch import stacked_sources, target_tokens
     from .sources import read_ingested, token_rows, usable
 
     run(recipe, until="select")
     out = out or recipe.run_dir / "verify"
     out.mkdir(parents=True, exist_ok=True)
-    ids, names, groups, evaluate = subset_estimator(recipe)
+    pool = load_pool(recipe)
+    ids, groups = pool.ids, pool.groups
     chosen = choose_subsets(recipe, groups, k_random)
     memberships = np.stack([m for _, m in chosen])
-    est = evaluate(memberships)
+    est = pool.evaluate(memberships)
     examples = read_ingested(recipe)
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
-    group_of_id = dict(zip(ids, names))
+    group_of_id = dict(zip(ids, pool.names))
     truth = []
     for row_groups in memberships:
         kept = {g for g, m in zip(groups, row_groups) if m}
@@ -190,29 +185,21 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
         truth.append(true_loss(recipe, token_rows(part), out / "finetunes" / key.hexdigest()[:12]))
     truth = np.array(truth)
 
-    _, _, x, f0 = stacked_sources(recipe, examples)
-    tx, tf0 = target_tokens(recipe)
-    group_index = {g: i for i, g in enumerate(groups)}
-    group_of = np.array([group_index[n] for n in names])
     spec = recipe.estimate
     scale = math.sqrt(recipe.sketch.dim / grad_dim(recipe))
-
-    def with_radius(radius: float) -> np.ndarray:
-        return estimate_subsets(x, f0, group_of, tx, tf0, memberships, spec.l2, spec.max_iter, spec.tol,
-                                spec.solver, radius * scale).loss
-
     median_step = float(np.median(np.linalg.norm(est.steps, axis=1)) / scale)
-    calibration = calibrate_radius(with_radius, truth, median_step * np.geomspace(0.25, 64, 9))
+    calibration = calibrate_radius(lambda r: pool.evaluate(memberships, radius=r).loss, truth,
+                                   median_step * np.geomspace(0.25, 64, 9))
     fitted = leave_one_out_affine(est.loss, truth)
     baselines = baseline_subset_scores(recipe, groups, memberships)
     sample = np.random.default_rng(recipe.seed).choice(len(ids), size=min(200, len(ids)), replace=False)
     lookup = dict(zip(sources["id"], token_rows(sources)))
-    first_order = first_order_errors(recipe, est.steps, np.asarray(x)[sample], f0[sample],
+    first_order = first_order_errors(recipe, est.steps, pool.x[sample], pool.f0[sample],
                                      [lookup[ids[i]] for i in sample])
 
     results = pl.DataFrame({
         "subset": [label for label, _ in chosen], "groups": [int(m.sum()) for m in memberships],
-        "examples": [int(np.isin(group_of, np.flatnonzero(m)).sum()) for m in memberships],
+        "examples": [int(np.isin(pool.group_of, np.flatnonzero(m)).sum()) for m in memberships],
         "estimate": est.loss, "estimate_affine_loo": fitted, "true_loss": truth,
         **{f"{k}_score": v for k, v in baselines.items()},
         **{k: [r[k] for r in first_order] for k in first_order[0]},

@@ -158,11 +158,11 @@ def test_exact_forward_pass_agrees_with_the_linear_estimate(demo_build):
     θ* + Pŵ (lifted through the projection's factors) gives the same target loss."""
     import numpy as np
 
-    from dataselect.estimate import exact_losses, subset_estimator
+    from dataselect.estimate import exact_losses, load_pool
 
     recipe, _, _ = demo_build
-    _, _, groups, evaluate = subset_estimator(recipe)
-    est = evaluate(np.eye(len(groups), dtype=bool)[:6])
+    pool = load_pool(recipe)
+    est = pool.evaluate(np.eye(len(pool.groups), dtype=bool)[:6])
     exact = exact_losses(recipe, est.steps)
     assert np.allclose(exact, est.loss, rtol=1e-3)
     assert np.argsort(exact).tolist() == np.argsort(est.loss).tolist()
