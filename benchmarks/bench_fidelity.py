@@ -4,7 +4,7 @@
 
 Builds the demo from scratch in a temporary folder, fine-tunes the tiny model for real on
 `--subsets` random subsets of groups plus the selection and its complement, and prints the
-estimate-versus-truth figures: rank correlations, R², median relative error (raw, affine
+estimate-versus-truth figures: rank correlations, R², median relative error (raw, log-affine
 leave-one-out, constant-mean control), the similarity baselines' correlations, and the
 first-order check against its zeroth-order control.
 """

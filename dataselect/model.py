@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -263,6 +264,36 @@ def mean_token_loss(model, rows: list[tuple[list[int], int]], batch_size: int, p
             total -= float(response_logprobs(logits, b["input_ids"], b["target_mask"]).sum())
             count += int(b["target_mask"].sum())
     return total / max(count, 1)
+
+
+def extract_answer(text: str, pattern: str) -> str | None:
+    """The last match of `pattern` (its first group, if it has one), without whitespace or commas:
+    the tiny tokenizer's decoder drops spaces, and "1,000" states the same answer as "1000"."""
+    matches = list(re.finditer(pattern, text))
+    if not matches:
+        return None
+    m = matches[-1]
+    return "".join((m.group(1) if m.re.groups else m.group(0)).replace(",", "").split())
+
+
+def exact_match(model, tokenizer, rows: list[tuple[list[int], int]], gold: list[str], pattern: str,
+                batch_size: int) -> float:
+    """Share of rows whose greedy generation from the prompt states the gold response's answer."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    max_new = max(len(ids) - n for ids, n in rows) + 8
+    hits = 0
+    for i in range(0, len(rows), batch_size):
+        prompts = [ids[:n] for ids, n in rows[i : i + batch_size]]
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        for text, answer in zip(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), gold[i:]):
+            expected = extract_answer(answer, pattern)
+            hits += expected is not None and extract_answer(text, pattern) == expected
+    return hits / max(len(rows), 1)
 
 
 def load_theta_star(recipe: Recipe, path: Path | None = None):

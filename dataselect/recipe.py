@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -116,6 +117,19 @@ class Target(Strict):
     format: Format
     validation: Split
     test: Split | None = None
+    # A regex whose last match (group 1 if it has one) is the answer, for exact-match accuracy of
+    # greedy generations in verify and the benchmarks; None: the target defines no answer.
+    answer: str | None = None
+
+    @field_validator("answer")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from None
+        return pattern
 
 
 class Sketch(Strict):

@@ -4,7 +4,7 @@ For k subsets of groups — some sampled at random, plus the selector's choice �
 model for real (meta-init's settings, on the subset's rows only) and measure the target's
 validation token cross-entropy. Report, per subset, the estimate and the truth, and overall the
 rank correlations (Spearman, Kendall), R² and median relative error: of the raw estimates, of the
-estimates mapped to the truth's scale by an affine fit (leave-one-out, so no subset grades itself),
+estimates mapped to the truth's scale by a log-affine fit (leave-one-out, so no subset grades itself),
 of a constant-mean predictor, and the rank correlations of the similarity baselines' subset scores.
 The first-order check compares, on the trained subsets' steps, F⁰ + ĝ·ŵ with F measured at
 θ* + Pŵ, beside the zeroth-order control F⁰. Writes runs/<name>/verify/: results.parquet,
@@ -57,13 +57,15 @@ def median_relative_error(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.median(np.abs(predicted - truth) / np.abs(truth)))
 
 
-def leave_one_out_affine(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Each subset's estimate mapped by a + b·estimate fitted on the other subsets."""
+def leave_one_out_calibrated(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each subset's estimate mapped to the truth's scale by log(truth) ≈ a + b·estimate, fitted
+    on the other subsets. The estimate moves θ* a little; a real fine-tune from the base model
+    moves far, and its loss spreads over orders of magnitude, which a log scale follows."""
     out = np.empty(len(truth))
     for i in range(len(truth)):
         keep = np.arange(len(truth)) != i
-        b, a = np.polyfit(estimate[keep], truth[keep], 1)
-        out[i] = a + b * estimate[i]
+        b, a = np.polyfit(estimate[keep], np.log(truth[keep]), 1)
+        out[i] = np.exp(a + b * estimate[i])
     return out
 
 
@@ -90,19 +92,25 @@ def choose_subsets(recipe: Recipe, groups: list[str], k_random: int) -> list[tup
     return chosen
 
 
-def true_loss(recipe: Recipe, rows: list[tuple[list[int], int]], folder: Path) -> float:
-    """Fine-tune the base model on `rows` with meta-init's settings; its target validation loss."""
-    from .model import load_theta_star, load_tokenizer, mean_token_loss, meta_init
+def true_metrics(recipe: Recipe, rows: list[tuple[list[int], int]], folder: Path) -> dict[str, float]:
+    """Fine-tune the base model on `rows` with meta-init's settings; its target validation loss,
+    and exact match of greedy generations when the target defines an answer."""
+    from .model import exact_match, load_theta_star, load_tokenizer, mean_token_loss, meta_init
     from .sources import read_ingested, token_rows, usable
 
-    pad = load_tokenizer(recipe).pad_token_id
+    tokenizer = load_tokenizer(recipe)
     theta = folder / "theta.safetensors"
     if not theta.exists():  # a finished fine-tune is reused when verify runs again
         folder.mkdir(parents=True, exist_ok=True)
-        meta_init(recipe, rows, folder, pad)
+        meta_init(recipe, rows, folder, tokenizer.pad_token_id)
     model = load_theta_star(recipe, theta)
-    target = token_rows(usable(read_ingested(recipe), "validation"))
-    return mean_token_loss(model, target, recipe.sketch.batch_size, pad)
+    validation = usable(read_ingested(recipe), "validation")
+    target = token_rows(validation)
+    out = {"loss": mean_token_loss(model, target, recipe.sketch.batch_size, tokenizer.pad_token_id)}
+    if recipe.target.answer:
+        out["exact_match"] = exact_match(model, tokenizer, target, validation["response"].to_list(),
+                                         recipe.target.answer, recipe.sketch.batch_size)
+    return out
 
 
 def first_order_errors(recipe: Recipe, steps: np.ndarray, x: np.ndarray, f0: np.ndarray,
@@ -150,15 +158,15 @@ def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.nd
 
 
 def calibrate_radius(evaluate_with_radius, truth: np.ndarray, radii: np.ndarray) -> dict:
-    """The radius whose estimates rank the verified subsets best (ties: smaller affine error)."""
+    """The radius whose estimates rank the verified subsets best (ties: smaller calibrated error)."""
     rows = []
     for radius in radii:
         est = evaluate_with_radius(float(radius))
-        fitted = leave_one_out_affine(est, truth)
+        fitted = leave_one_out_calibrated(est, truth)
         rows.append((spearman(est, truth), -median_relative_error(truth, fitted), float(radius)))
     best = max(rows)
-    return {"radius": best[2], "spearman": best[0], "median_relative_error_affine": -best[1],
-            "tried": [{"radius": r, "spearman": s, "median_relative_error_affine": -e} for s, e, r in rows]}
+    return {"radius": best[2], "spearman": best[0], "median_relative_error_calibrated": -best[1],
+            "tried": [{"radius": r, "spearman": s, "median_relative_error_calibrated": -e} for s, e, r in rows]}
 
 
 def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
@@ -182,15 +190,16 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
         kept = {g for g, m in zip(groups, row_groups) if m}
         part = sources.filter(pl.col("id").replace_strict(group_of_id).is_in(list(kept)))
         key = hashlib.sha256(("\n".join(sorted(kept)) + recipe.fingerprint("meta_init", "seed")).encode())
-        truth.append(true_loss(recipe, token_rows(part), out / "finetunes" / key.hexdigest()[:12]))
-    truth = np.array(truth)
+        truth.append(true_metrics(recipe, token_rows(part), out / "finetunes" / key.hexdigest()[:12]))
+    accuracy = {"true_exact_match": [t["exact_match"] for t in truth]} if recipe.target.answer else {}
+    truth = np.array([t["loss"] for t in truth])
 
     spec = recipe.estimate
     scale = math.sqrt(recipe.sketch.dim / grad_dim(recipe))
     median_step = float(np.median(np.linalg.norm(est.steps, axis=1)) / scale)
     calibration = calibrate_radius(lambda r: pool.evaluate(memberships, radius=r).loss, truth,
                                    median_step * np.geomspace(0.25, 64, 9))
-    fitted = leave_one_out_affine(est.loss, truth)
+    fitted = leave_one_out_calibrated(est.loss, truth)
     baselines = baseline_subset_scores(recipe, groups, memberships)
     sample = np.random.default_rng(recipe.seed).choice(len(ids), size=min(200, len(ids)), replace=False)
     lookup = dict(zip(sources["id"], token_rows(sources)))
@@ -200,17 +209,19 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     results = pl.DataFrame({
         "subset": [label for label, _ in chosen], "groups": [int(m.sum()) for m in memberships],
         "examples": [int(np.isin(pool.group_of, np.flatnonzero(m)).sum()) for m in memberships],
-        "estimate": est.loss, "estimate_affine_loo": fitted, "true_loss": truth,
+        "estimate": est.loss, "estimate_calibrated_loo": fitted, "true_loss": truth, **accuracy,
         **{f"{k}_score": v for k, v in baselines.items()},
         **{k: [r[k] for r in first_order] for k in first_order[0]},
     })
     results.write_parquet(out / "results.parquet")
     summary = {
         "subsets": len(chosen), "method": recipe.select.method, "estimate_target": spec.target,
-        "estimate": quality(truth, est.loss), "estimate_affine_loo": quality(truth, fitted),
+        "estimate": quality(truth, est.loss), "estimate_calibrated_loo": quality(truth, fitted),
         "constant_mean_loo": {"median_relative_error": median_relative_error(truth, leave_one_out_mean(truth)),
                               "r2": r_squared(truth, leave_one_out_mean(truth))},
         "baselines_spearman": {k: spearman(-v, truth) for k, v in baselines.items()},
+        **({"exact_match_spearman": _accuracy_spearman(est.loss, baselines, accuracy["true_exact_match"])}
+           if accuracy else {}),
         "first_order": {"first_order_error_mean": float(np.mean([r["first_order_error"] for r in first_order])),
                         "zeroth_order_error_mean": float(np.mean([r["zeroth_order_error"] for r in first_order]))},
         "radius_calibration": calibration,
@@ -219,6 +230,12 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     _scatter(results, out / "scatter.png", summary)
     (out / "report.md").write_text(_report(results, summary))
     return summary
+
+
+def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], accuracy: list[float]) -> dict:
+    """How each predictor ranks the subsets' exact match (a lower estimated loss predicts more)."""
+    acc = np.array(accuracy)
+    return {"estimate": spearman(-estimate, acc), **{k: spearman(v, acc) for k, v in baselines.items()}}
 
 
 def _scatter(results: pl.DataFrame, path: Path, summary: dict) -> None:
@@ -242,11 +259,13 @@ def _scatter(results: pl.DataFrame, path: Path, summary: dict) -> None:
 
 
 def _report(results: pl.DataFrame, summary: dict) -> str:
-    lines = ["# dataselect verify", "", "| subset | groups | estimate | true loss |", "|---|---|---|---|"]
+    em = "true_exact_match" in results.columns
+    lines = ["# dataselect verify", "", "| subset | groups | estimate | true loss |" + (" exact match |" if em else ""),
+             "|---|---|---|---|" + ("---|" if em else "")]
     lines += [f"| {r['subset']} | {r['groups']} | {r['estimate']:.4f} | {r['true_loss']:.4f} |"
-              for r in results.iter_rows(named=True)]
+              + (f" {r['true_exact_match']:.3f} |" if em else "") for r in results.iter_rows(named=True)]
     lines += ["", "| predictor | Spearman | Kendall | R² | median relative error |", "|---|---|---|---|---|"]
-    for name in ("estimate", "estimate_affine_loo"):
+    for name in ("estimate", "estimate_calibrated_loo"):
         q = summary[name]
         lines.append(f"| {name} | {q['spearman']:.3f} | {q['kendall']:.3f} | {q['r2']:.3f} | "
                      f"{q['median_relative_error']:.4f} |")
@@ -254,6 +273,9 @@ def _report(results: pl.DataFrame, summary: dict) -> str:
     lines.append(f"| constant mean (leave-one-out) | — | — | {c['r2']:.3f} | {c['median_relative_error']:.4f} |")
     for k, v in summary["baselines_spearman"].items():
         lines.append(f"| {k} (subset score) | {v:.3f} | | | |")
+    if em:
+        lines += ["", "Spearman with the true exact match: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in summary["exact_match_spearman"].items()) + "."]
     f = summary["first_order"]
     lines += ["", f"First-order check: mean squared relative error of F⁰ + ĝ·ŵ {f['first_order_error_mean']:.2e}, "
               f"of F⁰ alone (zeroth order) {f['zeroth_order_error_mean']:.2e}.",

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from dataselect.verify import kendall, leave_one_out_affine, spearman, verify
+from dataselect.verify import kendall, leave_one_out_calibrated, spearman, verify
 
 from .conftest import demo_recipe
 
@@ -20,12 +20,12 @@ def test_rank_statistics_match_scipy():
     assert kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic)
 
 
-def test_leave_one_out_affine_never_uses_the_subset_itself():
+def test_leave_one_out_calibration_never_uses_the_subset_itself():
     est = np.array([0.0, 1.0, 2.0, 3.0])
-    truth = 2 * est + 1
-    truth[3] = 100.0  # an outlier cannot fit itself
-    fitted = leave_one_out_affine(est, truth)
-    assert fitted[3] == pytest.approx(7.0) and fitted[0] != pytest.approx(1.0)
+    truth = np.exp(2 * est + 1)
+    truth[3] = 1e6  # an outlier cannot fit itself
+    fitted = leave_one_out_calibrated(est, truth)
+    assert fitted[3] == pytest.approx(np.exp(7.0)) and fitted[0] != pytest.approx(np.e)
 
 
 def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
@@ -38,9 +38,10 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     assert results["groups"].to_list()[:2] == sampled[:2].sum(1).tolist()
     assert results["groups"][2] + results["groups"][3] == sampled.shape[1]
     assert (results["true_loss"] > 0).all() and results["estimate"].is_finite().all()
+    assert results["true_exact_match"].is_between(0, 1).all()  # the demo target defines an answer
     assert {"gradient_similarity_score", "first_order_error", "zeroth_order_error"} <= set(results.columns)
-    assert set(summary) >= {"estimate", "estimate_affine_loo", "constant_mean_loo", "baselines_spearman",
-                            "first_order", "radius_calibration"}
+    assert set(summary) >= {"estimate", "estimate_calibrated_loo", "constant_mean_loo", "baselines_spearman",
+                            "first_order", "radius_calibration", "exact_match_spearman"}
     assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error"}
     assert json.loads((out / "summary.json").read_text())["subsets"] == 4
     assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
