@@ -19,7 +19,7 @@ import polars as pl
 
 from .recipe import Recipe
 from .select import read_selection
-from .sources import read_ingested
+from .sources import read_ingested, usable
 
 MANIFEST = "manifest.json"
 
@@ -39,10 +39,46 @@ def account_rows(examples: pl.DataFrame, assignments: pl.DataFrame, groups: pl.D
     return table.with_columns(status.alias("status"), reason.alias("reason"))
 
 
-def mixture_table(accounted: pl.DataFrame, fmt: str, provenance: bool) -> pl.DataFrame:
-    rows = accounted.filter(pl.col("status") == "selected")
-    text = ["messages"] if fmt == "messages" else ["prompt", "response"]
-    return rows.select(*text, *(["source", "group", "id", "score"] if provenance else []))
+PROVENANCE = ["source", "group", "id", "score"]
+
+
+def formatted(rows: pl.DataFrame, fmt: str, chat_template) -> pl.DataFrame:
+    """The text columns in the output format: what TRL, Axolotl, LLaMA-Factory and open-instruct read."""
+    if fmt == "messages":
+        return rows.select("messages")
+    if fmt == "text":
+        return pl.DataFrame({"text": [chat_template(m) for m in rows["messages"].to_list()]}, schema={"text": pl.String})
+    prompts = []
+    for row_id, messages in zip(rows["id"], rows["messages"].to_list()):
+        turns = [m for m in messages[:-1] if m["role"] != "system"]
+        if len(turns) != 1:
+            raise ExportError(f"output.format prompt_completion holds one prompt turn, but row {row_id} has "
+                              f"{len(turns)}; use format messages or text")
+        system = [m["content"] for m in messages[:-1] if m["role"] == "system"]
+        prompts.append({"system": system[0] if system else None, "prompt": turns[0]["content"],
+                        "completion": messages[-1]["content"]})
+    table = pl.DataFrame(prompts, schema={"system": pl.String, "prompt": pl.String, "completion": pl.String})
+    return table if table["system"].is_not_null().any() else table.drop("system")
+
+
+def split_table(rows: pl.DataFrame, fmt: str, provenance: bool, chat_template) -> pl.DataFrame:
+    text = formatted(rows, fmt, chat_template)
+    if not provenance:
+        return text
+    return pl.concat([text, rows.select(pl.col(PROVENANCE[:3]), pl.col("score").cast(pl.Float64))], how="horizontal")
+
+
+def output_splits(recipe: Recipe, accounted: pl.DataFrame, examples: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """`train` is the mixture; `validation`, when asked, the target's validation split."""
+    from .model import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe)
+    template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
+    spec = recipe.output
+    splits = {"train": accounted.filter(pl.col("status") == "selected")}
+    if spec.validation:
+        splits["validation"] = usable(examples, "validation").with_columns(pl.lit(None, pl.Float64).alias("score"))
+    return {name: split_table(rows, spec.format, spec.provenance, template) for name, rows in splits.items()}
 
 
 def per_source_counts(accounted: pl.DataFrame) -> dict:
@@ -56,15 +92,38 @@ def per_source_counts(accounted: pl.DataFrame) -> dict:
     return out
 
 
+ROWS_PER_SHARD = 100_000
+
+
+def write_files(dataset_dict, files: list[str], folder: Path) -> list[str]:
+    """Hub-style data files: data/<split>-0000i-of-0000n.parquet and data/<split>.jsonl."""
+    written = []
+    (folder / "data").mkdir()
+    for split, dataset in dataset_dict.items():
+        if "parquet" in files:
+            n = max(1, -(-dataset.num_rows // ROWS_PER_SHARD))
+            for i in range(n):
+                name = f"data/{split}-{i:05d}-of-{n:05d}.parquet"
+                dataset.shard(n, i, contiguous=True).to_parquet(str(folder / name))
+                written.append(name)
+        if "jsonl" in files:
+            dataset.to_json(str(folder / f"data/{split}.jsonl"), lines=True, force_ascii=False)
+            written.append(f"data/{split}.jsonl")
+    return written
+
+
 def stage(recipe: Recipe, out: Path) -> dict:
     import datasets
+
+    from .usage import usage_markdown
 
     examples = read_ingested(recipe)
     assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
     groups = read_selection(recipe)
     accounted = account_rows(examples, assignments, groups)
-    mixture = mixture_table(accounted, recipe.output.format, recipe.output.provenance)
-    dataset = datasets.Dataset.from_polars(mixture)
+    splits = output_splits(recipe, accounted, examples)
+    dataset = datasets.DatasetDict({name: datasets.Dataset.from_polars(t) for name, t in splits.items()})
+    train = dataset["train"]
 
     final = Path(recipe.output.path)
     _check_replaceable(final)
@@ -72,20 +131,20 @@ def stage(recipe: Recipe, out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_to_disk(str(tmp))
-    if "jsonl" in recipe.output.files:
-        dataset.to_json(str(tmp / "mixture.jsonl"), lines=True)
-    if "parquet" in recipe.output.files:
-        dataset.to_parquet(str(tmp / "mixture.parquet"))
+    files = write_files(dataset, recipe.output.files, tmp)
     accounted.select("id", "source", "row", "group", "status", "reason").write_parquet(tmp / "rows.parquet")
     manifest = {
         "tool": "dataselect", "version": version("dataselect"), "recipe": recipe.model_dump(mode="json"),
+        "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "peft", "traker")},
         "stages": _stage_summaries(recipe), "sources": per_source_counts(accounted),
         "groups": groups.to_dicts(),
-        "mixture": {"rows": dataset.num_rows, "columns": dataset.column_names, "fingerprint": dataset._fingerprint},
+        "mixture": {"rows": train.num_rows, "columns": train.column_names, "fingerprint": train._fingerprint,
+                    "splits": {k: v.num_rows for k, v in dataset.items()}, "files": files},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (tmp / "USAGE.md").write_text(usage_markdown(final, recipe.output, train.column_names, files))
     _move_into_place(tmp, final)
-    return {"path": str(final), "rows": dataset.num_rows, "fingerprint": dataset._fingerprint}
+    return {"path": str(final), "rows": train.num_rows, "fingerprint": train._fingerprint}
 
 
 def _stage_summaries(recipe: Recipe) -> dict:

@@ -171,9 +171,14 @@ class Select(Strict):
 
 class Output(Strict):
     path: Path
-    format: Literal["messages", "prompt_response"] = "messages"
-    files: list[Literal["jsonl", "parquet"]] = ["jsonl"]
-    provenance: bool = True
+    # messages: [{role, content}]; prompt_completion: two strings (TRL's prompt-completion);
+    # text: the whole conversation rendered with the model's chat template.
+    format: Literal["messages", "prompt_completion", "text"] = "messages"
+    files: list[Literal["jsonl", "parquet"]] = ["parquet"]
+    provenance: bool = True  # source, group, id and score columns beside the text
+    validation: bool = False  # also write the target's validation split, in the same format
+    push_to_hub: str | None = None  # a dataset repo id; `dataselect push` and `build` upload there
+    private: bool = True
 
 
 class Recipe(Strict):

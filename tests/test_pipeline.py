@@ -25,15 +25,16 @@ def _source_scores(manifest) -> dict[str, float]:
 
 def test_output_opens_with_load_from_disk_and_keeps_provenance(demo_build):
     recipe, summaries, manifest = demo_build
-    ds = datasets.load_from_disk(str(recipe.output.path))
+    ds = datasets.load_from_disk(str(recipe.output.path))["train"]
     assert ds.num_rows == summaries["export"]["rows"] == manifest["mixture"]["rows"] > 0
     assert {"messages", "source", "group", "id", "score"} <= set(ds.column_names)
     row = ds[0]
     assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["content"]
     selected = {g["group"] for g in manifest["groups"] if g["selected"]}
     assert set(ds["group"]) == selected
-    jsonl = datasets.load_dataset("json", data_files=str(recipe.output.path / "mixture.jsonl"), split="train")
-    assert jsonl.num_rows == ds.num_rows
+    parquet = datasets.load_dataset("parquet", data_files=str(recipe.output.path / "data/train-*.parquet"),
+                                    split="train")
+    assert parquet.num_rows == ds.num_rows and parquet.column_names == ds.column_names
 
 
 def test_corrupted_sources_score_below_helpful_ones_and_helpful_are_kept(demo_build):
