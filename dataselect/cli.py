@@ -8,18 +8,28 @@ import os
 
 import click
 
+from pathlib import Path
+
 from .export import ExportError
 from .model import ModelError
+from .push import PushError
+from .report import ReportError
 from .pipeline import STAGE_NAMES as STAGE_ORDER
 from .pipeline import STAGES, run
 from .recipe import SELECT_METHODS, RecipeError, load_recipe
 from .sources import SourceError
 
-USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError)
+USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, ReportError)
+
+
+def _output_options(f):
+    f = click.option("--json", "as_json", is_flag=True, help="Print the command's result as JSON, for scripts.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="Only print the result (no progress bars or logs).")(f)
+    return f
 
 
 def _options(f):
-    f = click.option("--quiet", "-q", is_flag=True, help="Only print the result (no progress bars or logs).")(f)
+    f = _output_options(f)
     f = click.option("--force", is_flag=True, help="Rerun every stage even if a finished one matches the recipe.")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a recipe setting, e.g. --set estimate.subsets=200 or "
@@ -43,15 +53,24 @@ def main() -> None:
 def _make_command(name: str, until: str, about: str) -> click.Command:
     @click.command(name=name, help=about)
     @_options
-    def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, method: str | None = None) -> None:
-        _setup_logging(quiet)
+    def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool,
+                method: str | None = None) -> None:
+        _setup_logging(quiet or as_json)
         if method:
             overrides = (*overrides, f"select.method={method}")
         try:
-            summaries = run(load_recipe(recipe, overrides), until=until, force=force)
+            loaded = load_recipe(recipe, overrides)
+            summaries = run(loaded, until=until, force=force)
+            if until == "export" and loaded.output.push_to_hub:
+                from .push import push
+
+                summaries["push"] = push(loaded.output.path, loaded.output.push_to_hub, private=loaded.output.private)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
-        _report(until, summaries, quiet)
+        if as_json:
+            click.echo(json.dumps(summaries, indent=2, default=str))
+        else:
+            _report(until, summaries, quiet)
 
     if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
         command = click.option(
@@ -80,6 +99,9 @@ def _report(until: str, summaries: dict, quiet: bool) -> None:
         out = summaries["export"]
         click.echo(f"mixture: {out['rows']} rows written to {out['path']} (fingerprint {out['fingerprint']})")
         click.echo(f"manifest: {out['path']}/manifest.json")
+        if "push" in summaries:
+            push = summaries["push"]
+            click.echo(f"pushed to {push['repo_id']} ({'private' if push['private'] else 'public'})")
     elif not quiet:
         click.echo(json.dumps(summaries[until], indent=2))
 
@@ -89,12 +111,12 @@ def _report(until: str, summaries: dict, quiet: bool) -> None:
 @click.option("--subsets", "k_random", default=8, show_default=True,
               help="How many of the estimate stage's random subsets to fine-tune for real (plus the selection "
                    "and its complement).")
-def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, k_random: int) -> None:
+def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, k_random: int) -> None:
     """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
     first-order check, scatter plot, radius calibration) in runs/<name>/verify/."""
     from .verify import verify as run_verify
 
-    _setup_logging(quiet)
+    _setup_logging(quiet or as_json)
     try:
         loaded = load_recipe(recipe, overrides)
         if force:
@@ -102,7 +124,56 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, k_
         summary = run_verify(loaded, k_random)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(summary, indent=2) if not quiet else f"verify: {loaded.run_dir / 'verify'}")
+    click.echo(json.dumps(summary, indent=2) if as_json or not quiet else f"verify: {loaded.run_dir / 'verify'}")
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@_output_options
+def report(output: Path, quiet: bool, as_json: bool) -> None:
+    """Write OUTPUT/report/index.html (self-contained, with plots) and summary.md for a finished build."""
+    from .report import report as write_report
+
+    _setup_logging(quiet or as_json)
+    try:
+        written = write_report(output)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(written, indent=2) if as_json else f"report: {written['html']}")
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo-id", help="Dataset repo to upload to (default: the manifest's output.push_to_hub).")
+@click.option("--public", is_flag=True, help="Create the repo public (default: private, unless the recipe says so).")
+@click.option("--dry-run", is_flag=True, help="Show the files and dataset card that would be uploaded; send nothing.")
+@_output_options
+def push(output: Path, repo_id: str | None, public: bool, dry_run: bool, quiet: bool, as_json: bool) -> None:
+    """Upload a finished build in OUTPUT to the Hugging Face Hub with a generated dataset card.
+
+    The token comes from HF_TOKEN or `hf auth login`, never from the command line."""
+    from .push import push as upload
+    from .report import read_manifest
+
+    _setup_logging(quiet or as_json)
+    try:
+        spec = read_manifest(output)["recipe"]["output"]
+        repo_id = repo_id or spec.get("push_to_hub")
+        if not repo_id:
+            raise PushError("no repo to push to: pass --repo-id or set output.push_to_hub in the recipe")
+        result = upload(output, repo_id, private=not public and spec.get("private", True), dry_run=dry_run)
+    except USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    elif dry_run:
+        click.echo(f"would upload to {repo_id} ({'private' if result['private'] else 'public'}):")
+        for f in result["files"]:
+            click.echo(f"  {f['path']}  {f['size']} bytes" if isinstance(f, dict) else f"  {f}")
+        if not quiet:
+            click.echo("\n--- README.md (dataset card) ---\n" + result["card"])
+    else:
+        click.echo(f"pushed {len(result['files'])} files to {repo_id} ({'private' if result['private'] else 'public'})")
 
 
 main.add_command(_make_command("build", "export", "Run every stage and write the selected mixture (the usual entry point)."))

@@ -1,0 +1,185 @@
+"""A report of a finished build: why each group was kept, at a glance, from the manifest.
+
+Writes `<output>/report/index.html` (one self-contained page, plots embedded as PNG) and
+`<output>/report/summary.md` (the same tables, plots beside it as PNG files): per-group scores
+with 95% intervals, selected / dropped / rejected examples and tokens per source, and the
+estimates against real fine-tunes when `dataselect verify` has run for the recipe.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import polars as pl
+
+from .export import MANIFEST
+
+
+class ReportError(RuntimeError):
+    """The folder holds no dataselect output to report on."""
+
+
+def read_manifest(output_dir: Path) -> dict:
+    try:
+        manifest = json.loads((output_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{output_dir} holds no readable {MANIFEST} ({err}); build the recipe first") from None
+    if manifest.get("tool") != "dataselect":
+        raise ReportError(f"{output_dir / MANIFEST} was not written by dataselect")
+    return manifest
+
+
+def group_table(manifest: dict) -> pl.DataFrame:
+    return (pl.DataFrame(manifest["groups"])
+            .select("rank", "group", "source", "score", "ci95", "examples", "tokens", "selected", "reason")
+            .sort("rank"))
+
+
+def source_table(manifest: dict) -> pl.DataFrame:
+    """Per source: rows by fate, and tokens selected and dropped."""
+    groups = pl.DataFrame(manifest["groups"])
+    tokens = groups.group_by("source").agg(
+        pl.col("tokens").filter(pl.col("selected")).sum().alias("tokens_selected"),
+        pl.col("tokens").filter(~pl.col("selected")).sum().alias("tokens_dropped"))
+    counts = pl.DataFrame([{"source": k, **{c: v[c] for c in ("rows", "selected", "not_selected", "rejected")}}
+                           for k, v in manifest["sources"].items()])
+    return counts.join(tokens, on="source", how="left").fill_null(0)
+
+
+def verify_results(manifest: dict) -> pl.DataFrame | None:
+    recipe = manifest["recipe"]
+    run_dir = Path(recipe["workdir"]) if recipe.get("workdir") else Path("runs") / recipe["name"]
+    path = run_dir / "verify" / "results.parquet"
+    return pl.read_parquet(path) if path.exists() else None
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_scores(groups: pl.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = groups.sort("score")
+    fig, ax = plt.subplots(figsize=(7, 0.35 * ordered.height + 1.2))
+    colors = ["tab:green" if s else "tab:gray" for s in ordered["selected"]]
+    ax.barh(ordered["group"].to_list(), ordered["score"].to_list(), xerr=ordered["ci95"].to_list(),
+            color=colors, capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    ax.set_xlabel("score: estimated target-loss reduction vs the average group (±95% interval)")
+    ax.set_title("Groups (green: selected)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_sources(sources: pl.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sources["source"].to_list()
+    fig, (rows_ax, tokens_ax) = plt.subplots(1, 2, figsize=(10, 0.4 * len(names) + 1.5), sharey=True)
+    left = [0] * len(names)
+    for column, color in (("selected", "tab:green"), ("not_selected", "tab:gray"), ("rejected", "tab:red")):
+        values = sources[column].to_list()
+        rows_ax.barh(names, values, left=left, color=color, label=column.replace("_", " "))
+        left = [a + b for a, b in zip(left, values)]
+    rows_ax.set_xlabel("examples")
+    rows_ax.legend(fontsize=8, loc="lower right")
+    tokens_ax.barh(names, sources["tokens_selected"].to_list(), color="tab:green", label="selected")
+    tokens_ax.barh(names, sources["tokens_dropped"].to_list(), left=sources["tokens_selected"].to_list(),
+                   color="tab:gray", label="dropped")
+    tokens_ax.set_xlabel("tokens")
+    fig.suptitle("Examples and tokens per source")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_verify(results: pl.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    random = results.filter(pl.col("subset").str.starts_with("random"))
+    other = results.filter(~pl.col("subset").str.starts_with("random"))
+    ax.scatter(random["estimate"], random["true_loss"], label="random subsets")
+    ax.scatter(other["estimate"], other["true_loss"], marker="D", color="tab:red", label="selected / not selected")
+    ax.set_xlabel("estimated target loss")
+    ax.set_ylabel("target loss after a real fine-tune")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines)
+
+
+def _html_table(frame: pl.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def report(output_dir: Path) -> dict:
+    """Write the report for the build in `output_dir`; returns the paths written."""
+    output_dir = Path(output_dir)
+    manifest = read_manifest(output_dir)
+    groups, sources = group_table(manifest), source_table(manifest)
+    verified = verify_results(manifest)
+    plots = {"scores.png": plot_scores(groups), "sources.png": plot_sources(sources)}
+    if verified is not None:
+        plots["verify.png"] = plot_verify(verified)
+    tables = {"Sources": sources, "Groups": groups}
+    if verified is not None:
+        tables["Estimates against real fine-tunes (dataselect verify)"] = verified.select(
+            "subset", "groups", "examples", "estimate", "true_loss")
+
+    folder = output_dir / "report"
+    folder.mkdir(exist_ok=True)
+    for name, data in plots.items():
+        (folder / name).write_bytes(data)
+    mixture = manifest["mixture"]
+    title = f"dataselect report: {manifest['recipe']['name']}"
+    intro = (f"{mixture['rows']} rows selected for target {manifest['recipe']['target']['name']} "
+             f"(fingerprint {mixture['fingerprint']}), method {manifest['recipe']['select']['method']}.")
+    md = [f"# {title}", "", intro, ""]
+    md += [f"![{name}]({name})" for name in plots] + [""]
+    for heading, frame in tables.items():
+        md += [f"## {heading}", "", _markdown_table(frame), ""]
+    (folder / "summary.md").write_text("\n".join(md))
+    images = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}">' for n, d in plots.items())
+    sections = "".join(f"<h2>{html.escape(h)}</h2>{_html_table(f)}" for h, f in tables.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%;display:block;margin:1em 0}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+            f"</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>{images}{sections}"
+            "</body></html>")
+    (folder / "index.html").write_text(page)
+    return {"html": str(folder / "index.html"), "markdown": str(folder / "summary.md"), "plots": sorted(plots)}

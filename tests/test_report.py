@@ -1,0 +1,56 @@
+"""`dataselect report`: a self-contained page with plots that a headless browser renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dataselect.cli import main
+from dataselect.report import ReportError, report
+
+
+def test_report_writes_html_and_markdown_naming_every_source_and_group(demo_build):
+    recipe, _, manifest = demo_build
+    written = report(recipe.output.path)
+    page = (recipe.output.path / "report" / "index.html").read_text()
+    summary = (recipe.output.path / "report" / "summary.md").read_text()
+    assert page.count("data:image/png;base64,") == len(written["plots"]) >= 2  # plots embedded, no side files needed
+    for source in manifest["sources"]:
+        assert source in page and source in summary
+    for group in manifest["groups"]:
+        assert group["group"] in summary
+    assert all((recipe.output.path / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in written["plots"])
+
+
+def test_report_refuses_a_folder_that_is_not_a_build(tmp_path):
+    with pytest.raises(ReportError, match=str(tmp_path)):
+        report(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code != 0 and "build the recipe first" in result.output and "Traceback" not in result.output
+
+
+def test_report_json_output_for_scripts(demo_build):
+    recipe, _, _ = demo_build
+    result = CliRunner().invoke(main, ["report", str(recipe.output.path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["html"].endswith("index.html")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium (Debian package `chromium`) not installed")
+def test_headless_chromium_renders_the_plots(demo_build, tmp_path):
+    from matplotlib.image import imread
+
+    recipe, _, _ = demo_build
+    page = report(recipe.output.path)["html"]
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,1400", f"file://{page}"],
+                   check=True, capture_output=True, timeout=120)
+    pixels = imread(shot)[..., :3]
+    green = np.abs(pixels - np.array([44, 160, 44]) / 255).max(-1) < 0.05  # the selected groups' bars
+    assert green.mean() > 0.01, "no plot bars rendered"
