@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from . import demo
-from .model import encode
+from .model import encode, progress
 from .recipe import Messages, Recipe, Source, Split, Target
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ EXAMPLE_SCHEMA = {
 def tokenize_examples(examples: pl.DataFrame, tokenizer, max_length: int) -> pl.DataFrame:
     """Add token ids and prompt length; rows with no response token left are rejected."""
     ids, n_prompt, truncated, status, reason = [], [], [], [], []
-    for row in examples.iter_rows(named=True):
+    for row in progress(iterable=examples.iter_rows(named=True), total=examples.height, desc="tokenize", unit="row"):
         enc = None if row["status"] != "ok" else encode(tokenizer, row["messages"], max_length)
         if isinstance(enc, str):
             status.append("rejected")

@@ -171,6 +171,7 @@ def calibrate_radius(evaluate_with_radius, truth: np.ndarray, radii: np.ndarray)
 
 def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     from .estimate import grad_dim, load_pool
+    from .model import progress
     from .pipeline import run
     from .sources import read_ingested, token_rows, usable
 
@@ -186,7 +187,7 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
     group_of_id = dict(zip(ids, pool.names))
     truth = []
-    for row_groups in memberships:
+    for row_groups in progress(iterable=memberships, desc="verify fine-tunes", unit="subset"):
         kept = {g for g, m in zip(groups, row_groups) if m}
         part = sources.filter(pl.col("id").replace_strict(group_of_id).is_in(list(kept)))
         key = hashlib.sha256(("\n".join(sorted(kept)) + recipe.fingerprint("meta_init", "seed")).encode())
