@@ -68,3 +68,18 @@ def test_every_shipped_recipe_validates():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.sources and recipe.target.validation
+    assert {p.stem for p in recipes} >= {"demo", "gsm8k_cot", "flan_cot"}
+
+
+def test_hub_recipes_name_hub_datasets_and_take_local_overrides():
+    flan = load_recipe(DEMO.parent / "flan_cot.yaml")
+    assert all("/" in s.dataset and not s.dataset.startswith((".", "/")) for s in flan.sources)
+    assert flan.model.base == "HuggingFaceTB/SmolLM2-135M-Instruct" and flan.model.lora is not None
+    assert flan.output.private and not flan.model.trust_remote_code
+    gsm8k = load_recipe(DEMO.parent / "gsm8k_cot.yaml", [
+        "target.dataset=../shared/data/gsm8k/train.jsonl", "target.config=null",
+        "model.tiny=null", "model.base=HuggingFaceTB/SmolLM2-135M-Instruct",
+        "model.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}"])
+    assert gsm8k.target.dataset.endswith("train.jsonl") and gsm8k.target.config is None
+    assert gsm8k.model.tiny is None and gsm8k.model.lora.r == 8
+    assert gsm8k.target.answer and load_recipe(DEMO).target.answer
