@@ -15,11 +15,14 @@ from .model import ModelError
 from .push import PushError
 from .report import ReportError
 from .pipeline import STAGE_NAMES as STAGE_ORDER
-from .pipeline import STAGES, run
+from .pipeline import STAGES, run, run_shard
+from .shards import Shard
 from .recipe import SELECT_METHODS, RecipeError, load_recipe
 from .sources import SourceError
+from .store import StoreMismatch
 
-USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, ReportError)
+# OSError: a full disk, a missing permission; its message names the file.
+USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, ReportError, StoreMismatch, OSError)
 
 
 def _output_options(f):
@@ -54,13 +57,18 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
     @click.command(name=name, help=about)
     @_options
     def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool,
-                method: str | None = None) -> None:
+                method: str | None = None, shard: str | None = None) -> None:
         _setup_logging(quiet or as_json)
         if method:
             overrides = (*overrides, f"select.method={method}")
         try:
             loaded = load_recipe(recipe, overrides)
-            summaries = run(loaded, until=until, force=force)
+            if shard:
+                summaries = {until: run_shard(loaded, _parse_shard(shard))}
+            else:
+                summaries = run(loaded, until=until, force=force)
+            if not summaries:  # a non-zero rank under torchrun: rank 0 reports
+                return
             if until == "export" and loaded.output.push_to_hub:
                 from .push import push
 
@@ -72,6 +80,12 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
         else:
             _report(until, summaries, quiet)
 
+    if name == "sketch":
+        command = click.option(
+            "--shard", metavar="I/N",
+            help="Sketch only shard I of N (0 ≤ I < N) as an independent job, e.g. a Slurm array task; "
+                 "a later `build` merges the shards once all N have finished. Needs a finished meta-init.",
+        )(command)
     if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
         command = click.option(
             "--method", type=click.Choice(SELECT_METHODS),
@@ -79,6 +93,13 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
                  "or a baseline: all, random, gradient_similarity (LESS-style), representation_similarity, dsir.",
         )(command)
     return command
+
+
+def _parse_shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--shard") from None
 
 
 def _setup_logging(quiet: bool) -> None:

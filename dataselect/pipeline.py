@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import estimate, export, model, select, sketch, sources
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
+from .shards import Shard, barrier, init_process_group
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,44 @@ def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
 
 
 def run(recipe: Recipe, until: str = "export", force: bool = False) -> dict[str, dict]:
-    """Run every stage up to `until`, reusing finished ones unless `force`; return their summaries."""
+    """Run every stage up to `until`, reusing finished ones unless `force`; return their summaries.
+
+    Under torchrun / accelerate launch (WORLD_SIZE > 1), rank 0 runs the stages before sketching,
+    every rank sketches its shard, rank 0 merges and goes on; the other ranks return `{}`.
+    """
     if until not in STAGE_NAMES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
+    shard = Shard.from_env()
+    if shard.count > 1 and STAGE_NAMES.index(until) >= STAGE_NAMES.index("sketch"):
+        return _run_distributed(recipe, until, force, shard)
+    return _run_stages(recipe, until, force)
+
+
+def _run_distributed(recipe: Recipe, until: str, force: bool, shard: Shard) -> dict[str, dict]:
+    init_process_group()
+    if shard.index == 0:
+        _run_stages(recipe, "meta_init", force)
+    barrier()
+    keys = stage_keys(recipe)
+    if force or not is_finished(recipe, "sketch", keys["sketch"]):
+        run_shard(recipe, shard)
+    barrier()
+    return _run_stages(recipe, until, False) if shard.index == 0 else {}
+
+
+def run_shard(recipe: Recipe, shard: Shard) -> dict:
+    """Sketch one shard of N into the unfinished sketch stage's folder (`--shard i/N`, one job
+    each); a later `build` or `sketch` without --shard merges the shards once all N finished."""
+    keys = stage_keys(recipe)
+    for name in ("ingest", "meta_init"):
+        if not is_finished(recipe, name, keys[name]):
+            raise RecipeError(f"sketch --shard needs a finished {name} stage for this recipe: run "
+                              "`dataselect meta-init` once (one job) before the shard jobs")
+    tmp = _stage_folder(recipe, "sketch", keys["sketch"], shared=True)
+    return sketch.sketch_shard(recipe, tmp, shard)
+
+
+def _run_stages(recipe: Recipe, until: str, force: bool) -> dict[str, dict]:
     keys = stage_keys(recipe)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
@@ -88,17 +124,25 @@ def run(recipe: Recipe, until: str = "export", force: bool = False) -> dict[str,
     return summaries
 
 
+def _stage_folder(recipe: Recipe, name: str, key: str, shared: bool = False) -> Path:
+    """The unfinished stage's folder: resumed when it was started for the same key, else fresh.
+    `shared`: several shard jobs may arrive at once, so a matching folder is never removed."""
+    tmp = recipe.run_dir / f".{name}.tmp"
+    marker = tmp / "stage.key"
+    if marker.exists() and marker.read_text() == key:
+        log.info("%s: resuming the unfinished run in %s", name, tmp)
+        return tmp
+    if not shared or marker.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
+    return tmp
+
+
 def _run_stage(recipe: Recipe, stage: Stage, key: str) -> dict:
     log.info("%s: %s", stage.name, stage.about)
     done = recipe.run_dir / stage.name
-    tmp = recipe.run_dir / f".{stage.name}.tmp"
-    marker = tmp / "stage.key"
-    if marker.exists() and marker.read_text() == key:
-        log.info("%s: resuming the unfinished run in %s", stage.name, tmp)
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        marker.write_text(key)
+    tmp = _stage_folder(recipe, stage.name, key)
     start = time.perf_counter()
     summary = stage.run(recipe, tmp)
     record = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), "summary": summary}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from .model import ModelError, pad_batch, progress, response_logprobs
 from .projection import KIND as PROJECTION
 from .projection import KroneckerProjector
 from .recipe import Recipe
+from .shards import Shard, check_complete, chunk_file, load_chunk, save_chunk, write_done
 from .store import SketchStore, read_store
 
 OUTPUT_FUNCTION = "mean_log_odds"
@@ -164,21 +167,39 @@ def sketch_tokens(model, modules, projector: KroneckerProjector, rows: list[tupl
     return np.concatenate(sketches), np.concatenate(odds), np.concatenate(owner)
 
 
+def length_order(rows: list[tuple[list[int], int]]) -> list[int]:
+    """Rows sorted by length (cheap padding); chunks are cut from this order."""
+    return sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
+
+
+def sketch_chunk(sketcher: Sketcher, rows: list[tuple[list[int], int]], idx: list[int], batch_size: int,
+                 pad_id: int, bar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, sketches, F⁰) of one chunk, batched the same way whichever process computes it."""
+    sketches, values = [], []
+    for start in range(0, len(idx), batch_size):
+        s, v = sketcher(pad_batch([rows[i] for i in idx[start : start + batch_size]], pad_id))
+        sketches.append(s)
+        values.append(v)
+        bar.update(len(s))
+    return np.array(idx), torch.cat(sketches).numpy(), torch.cat(values).numpy()
+
+
 def sketch_into_store(sketcher: Sketcher, store: SketchStore, rows: list[tuple[list[int], int]], batch_size: int,
-                      pad_id: int, desc: str) -> None:
-    """Fill a store chunk by chunk in length order (cheap padding), resuming where it stopped."""
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
+                      pad_id: int, desc: str, shards: Path | None = None) -> None:
+    """Fill a store chunk by chunk, resuming where it stopped; chunks finished by shard jobs
+    (files in `shards`) are copied in rather than computed."""
+    order = length_order(rows)
     done = min(store.progress()["chunks_done"] * store.chunk_rows, len(rows))
     with progress(total=len(rows), initial=done, desc=desc, unit="ex") as bar:
         for chunk in store.pending_chunks():
-            idx = order[chunk * store.chunk_rows : (chunk + 1) * store.chunk_rows]
-            sketches, values = [], []
-            for start in range(0, len(idx), batch_size):
-                s, v = sketcher(pad_batch([rows[i] for i in idx[start : start + batch_size]], pad_id))
-                sketches.append(s)
-                values.append(v)
-                bar.update(len(s))
-            store.write_chunk(chunk, np.array(idx), torch.cat(sketches).numpy(), torch.cat(values).numpy())
+            saved = shards and chunk_file(shards, desc, chunk)
+            if saved and saved.exists():
+                idx, sketches, values = load_chunk(saved)
+                bar.update(len(idx))
+            else:
+                idx = order[chunk * store.chunk_rows : (chunk + 1) * store.chunk_rows]
+                idx, sketches, values = sketch_chunk(sketcher, rows, idx, batch_size, pad_id, bar)
+            store.write_chunk(chunk, idx, sketches, values)
     store.finish()
 
 
@@ -221,39 +242,88 @@ def store_settings(recipe: Recipe, model, modules: dict[str, nn.Linear]) -> dict
             "grad_dim": sum(m.weight.numel() for m in modules.values())}
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
-    """One store per source and one for the target's validation split, plus cluster labels."""
+@dataclass
+class Plan:
+    """What the sketch stage computes: one store per source and one for the target's validation
+    split, cut into chunks of `chunk_rows`."""
+
+    model: nn.Module
+    modules: dict[str, nn.Linear]
+    projector: KroneckerProjector
+    settings: dict
+    pad_id: int
+    chunk_rows: int
+    parts: list[tuple[str, object, Path, int | None]]  # (name, examples, store folder, clusters)
+
+    def units(self) -> list[tuple[str, int]]:
+        """Every (store, chunk) in a fixed order: the work shards divide among themselves."""
+        return [(name, c) for name, part, _, _ in self.parts for c in range(-(-len(part) // self.chunk_rows))]
+
+
+def plan(recipe: Recipe, out: Path) -> Plan:
     from .model import load_tokenizer
-    from .sources import read_ingested, token_rows, usable
+    from .sources import read_ingested, usable
 
     examples = read_ingested(recipe)
     model, modules, projector = sketch_space(recipe)
-    pad_id = load_tokenizer(recipe).pad_token_id
     assert projector.grad_dim == sum(m.weight.numel() for m in modules.values())
-    settings = store_settings(recipe, model, modules)
-    sketcher = Sketcher(model, modules, projector)
     chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
     parts = [(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters)
              for s in recipe.sources]
     parts.append(("target validation", usable(examples, "validation"), out / "target" / "validation", None))
+    return Plan(model, modules, projector, store_settings(recipe, model, modules), load_tokenizer(recipe).pad_token_id,
+                chunk_rows, parts)
+
+
+def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
+    """Compute this shard's chunks into `out/shards` (skipping those already there) and mark it done."""
+    from .sources import token_rows
+
+    p = plan(recipe, out)
+    folder = out / "shards"
+    sketcher = Sketcher(p.model, p.modules, p.projector)
+    mine = [u for i, u in enumerate(p.units()) if shard.owns(i)]
+    rows = {name: token_rows(part) for name, part, _, _ in p.parts}
+    orders = {name: length_order(r) for name, r in rows.items()}
+    with progress(total=len(mine), desc=f"shard {shard.index}/{shard.count}", unit="chunk") as bar:
+        for name, chunk in mine:
+            path = chunk_file(folder, name, chunk)
+            if not path.exists():
+                idx = orders[name][chunk * p.chunk_rows : (chunk + 1) * p.chunk_rows]
+                with progress(total=len(idx), desc=name, unit="ex", leave=False) as inner:
+                    save_chunk(path, *sketch_chunk(sketcher, rows[name], idx, recipe.sketch.batch_size, p.pad_id, inner))
+            bar.update(1)
+    write_done(folder, shard, p.settings, mine)
+    return {"shard": shard.index, "count": shard.count, "chunks": len(mine), "of": len(p.units())}
+
+
+def stage(recipe: Recipe, out: Path) -> dict:
+    """Fill the stores (from finished shards when there are any), cluster, sketch target tokens."""
+    from .sources import token_rows
+
+    p = plan(recipe, out)
+    shards = out / "shards" if check_complete(out / "shards", p.settings, p.units()) else None
+    sketcher = Sketcher(p.model, p.modules, p.projector)
     counts = {}
-    for name, part, folder, clusters in parts:
-        store = SketchStore.open(folder, settings, part["id"].to_list(), recipe.sketch.dim, chunk_rows)
+    for name, part, folder, clusters in p.parts:
+        store = SketchStore.open(folder, p.settings, part["id"].to_list(), recipe.sketch.dim, p.chunk_rows)
         if not store.progress()["complete"]:
-            sketch_into_store(sketcher, store, token_rows(part), recipe.sketch.batch_size, pad_id, name)
+            sketch_into_store(sketcher, store, token_rows(part), recipe.sketch.batch_size, p.pad_id, name, shards)
         if clusters and not (folder / "clusters.npy").exists():
             labels = cluster(np.load(folder / "sketches.npy", mmap_mode="r"), clusters, recipe.seed)
             np.save(folder / "clusters.npy", labels, allow_pickle=False)
         counts[name] = len(part)
-    target = parts[-1][2]
+    target = p.parts[-1][2]
     if not (target / "token_example.npy").exists():
-        tokens, odds, owner = sketch_tokens(model, modules, projector, token_rows(parts[-1][1]),
-                                            recipe.sketch.batch_size, pad_id)
+        tokens, odds, owner = sketch_tokens(p.model, p.modules, p.projector, token_rows(p.parts[-1][1]),
+                                            recipe.sketch.batch_size, p.pad_id)
         np.save(target / "token_sketches.npy", tokens, allow_pickle=False)
         np.save(target / "token_log_odds.npy", odds, allow_pickle=False)
         np.save(target / "token_example.npy", owner, allow_pickle=False)
     counts["target validation tokens"] = int(np.load(target / "token_example.npy").shape[0])
-    manifest = {**settings, "examples": counts}
+    if shards:
+        shutil.rmtree(shards)  # merged: the stores hold every chunk now
+    manifest = {**p.settings, "examples": counts, "merged_from_shards": bool(shards)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -261,7 +331,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
 def finished_settings(recipe: Recipe) -> dict:
     """The settings the finished sketch stage ran with; every store it wrote must carry them."""
     manifest = json.loads((recipe.run_dir / "sketch" / "manifest.json").read_text())
-    return {k: v for k, v in manifest.items() if k != "examples"}
+    return {k: v for k, v in manifest.items() if k not in ("examples", "merged_from_shards")}
 
 
 def target_tokens(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
