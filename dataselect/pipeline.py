@@ -9,12 +9,14 @@ editing `select.keep_fraction` reruns only selection and export.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +108,31 @@ def run_shard(recipe: Recipe, shard: Shard) -> dict:
         if not is_finished(recipe, name, keys[name]):
             raise RecipeError(f"sketch --shard needs a finished {name} stage for this recipe: run "
                               "`dataselect meta-init` once (one job) before the shard jobs")
-    tmp = _stage_folder(recipe, "sketch", keys["sketch"], shared=True)
-    return sketch.sketch_shard(recipe, tmp, shard)
+    with run_lock(recipe.run_dir, shared=True):
+        tmp = _stage_folder(recipe, "sketch", keys["sketch"], shared=True)
+        return sketch.sketch_shard(recipe, tmp, shard)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, shared: bool = False) -> Iterator[None]:
+    """Keep two runs from writing one run directory (shard jobs share it with each other). The
+    operating system drops the lock when its process dies, even by SIGKILL: no stale locks."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecipeError(f"{run_dir} is in use by another dataselect run; wait for it to finish or set "
+                              "another workdir") from None
+        yield
 
 
 def _run_stages(recipe: Recipe, until: str, force: bool) -> dict[str, dict]:
+    with run_lock(recipe.run_dir):
+        return _run_stages_locked(recipe, until, force)
+
+
+def _run_stages_locked(recipe: Recipe, until: str, force: bool) -> dict[str, dict]:
     keys = stage_keys(recipe)
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
