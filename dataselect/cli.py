@@ -57,10 +57,12 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
     @click.command(name=name, help=about)
     @_options
     def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool,
-                method: str | None = None, shard: str | None = None) -> None:
+                method: str | None = None, shard: str | None = None, overwrite: bool = False) -> None:
         _setup_logging(quiet or as_json)
         if method:
             overrides = (*overrides, f"select.method={method}")
+        if overwrite:
+            overrides = (*overrides, "output.overwrite=true")
         try:
             loaded = load_recipe(recipe, overrides)
             if shard:
@@ -85,6 +87,11 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
             "--shard", metavar="I/N",
             help="Sketch only shard I of N (0 ≤ I < N) as an independent job, e.g. a Slurm array task; "
                  "a later `build` merges the shards once all N have finished. Needs a finished meta-init.",
+        )(command)
+    if until == "export":
+        command = click.option(
+            "--overwrite", is_flag=True,
+            help="Replace output.path even if it holds something other than an earlier dataselect output.",
         )(command)
     if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
         command = click.option(

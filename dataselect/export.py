@@ -115,8 +115,6 @@ def write_files(dataset_dict, files: list[str], folder: Path) -> list[str]:
 def stage(recipe: Recipe, out: Path) -> dict:
     import datasets
 
-    from .usage import usage_markdown
-
     examples = read_ingested(recipe)
     assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
     groups = read_selection(recipe)
@@ -126,10 +124,24 @@ def stage(recipe: Recipe, out: Path) -> dict:
     train = dataset["train"]
 
     final = Path(recipe.output.path)
-    _check_replaceable(final)
+    _check_replaceable(final, recipe.output.overwrite)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        files = _write_output(recipe, dataset, accounted, groups, tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export (a full disk, say) leaves nothing behind
+        raise
+    _move_into_place(tmp, final)
+    return {"path": str(final), "rows": train.num_rows, "fingerprint": train._fingerprint, "files": files}
+
+
+def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, tmp: Path,
+                  final: Path) -> list[str]:
+    from .usage import usage_markdown
+
+    train = dataset["train"]
     dataset.save_to_disk(str(tmp))
     files = write_files(dataset, recipe.output.files, tmp)
     accounted.select("id", "source", "row", "group", "status", "reason").write_parquet(tmp / "rows.parquet")
@@ -143,8 +155,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     (tmp / "USAGE.md").write_text(usage_markdown(final, recipe.output, train.column_names, files))
-    _move_into_place(tmp, final)
-    return {"path": str(final), "rows": train.num_rows, "fingerprint": train._fingerprint}
+    return files
 
 
 def _stage_summaries(recipe: Recipe) -> dict:
@@ -155,9 +166,9 @@ def _stage_summaries(recipe: Recipe) -> dict:
     return out
 
 
-def _check_replaceable(final: Path) -> None:
+def _check_replaceable(final: Path, overwrite: bool) -> None:
     """Replace only an earlier dataselect output; anything else in the way is the user's."""
-    if not final.exists():
+    if not final.exists() or overwrite:
         return
     manifest = final / MANIFEST
     try:
@@ -166,7 +177,7 @@ def _check_replaceable(final: Path) -> None:
         ours = False
     if not ours:
         raise ExportError(f"output.path {final} exists and is not a dataselect output; "
-                          "remove it or choose another output.path")
+                          "remove it, choose another output.path, or pass --overwrite")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

@@ -100,6 +100,8 @@ def _pretrained_args(spec: Model) -> tuple[str, dict]:
         kwargs["gguf_file"] = spec.gguf_file
     if (base.startswith((".", "/", "~")) or path.exists()) and not path.is_dir():
         raise ModelError(f"model.base: local model folder {base} not found")
+    if path.is_dir() and not spec.gguf_file and not (path / "config.json").exists():
+        raise ModelError(f"model.base: {base} has no config.json; not a model folder")
     return base, kwargs
 
 
@@ -133,7 +135,7 @@ def load_base_model(recipe: Recipe):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
                                                     **kwargs)
     except Exception as e:
-        raise ModelError(f"model.base: cannot load model from {path}: {e}") from e
+        raise ModelError(f"model.base: cannot load model from {recipe.model.base or path}: {e}") from e
 
 
 def with_trainable(model, recipe: Recipe):

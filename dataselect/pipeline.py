@@ -37,7 +37,7 @@ class Stage:
 
 STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
-                     "target.validation", "target.test", "sketch.max_length"), sources.stage,
+                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), sources.stage,
           "read sources and target, map rows to examples, tokenize, count rejections"),
     Stage("meta_init", ("meta_init",), model.stage,
           "fine-tune the base model once on all sources together (θ*)"),

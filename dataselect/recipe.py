@@ -138,6 +138,9 @@ class Sketch(Strict):
     batch_size: int = Field(8, ge=1)
     modules: list[str] = []  # glob patterns of linear layers; default: LoRA adapters, else all linears
     chunk_size: int = Field(1024, ge=1)  # rows written (and resumable) at a time
+    # Rows longer than max_length tokens: cut to max_length (marked `truncated`), or rejected with a
+    # reason. Left out of the recipe's hash while it is the default, so adding it reran nothing.
+    overlong: Literal["truncate", "reject"] = "truncate"  # rows longer than max_length
 
 
 class Estimate(Strict):
@@ -179,6 +182,7 @@ class Output(Strict):
     validation: bool = False  # also write the target's validation split, in the same format
     push_to_hub: str | None = None  # a dataset repo id; `dataselect push` and `build` upload there
     private: bool = True
+    overwrite: bool = False  # replace an output.path that holds something other than a dataselect output
 
 
 class Recipe(Strict):
@@ -194,12 +198,19 @@ class Recipe(Strict):
     select: Select = Select()
     output: Output
 
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[Source]) -> list[Source]:
+        names = [s.name for s in sources]
+        for name in dict.fromkeys(names):
+            where = [str(i) for i, n in enumerate(names) if n == name]
+            if len(where) > 1:
+                raise ValueError(f"source names must be unique; {name!r} names sources {', '.join(where)}")
+        return sources
+
     @model_validator(mode="after")
     def _unique_names(self) -> "Recipe":
         names = [s.name for s in self.sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"source names must be unique; repeated: {dupes}")
         if self.target.name in names:
             raise ValueError(f"target.name {self.target.name!r} is also a source name")
         return self
@@ -230,20 +241,58 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {e}"
+    problem = getattr(e, "problem", None) or "syntax error"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    text = f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe with `yaml.safe_load`, apply `key.path=value` overrides, validate strictly."""
+    """Read a recipe with a safe YAML loader, apply `key.path=value` overrides, validate strictly."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a folder, not a recipe file") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    try:
+        raw = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no python/* tags
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise RecipeError(_yaml_error(path, e)) from None
+    if raw is None:
+        raise RecipeError(f"{path}: the recipe is empty")
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+        raise RecipeError(f"{path}, line 1: a recipe is a mapping of sections (name:, model:, sources:, ...), "
+                          f"got a {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item, path)
-    return validate_recipe(raw, path)
+    return validate_recipe(raw, f"{path} (with --set {' '.join(overrides)})" if overrides else path)
 
 
 def validate_recipe(raw: dict, origin: str | Path = "<recipe>") -> Recipe:
@@ -253,7 +302,7 @@ def validate_recipe(raw: dict, origin: str | Path = "<recipe>") -> Recipe:
         lines = [f"{origin}: invalid recipe"]
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             lines.append(f"  {where}: {msg}")
         raise RecipeError("\n".join(lines)) from None
 
@@ -268,16 +317,25 @@ def apply_override(raw: dict, item: str, origin: str | Path = "<recipe>") -> Non
     if "=" not in item:
         raise RecipeError(f"{origin}: override {item!r} is not key.path=value")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(p.strip() for p in parts):
+        raise RecipeError(f"{origin}: override {item!r}: the key path {key!r} has an empty part")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[: i + 1]), origin)
     last = parts[-1]
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{origin}: override {item!r}: the value is not valid YAML: "
+                          f"{getattr(e, 'problem', None) or e}") from None
     if isinstance(node, list):
         node[_index(node, last, key, origin)] = parsed
-    else:
+    elif isinstance(node, dict):
         node[last] = parsed
+    else:
+        raise RecipeError(f"{origin}: override path {'.'.join(parts[:-1])} goes through a value, not a section")
 
 
 def _child(node: Any, part: str, where: str, origin: str | Path) -> Any:

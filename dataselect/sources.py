@@ -7,6 +7,8 @@ input row is accounted for from here to the manifest.
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -45,7 +47,25 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
             if split != "train" and not split.startswith("train["):
                 raise SourceError(f"{dataset}: a single file has only the 'train' split (or a slice such as "
                                   f"'train[:1000]'), not {split!r}")
-            return datasets.load_dataset(builder, data_files=str(path), split=split)
+            if path.stat().st_size == 0:
+                raise SourceError(f"{dataset}: the file is empty (0 rows)")
+            # pyarrow reads invalid UTF-8 into JSON strings unchecked; it would fail later, nameless
+            problem = _not_utf8(path) if builder in ("json", "csv") else None
+            if problem:
+                raise SourceError(f"{dataset}: {problem}")
+            try:
+                return datasets.load_dataset(builder, data_files=str(path), split=split)
+            except Exception as e:
+                problem = _diagnose_file(path, builder)  # the line at fault, found only once loading failed
+                if problem:
+                    raise SourceError(f"{dataset}: {problem}") from e
+                if "[" in split:
+                    raise SourceError(f"{dataset}: split {split!r} is out of range or malformed ({_cause(e)}); "
+                                      f"{_row_count(builder, path)}write a slice as 'train[:1000]', 'train[100:200]' "
+                                      f"or 'train[:10%]'") from e
+                if "corresponds to no data" in str(e):  # e.g. a CSV file with only its header line
+                    raise SourceError(f"{dataset}: the file has 0 rows") from e
+                raise
         if path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
                 saved = datasets.load_from_disk(str(path))
@@ -61,7 +81,89 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
     except SourceError:
         raise
     except Exception as e:  # datasets raises a zoo of types; keep the name and the cause
-        raise SourceError(f"{dataset} (split {split!r}): cannot load: {e}") from e
+        raise SourceError(f"{dataset} (split {split!r}): cannot load: {_cause(e)}") from e
+
+
+def _cause(e: BaseException) -> str:
+    """The message of an exception, with that of its root cause where datasets hides it behind
+    "An error occurred while generating the dataset"."""
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    text = str(e) or type(e).__name__
+    if type(e).__name__ == "DatasetGenerationError" and root is not e and str(root):
+        text += f" ({type(root).__name__}: {root})"
+    return text
+
+
+def _row_count(builder: str, path: Path) -> str:
+    import datasets
+
+    try:
+        n = len(datasets.load_dataset(builder, data_files=str(path), split="train"))
+    except Exception:  # noqa: BLE001 - only a hint inside another error's message
+        return ""
+    return f"the file has {n} row{'' if n == 1 else 's'}; "
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Where a text file first stops being UTF-8 ("line N: ..."), or None. A fast pass over the
+    whole file first; the line-by-line pass runs only when it found something."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+        return None
+    except UnicodeDecodeError:
+        pass
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                        "save the file as UTF-8")
+    return "not UTF-8 text; save the file as UTF-8"
+
+
+def _diagnose_file(path: Path, builder: str) -> str | None:
+    """Why a local JSON, JSON Lines or CSV file (already known to be UTF-8) does not load, naming the
+    line: a line that is not JSON or not an object, or no rows at all. None: none of these."""
+    if builder not in ("json", "csv"):
+        return None
+    with path.open("rb") as f:
+        if not any(raw.strip() for raw in f):
+            return "the file is empty (0 rows)"
+    if builder == "csv":
+        return None
+    if path.suffix.lower() == ".json":  # one JSON document, or JSON Lines under a .json name
+        try:
+            document = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                return f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        else:
+            items = document if isinstance(document, list) else [document]
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    return f"item {i} is a JSON {type(item).__name__}, not an object with one field per column"
+            return None
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.decode("utf-8").rstrip("\r\n")
+            line = line.removeprefix("\ufeff") if n == 1 else line
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return (f"line {n}: not valid JSON ({e.msg} at column {e.colno}); "
+                        "each line of a JSON Lines file must be one complete JSON object")
+            if not isinstance(row, dict):
+                return f"line {n}: a JSON {type(row).__name__}, not an object with one field per column"
+    return None
 
 
 def field(row: dict[str, Any], name: str) -> Any:
@@ -72,6 +174,9 @@ def field(row: dict[str, Any], name: str) -> Any:
             return None
         value = value.get(part)
     return value
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def map_row(row: dict[str, Any], fmt) -> tuple[list[dict], str | None] | str:
@@ -85,22 +190,28 @@ def map_row(row: dict[str, Any], fmt) -> tuple[list[dict], str | None] | str:
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or not isinstance(t.get("role"), str) or not isinstance(t.get("content"), str):
                 return f"field {column!r} turn {i} lacks a string role and content"
+            if t["role"] not in CHAT_ROLES:
+                return f"field {column!r} turn {i}: role {t['role']!r} is not one of {', '.join(CHAT_ROLES)}"
             messages.append({"role": t["role"], "content": t["content"]})
         if messages[-1]["role"] != "assistant":
             return f"field {column!r}: last turn is {messages[-1]['role']!r}, not an assistant response"
         if not any(m["role"] != "assistant" for m in messages[:-1]):
             return f"field {column!r}: no prompt turn before the response"
+        if not any(m["content"].strip() for m in messages[:-1] if m["role"] != "assistant"):
+            return f"field {column!r}: every prompt turn is blank (empty prompt)"
+        if not messages[-1]["content"].strip():
+            return f"field {column!r}: last turn is blank (empty response)"
     else:
         messages = []
         if fmt.system and field(row, fmt.system):
             messages.append({"role": "system", "content": str(field(row, fmt.system))})
-        for key, role in ((fmt.prompt, "user"), (fmt.response, "assistant")):
+        for key, role, what in ((fmt.prompt, "user", "prompt"), (fmt.response, "assistant", "response")):
             value = field(row, key)
             if not isinstance(value, str):
                 return f"field {key!r} is {'null' if value is None else type(value).__name__}, not text"
+            if not value.strip():
+                return f"field {key!r} is blank (empty {what})"
             messages.append({"role": role, "content": value})
-    if not messages[-1]["content"].strip():
-        return "empty response"
     id_field = getattr(fmt, "id", None)
     given = None if id_field is None else field(row, id_field)
     return messages, (None if given is None else str(given))
@@ -122,7 +233,7 @@ def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
 
 def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str) -> Iterator[dict]:
     _check_columns(ds, fmt, group_by, where)
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # id -> the row that first used it
     prefix = name if role == "source" else f"{name}/{role}"  # target splits may reuse row numbers
     for i, row in enumerate(ds):
         out = {"id": f"{prefix}/{i}", "source": name, "role": role, "row": i, "group": None,
@@ -135,24 +246,43 @@ def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str) -> It
         if given_id is not None:
             out["id"] = f"{prefix}/{given_id}"
         if out["id"] in seen:
-            yield {**out, "status": "rejected", "reason": f"duplicate id {out['id']!r}"}
+            yield {**out, "status": "rejected",
+                   "reason": f"duplicate id {out['id']!r}, first seen at row {seen[out['id']]}"}
             continue
-        seen.add(out["id"])
-        group = name if group_by is None else f"{name}/{field(row, group_by)}"
+        group = name
+        if group_by is not None:
+            value = field(row, group_by)
+            if value is None or not str(value).strip():
+                yield {**out, "status": "rejected",
+                       "reason": f"field {group_by!r} (group_by) is {'null' if value is None else 'blank'}"}
+                continue
+            group = f"{name}/{value}"
+        seen[out["id"]] = i
         user = [m["content"] for m in messages[:-1] if m["role"] == "user"]
         yield {**out, "group": group, "messages": messages, "prompt": user[-1] if user else "",
                "response": messages[-1]["content"]}
 
 
+def _open(where: str, dataset: str, config: str | None, split: str, run_dir: Path, seed: int):
+    """open_dataset, with errors prefixed by where the recipe names the dataset; no rows is an error."""
+    try:
+        ds = open_dataset(dataset, config, split, run_dir, seed)
+    except SourceError as e:
+        raise SourceError(f"{where}: {e}") from e
+    if len(ds) == 0:
+        raise SourceError(f"{where}: {dataset} (split {split!r}) has 0 rows")
+    return ds
+
+
 def _split_rows(target: Target, split: Split, role: str, run_dir: Path, seed: int):
-    ds = open_dataset(target.dataset, target.config, split.split, run_dir, seed)
+    ds = _open(f"target.{role} ({target.name})", target.dataset, target.config, split.split, run_dir, seed)
     if split.size is not None and split.size < len(ds):
         ds = ds.select(sorted(random.Random(f"{seed}:{role}").sample(range(len(ds)), split.size)))
     return _rows(target.name, role, ds, target.format, None, f"target {role} ({target.dataset})")
 
 
 def _source_rows(source: Source, run_dir: Path, seed: int):
-    ds = open_dataset(source.dataset, source.config, source.split, run_dir, seed)
+    ds = _open(f"source {source.name}", source.dataset, source.config, source.split, run_dir, seed)
     if source.max_rows is not None and source.max_rows < len(ds):
         log.info("source %s: reading the first %d of %d rows (max_rows)", source.name, source.max_rows, len(ds))
         ds = ds.select(range(source.max_rows))
@@ -177,11 +307,19 @@ EXAMPLE_SCHEMA = {
 }
 
 
-def tokenize_examples(examples: pl.DataFrame, tokenizer, max_length: int) -> pl.DataFrame:
-    """Add token ids and prompt length; rows with no response token left are rejected."""
+def tokenize_examples(examples: pl.DataFrame, tokenizer, max_length: int, overlong: str = "truncate") -> pl.DataFrame:
+    """Add token ids and prompt length; rows with no response token left are rejected, and so are rows
+    longer than max_length when `overlong` is "reject" (else they are cut and marked truncated)."""
+    from jinja2 import TemplateError
+
     ids, n_prompt, truncated, status, reason = [], [], [], [], []
     for row in progress(iterable=examples.iter_rows(named=True), total=examples.height, desc="tokenize", unit="row"):
-        enc = None if row["status"] != "ok" else encode(tokenizer, row["messages"], max_length)
+        try:
+            enc = None if row["status"] != "ok" else encode(tokenizer, row["messages"], max_length)
+        except TemplateError as e:  # e.g. a template that insists on alternating user/assistant turns
+            enc = f"the model's chat template refuses it: {e}"
+        if isinstance(enc, tuple) and enc[2] and overlong == "reject":
+            enc = f"longer than sketch.max_length={max_length} tokens (sketch.overlong: reject)"
         if isinstance(enc, str):
             status.append("rejected")
             reason.append(enc)
@@ -225,11 +363,22 @@ def stage(recipe: Recipe, out: Path) -> dict:
         build_tiny_model(recipe, tokenizer).save_pretrained(out / "base")
     else:
         tokenizer = load_tokenizer(recipe)
-    examples = tokenize_examples(examples, tokenizer, recipe.sketch.max_length)
-    if examples.filter((pl.col("role") == "validation") & (pl.col("status") == "ok")).height == 0:
-        raise SourceError(f"target {recipe.target.name}: no usable validation rows")
+    examples = tokenize_examples(examples, tokenizer, recipe.sketch.max_length, recipe.sketch.overlong)
+    source_rows = examples.filter(pl.col("role") == "source")
+    for s in recipe.sources:
+        _require_usable(f"source {s.name} ({s.dataset})", source_rows.filter(pl.col("source") == s.name))
+    _require_usable(f"target {recipe.target.name}: validation split", examples.filter(pl.col("role") == "validation"))
     examples.write_parquet(out / "examples.parquet")
     return {"rows": ingest_summary(examples)}
+
+
+def _require_usable(what: str, part: pl.DataFrame) -> None:
+    """A source (or validation split) whose rows were all rejected is a mapping mistake: say so now."""
+    if part.filter(pl.col("status") == "ok").height:
+        return
+    reasons = part["reason"].value_counts(sort=True).head(3).rows()
+    raise SourceError(f"{what}: no usable rows; all {part.height} were rejected: "
+                      + "; ".join(f"{reason} ({n})" for reason, n in reasons))
 
 
 def read_ingested(recipe: Recipe) -> pl.DataFrame:

@@ -107,9 +107,13 @@ def test_export_refuses_to_replace_foreign_folders(tmp_path, demo_build):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     moved = recipe.model_copy(update={"output": recipe.output.model_copy(update={"path": foreign})})
-    with pytest.raises(ExportError, match="not a dataselect output"):
+    with pytest.raises(ExportError, match="not a dataselect output.*--overwrite"):
         run(moved)
     assert (foreign / "notes.txt").read_text() == "keep me"
+    result = CliRunner().invoke(main, ["export", "-r", str(DEMO), "-q", "--overwrite", f"--set=workdir={recipe.run_dir}",
+                                       f"--set=output.path={foreign}"])
+    assert result.exit_code == 0, result.output
+    assert not (foreign / "notes.txt").exists() and (foreign / "manifest.json").exists()
 
 
 def test_cli_help_describes_every_stage():
