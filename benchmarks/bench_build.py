@@ -45,8 +45,8 @@ def main() -> None:
         if stage == "meta_init":
             note = f"{meta['steps']} steps, {train_rate:.0f} examples/s (baseline)"
         elif stage == "sketch":
-            note = (f"{sketched} examples + {summaries['sketch']['examples']['target validation tokens']} target "
-                    f"tokens, {sketch_rate:.0f} examples/s = {sketch_rate / train_rate:.2f}x training")
+            note = (f"{sketched} examples (sources and target validation), {sketch_rate:.0f} examples/s = "
+                    f"{sketch_rate / train_rate:.2f}x training")
         elif stage == "estimate":
             e = summaries["estimate"]
             note = f"{e['subsets']} subsets of {e['groups']} groups, estimates {e['seconds']:.2f} s"

@@ -34,9 +34,8 @@ def synthetic(n_groups: int, n: int, d: int, seed: int = 0):
     group_of = np.repeat(np.arange(n_groups), -(-n // n_groups))[:n]
     x = ((centres[group_of] + 2 * rng.normal(size=(n, d))) * 0.1).astype(np.float32)
     f0 = rng.normal(1.0, 1.0, size=n).astype(np.float32)
-    tokens = (centres[rng.integers(0, n_groups, 2000)] * 0.1 + 0.1 * rng.normal(size=(2000, d))).astype(np.float32)
-    odds = rng.normal(0.5, 1.0, size=2000).astype(np.float32)
-    return x, f0, group_of, tokens, odds
+    target = -(centres[rng.integers(0, n_groups, 200)] * 0.1 + 0.1 * rng.normal(size=(200, d))).mean(0)
+    return x, f0, group_of, target.astype(np.float32), 1.0
 
 
 def research_loop(x: np.ndarray, group_of: np.ndarray, subsets: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -65,15 +64,15 @@ def main() -> None:
     parser.add_argument("--exact-subsets", type=int, default=20)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {args.subsets} subsets of "
-          f"{args.groups} groups (half each), {args.examples} examples, d = {args.dim}, 2000 target tokens")
-    x, f0, group_of, tokens, odds = synthetic(args.groups, args.examples, args.dim)
+          f"{args.groups} groups (half each), {args.examples} examples, d = {args.dim}")
+    x, f0, group_of, target, base = synthetic(args.groups, args.examples, args.dim)
     subsets = sample_subsets(args.groups, args.subsets, 0.5, seed=0)
 
     start = time.perf_counter()
-    est = estimate_subsets(x, f0, group_of, tokens, odds, subsets, l2=0.05, max_iter=100, tol=1e-5)
+    est = estimate_subsets(x, f0, group_of, target, base, subsets, l2=0.05, max_iter=100, tol=1e-5)
     ours = time.perf_counter() - start
     start = time.perf_counter()
-    estimate_subsets(x, f0, group_of, tokens, odds, subsets, 0.05, 100, 1e-5, solver="reference", bound=1.0)
+    estimate_subsets(x, f0, group_of, target, base, subsets, 0.05, 100, 1e-5, solver="reference", bound=1.0)
     reference = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -6,8 +6,8 @@ logistic regression
     ŵ_S = argmin_w  mean_{j∈S} ℓ(F⁰_j + ĝ_j·w) + λ‖w‖²,    ℓ(m) = log(1 + e^{−m}),
 
 with the offsets F⁰_j kept (the research code drops them). The target estimate is the target's
-validation token cross-entropy at θ* + P ŵ_S, linearised token by token from per-token sketches:
-mean_k ℓ(logit p_k + ĝ_k·ŵ_S), no model pass. (−log p = ℓ(logit p) holds exactly per token.)
+validation token cross-entropy at θ* + P ŵ_S to first order, L⁰ + ŵ_S·ĝ_L, from the sketch ĝ_L
+of that loss's gradient at θ*: no model pass (`exact` mode makes one).
 λ is `estimate.l2` times the mean squared sketch norm, which makes it independent of the model's
 gradient scale; it sets how far the linearised fine-tune moves from θ*.
 
@@ -35,7 +35,7 @@ from .recipe import Recipe
 class Estimates:
     subsets: np.ndarray  # (m, n_groups) bool
     loss: np.ndarray  # (m,) estimated target validation token cross-entropy
-    base_loss: float  # the same at θ* (the empty subset)
+    base_loss: float  # the same at θ* (the empty subset), measured
     iterations: int
     unconverged: int
     steps: np.ndarray  # (m, d) ŵ_S
@@ -95,9 +95,9 @@ def _objective(x, f0, weights, lam, w) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, grad
 
 
-def target_loss(token_x: torch.Tensor, token_odds: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Linearised target token cross-entropy at θ* + P w for each row of w: −log p = ℓ(logit p)."""
-    return nnf.softplus(-(token_odds + w @ token_x.T)).mean(dim=1)
+def target_loss(gradient: torch.Tensor, base: float, w: torch.Tensor) -> torch.Tensor:
+    """The target's token cross-entropy at θ* + P w for each row of w, to first order."""
+    return base + w @ gradient
 
 
 def reference_steps(x: torch.Tensor, weights: torch.Tensor, bound: float) -> torch.Tensor:
@@ -114,17 +114,16 @@ def clip_norm(w: torch.Tensor, bound: float | None) -> torch.Tensor:
     return w * (bound / w.norm(dim=1, keepdim=True).clamp(min=1e-30)).clamp(max=1.0)
 
 
-def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, token_x: np.ndarray,
-                     token_odds: np.ndarray, subsets: np.ndarray, l2: float, max_iter: int, tol: float,
+def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, target_grad: np.ndarray,
+                     target_base: float, subsets: np.ndarray, l2: float, max_iter: int, tol: float,
                      solver: str = "logistic", bound: float | None = None, chunk: int = 256) -> Estimates:
-    """f̂(S) (linearised target loss) and ŵ_S for every subset row of `subsets`, in chunks.
+    """f̂(S) (first-order target loss) and ŵ_S for every subset row of `subsets`, in chunks.
 
     `bound` limits ‖ŵ‖ (the sketch-space image of the radius); the reference solver needs it.
     """
     xt = torch.from_numpy(np.array(x, dtype=np.float32))
     ft = torch.from_numpy(np.array(f0, dtype=np.float32))
-    tx = torch.from_numpy(np.array(token_x, dtype=np.float32))
-    tf = torch.from_numpy(np.array(token_odds, dtype=np.float32))
+    tg = torch.from_numpy(np.array(target_grad, dtype=np.float32))
     lam = l2 * float((xt**2).sum(1).mean())
     precond = pool_preconditioner(xt, ft, lam) if solver == "logistic" else None
     losses, steps, its, bad = [], [], 0, 0
@@ -136,10 +135,10 @@ def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, token_
         else:
             w, it, unconverged = solve_subsets(xt, ft, weights, lam, max_iter, tol, precond)
             w, its, bad = clip_norm(w, bound), max(its, it), bad + unconverged
-        losses.append(target_loss(tx, tf, w).numpy())
+        losses.append(target_loss(tg, target_base, w).numpy())
         steps.append(w.numpy())
-    base = float(nnf.softplus(-tf).mean())
-    return Estimates(subsets=subsets, loss=np.concatenate(losses), base_loss=base, iterations=its, unconverged=bad,
+    return Estimates(subsets=subsets, loss=np.concatenate(losses), base_loss=target_base, iterations=its,
+                     unconverged=bad,
                      steps=np.concatenate(steps))
 
 
@@ -184,8 +183,8 @@ class Pool:
     group_of: np.ndarray  # each example's index into groups
     x: np.ndarray
     f0: np.ndarray
-    token_x: np.ndarray
-    token_odds: np.ndarray
+    target_grad: np.ndarray  # (d,) sketch of the target validation loss's gradient at θ*
+    target_base: float  # that loss at θ*
 
     def evaluate(self, membership: np.ndarray, radius: float | None | str = "recipe") -> Estimates:
         """Estimates of the subsets in `membership` (subsets × groups) with the recipe's solver and
@@ -193,7 +192,7 @@ class Pool:
         spec = self.recipe.estimate
         radius = spec.radius if radius == "recipe" else radius
         bound = None if radius is None else radius * math.sqrt(self.recipe.sketch.dim / grad_dim(self.recipe))
-        est = estimate_subsets(self.x, self.f0, self.group_of, self.token_x, self.token_odds, membership,
+        est = estimate_subsets(self.x, self.f0, self.group_of, self.target_grad, self.target_base, membership,
                                spec.l2, spec.max_iter, spec.tol, spec.solver, bound)
         if spec.target == "exact":
             est.loss = exact_losses(self.recipe, est.steps)
@@ -201,15 +200,14 @@ class Pool:
 
 
 def load_pool(recipe: Recipe) -> Pool:
-    from .sketch import stacked_sources, target_tokens
+    from .sketch import stacked_sources, target_gradient
     from .sources import read_ingested
 
     ids, names, x, f0 = stacked_sources(recipe, read_ingested(recipe))
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}
     group_of = np.array([index[n] for n in names], dtype=np.int64)
-    tx, tf0 = target_tokens(recipe)
-    return Pool(recipe, ids, names, groups, group_of, np.asarray(x), f0, tx, tf0)
+    return Pool(recipe, ids, names, groups, group_of, np.asarray(x), f0, *target_gradient(recipe))
 
 
 def stage(recipe: Recipe, out: Path) -> dict:

@@ -51,7 +51,7 @@ STAGES = (
           "write the mixture as a Hugging Face dataset with a manifest"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-_CODE_VERSION = "1"  # bump when a stage's output format or meaning changes
+_CODE_VERSION = "2"  # bump when a stage's output format or meaning changes
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:

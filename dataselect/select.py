@@ -10,9 +10,10 @@ keep-rules decide, so the methods can be compared on the same data:
 - `forward` (GradEx-FS): true forward stepwise selection on estimates; each step adds the group
   whose addition lowers the estimated loss most, and it stops when none does.
 - baselines: `all` (every group), `random` (random scores, so the same keep-rules give the same
-  budget), `gradient_similarity` (LESS-style: cosine of an example's sketch to the target's,
-  max over target examples), `representation_similarity` (cosine of the mean-pooled last hidden
-  state to the target's mean), `dsir` (hashed unigram+bigram importance weights, DSIR-style).
+  budget), `gradient_similarity` (LESS-style: cosine of an example's sketch to the negative
+  gradient of a target example's loss, max over target examples), `representation_similarity`
+  (cosine of the mean-pooled last hidden state to the target's mean), `dsir` (hashed unigram and
+  bigram importance weights, DSIR-style).
   Per-example baseline scores are centred on the pool's mean and averaged per group, so for
   every method a score of 0 means "as good as the average group" and `min_score: 0` keeps the
   groups above average.
@@ -171,7 +172,7 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
     from .estimate import load_pool, read_estimates
-    from .sketch import finished_settings, stacked_sources
+    from .sketch import TARGET_FUNCTION, finished_settings, part_settings, stacked_sources
     from .sources import read_ingested, usable
     from .store import read_store
 
@@ -196,8 +197,9 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     ids = assignments["id"].to_list()
     if method == "gradient_similarity":
         _, _, x, _ = stacked_sources(recipe, examples)
-        _, target, _ = read_store(recipe.run_dir / "sketch" / "target" / "validation", finished_settings(recipe))
-        per_example = gradient_similarity(np.asarray(x), np.asarray(target))
+        settings = part_settings(finished_settings(recipe), TARGET_FUNCTION)
+        _, target, _ = read_store(recipe.run_dir / "sketch" / "target" / "validation", settings)
+        per_example = gradient_similarity(np.asarray(x), -np.asarray(target))  # ∇F of a source vs −∇loss
     elif method == "dsir":
         text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
         lookup = dict(zip(text["id"], text["text"]))

@@ -1,10 +1,13 @@
 """Stage 3, gradient sketches: per-example ∇F at θ* and F⁰, randomly projected to `dim`.
 
 F is the mean log-odds of the gold response tokens, logit(p) = log p − log(1 − p), computed from
-log-softmax so it stays finite for any p. Per-example gradients come from one batched forward and
-one backward pass: hooks on the sketched linear layers keep each layer's inputs x and catch its
-output gradients δ, and the projection of Σ_t δ_t x_tᵀ is formed from those directly
-(`projection.py`). The backward pass computes activation gradients only — no weight gradient is
+log-softmax so it stays finite for any p. The target's validation examples are sketched through
+their loss instead — the sum of their response tokens' cross-entropy — because the estimate is
+of that loss: its first-order change along a step is the step's product with these sketches.
+
+Per-example gradients come from one batched forward and one backward pass: hooks on the
+sketched linear layers keep each layer's inputs x and catch its output gradients δ, and the
+projection of Σ_t δ_t x_tᵀ is formed from those directly (`projection.py`). The backward pass computes activation gradients only — no weight gradient is
 ever formed — so a sketch costs about what a training step costs.
 
 Which weights are sketched: the LoRA adapters (lora_A, lora_B) when the model has them, otherwise
@@ -17,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -24,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
 from .model import ModelError, pad_batch, progress, response_logprobs
 from .projection import KIND as PROJECTION
@@ -34,6 +37,7 @@ from .shards import Shard, check_complete, chunk_file, load_chunk, save_chunk, w
 from .store import SketchStore, read_store
 
 OUTPUT_FUNCTION = "mean_log_odds"
+TARGET_FUNCTION = "response_cross_entropy_sum"
 
 
 def log_odds(logp: torch.Tensor) -> torch.Tensor:
@@ -47,6 +51,16 @@ def output_function(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: 
     gold = response_logprobs(logits, input_ids, target_mask)
     odds = torch.where(target_mask, log_odds(gold), torch.zeros_like(gold))
     return odds.sum(-1) / target_mask.sum(-1).clamp(min=1)
+
+
+def response_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Per example: the summed cross-entropy of its response tokens. Its gradient weighs each token
+    by 1 − p, so the tokens the model still gets wrong (a translation, a final number) dominate —
+    in ∇F every token counts alike, and well-fitted format tokens drown the answer."""
+    return -response_logprobs(logits, input_ids, target_mask).sum(-1)
+
+
+FUNCTIONS: dict[str, Callable] = {OUTPUT_FUNCTION: output_function, TARGET_FUNCTION: response_loss}
 
 
 def sketched_modules(model, patterns: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Linear]:
@@ -84,10 +98,12 @@ def _no_weight_grads(model):
 
 
 class Sketcher:
-    """Sketches of ∇F for every example of a batch from one forward and one backward pass."""
+    """Sketches of ∇F (or of another per-example `function` of the logits) for every example of a
+    batch from one forward and one backward pass."""
 
-    def __init__(self, model, modules: dict[str, nn.Linear], projector: KroneckerProjector):
-        self.model, self.modules, self.projector = model, modules, projector
+    def __init__(self, model, modules: dict[str, nn.Linear], projector: KroneckerProjector,
+                 function: Callable = output_function):
+        self.model, self.modules, self.projector, self.function = model, modules, projector, function
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         n = batch["input_ids"].shape[0]
@@ -110,7 +126,7 @@ class Sketcher:
             with torch.enable_grad(), _no_weight_grads(self.model):
                 embeds = self.model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
                 logits = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
-                values = output_function(logits, batch["input_ids"], batch["target_mask"])
+                values = self.function(logits, batch["input_ids"], batch["target_mask"])
                 values.sum().backward(inputs=[embeds])
         finally:
             for h in handles:
@@ -119,52 +135,6 @@ class Sketcher:
             missing = sorted(set(self.modules) - fired)[:3]
             raise ModelError(f"sketched layers never reached by the backward pass, e.g. {missing}")
         return sketch, values.detach()
-
-
-def per_token_gradients(model, modules: dict[str, nn.Linear], batch: dict[str, torch.Tensor]):
-    """∇ logit(p_t) of the sketched weights and logit(p_t), for every position of every example.
-
-    Used for the target's validation tokens (its loss linearises token by token) and as the
-    materialized reference in tests; costs one backward pass per token.
-    """
-    names = [f"{n}.weight" for n in modules]
-    params = {k: v.detach() for k, v in model.named_parameters() if k in names}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in params}
-    frozen.update(dict(model.named_buffers()))
-
-    def f(p, ids, attention, target):
-        logits = functional_call(model, {**frozen, **p}, (ids[None],), {"attention_mask": attention[None]}).logits
-        odds = log_odds(response_logprobs(logits, ids[None], target[None]))[0]
-        out = torch.where(target, odds, torch.zeros_like(odds))
-        return out, out
-
-    grads, values = vmap(jacrev(f, has_aux=True), in_dims=(None, 0, 0, 0))(
-        params, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-    return {n: grads[f"{n}.weight"] for n in modules}, values
-
-
-def sketch_tokens(model, modules, projector: KroneckerProjector, rows: list[tuple[list[int], int]],
-                  batch_size: int, pad_id: int, memory_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token sketches and log-odds of the target's response tokens, and each token's example.
-
-    The Jacobian of a batch holds examples × positions × p floats, so the batch is cut down to
-    fit `memory_bytes` (one example at a time for long targets of large adapters).
-    """
-    width = max(len(ids) for ids, _ in rows)
-    batch_size = max(1, min(batch_size, memory_bytes // (4 * width * projector.grad_dim)))
-    sketches, odds, owner = [], [], []
-    with progress(total=len(rows), desc="target tokens", unit="ex") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = pad_batch(rows[start : start + batch_size], pad_id)
-            grads, values = per_token_gradients(model, modules, batch)
-            n, width = values.shape
-            flat = projector.project({k: g.reshape(n * width, *g.shape[2:]) for k, g in grads.items()})
-            mask = batch["target_mask"]
-            sketches.append(flat.reshape(n, width, -1)[mask].numpy())
-            odds.append(values[mask].numpy())
-            owner.append((torch.arange(n).unsqueeze(1).expand(n, width)[mask] + start).numpy())
-            bar.update(n)
-    return np.concatenate(sketches), np.concatenate(odds), np.concatenate(owner)
 
 
 def length_order(rows: list[tuple[list[int], int]]) -> list[int]:
@@ -243,6 +213,17 @@ def store_settings(recipe: Recipe, model, modules: dict[str, nn.Linear]) -> dict
 
 
 @dataclass
+class Part:
+    """One store the sketch stage fills: a source, or the target's validation split."""
+
+    name: str
+    examples: object  # the part's rows of the ingested table
+    folder: Path
+    clusters: int | None
+    function: str  # what is differentiated: OUTPUT_FUNCTION, or TARGET_FUNCTION for the target
+
+
+@dataclass
 class Plan:
     """What the sketch stage computes: one store per source and one for the target's validation
     split, cut into chunks of `chunk_rows`."""
@@ -253,11 +234,22 @@ class Plan:
     settings: dict
     pad_id: int
     chunk_rows: int
-    parts: list[tuple[str, object, Path, int | None]]  # (name, examples, store folder, clusters)
+    parts: list[Part]
 
     def units(self) -> list[tuple[str, int]]:
         """Every (store, chunk) in a fixed order: the work shards divide among themselves."""
-        return [(name, c) for name, part, _, _ in self.parts for c in range(-(-len(part) // self.chunk_rows))]
+        return [(p.name, c) for p in self.parts for c in range(-(-len(p.examples) // self.chunk_rows))]
+
+    def sketcher(self, part: Part) -> Sketcher:
+        return Sketcher(self.model, self.modules, self.projector, FUNCTIONS[part.function])
+
+    def settings_of(self, part: Part) -> dict:
+        return part_settings(self.settings, part.function)
+
+
+def part_settings(settings: dict, function: str) -> dict:
+    """A store's settings: the stage's, with the function its sketches differentiate."""
+    return {**settings, "output_function": function}
 
 
 def plan(recipe: Recipe, out: Path) -> Plan:
@@ -268,9 +260,10 @@ def plan(recipe: Recipe, out: Path) -> Plan:
     model, modules, projector = sketch_space(recipe)
     assert projector.grad_dim == sum(m.weight.numel() for m in modules.values())
     chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
-    parts = [(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters)
+    parts = [Part(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters, OUTPUT_FUNCTION)
              for s in recipe.sources]
-    parts.append(("target validation", usable(examples, "validation"), out / "target" / "validation", None))
+    parts.append(Part("target validation", usable(examples, "validation"), out / "target" / "validation", None,
+                      TARGET_FUNCTION))
     return Plan(model, modules, projector, store_settings(recipe, model, modules), load_tokenizer(recipe).pad_token_id,
                 chunk_rows, parts)
 
@@ -281,9 +274,9 @@ def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
 
     p = plan(recipe, out)
     folder = out / "shards"
-    sketcher = Sketcher(p.model, p.modules, p.projector)
     mine = [u for i, u in enumerate(p.units()) if shard.owns(i)]
-    rows = {name: token_rows(part) for name, part, _, _ in p.parts}
+    parts = {part.name: part for part in p.parts}
+    rows = {name: token_rows(part.examples) for name, part in parts.items()}
     orders = {name: length_order(r) for name, r in rows.items()}
     with progress(total=len(mine), desc=f"shard {shard.index}/{shard.count}", unit="chunk") as bar:
         for name, chunk in mine:
@@ -291,41 +284,39 @@ def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
             if not path.exists():
                 idx = orders[name][chunk * p.chunk_rows : (chunk + 1) * p.chunk_rows]
                 with progress(total=len(idx), desc=name, unit="ex", leave=False) as inner:
-                    save_chunk(path, *sketch_chunk(sketcher, rows[name], idx, recipe.sketch.batch_size, p.pad_id, inner))
+                    save_chunk(path, *sketch_chunk(p.sketcher(parts[name]), rows[name], idx, recipe.sketch.batch_size,
+                                                   p.pad_id, inner))
             bar.update(1)
     write_done(folder, shard, p.settings, mine)
     return {"shard": shard.index, "count": shard.count, "chunks": len(mine), "of": len(p.units())}
 
 
 def stage(recipe: Recipe, out: Path) -> dict:
-    """Fill the stores (from finished shards when there are any), cluster, sketch target tokens."""
+    """Fill the stores (from finished shards when there are any) and cluster the sources asked to be."""
     from .sources import token_rows
 
     p = plan(recipe, out)
     shards = out / "shards" if check_complete(out / "shards", p.settings, p.units()) else None
-    sketcher = Sketcher(p.model, p.modules, p.projector)
     counts = {}
-    for name, part, folder, clusters in p.parts:
-        store = SketchStore.open(folder, p.settings, part["id"].to_list(), recipe.sketch.dim, p.chunk_rows)
+    for part in p.parts:
+        store = SketchStore.open(part.folder, p.settings_of(part), part.examples["id"].to_list(), recipe.sketch.dim,
+                                 p.chunk_rows)
         if not store.progress()["complete"]:
-            sketch_into_store(sketcher, store, token_rows(part), recipe.sketch.batch_size, p.pad_id, name, shards)
-        if clusters and not (folder / "clusters.npy").exists():
-            labels = cluster(np.load(folder / "sketches.npy", mmap_mode="r"), clusters, recipe.seed)
-            np.save(folder / "clusters.npy", labels, allow_pickle=False)
-        counts[name] = len(part)
-    target = p.parts[-1][2]
-    if not (target / "token_example.npy").exists():
-        tokens, odds, owner = sketch_tokens(p.model, p.modules, p.projector, token_rows(p.parts[-1][1]),
-                                            recipe.sketch.batch_size, p.pad_id)
-        np.save(target / "token_sketches.npy", tokens, allow_pickle=False)
-        np.save(target / "token_log_odds.npy", odds, allow_pickle=False)
-        np.save(target / "token_example.npy", owner, allow_pickle=False)
-    counts["target validation tokens"] = int(np.load(target / "token_example.npy").shape[0])
+            sketch_into_store(p.sketcher(part), store, token_rows(part.examples), recipe.sketch.batch_size, p.pad_id,
+                              part.name, shards)
+        if part.clusters and not (part.folder / "clusters.npy").exists():
+            labels = cluster(np.load(part.folder / "sketches.npy", mmap_mode="r"), part.clusters, recipe.seed)
+            np.save(part.folder / "clusters.npy", labels, allow_pickle=False)
+        counts[part.name] = len(part.examples)
+    counts[TARGET_TOKENS] = sum(len(ids) - n_prompt for ids, n_prompt in token_rows(p.parts[-1].examples))
     if shards:
         shutil.rmtree(shards)  # merged: the stores hold every chunk now
     manifest = {**p.settings, "examples": counts, "merged_from_shards": bool(shards)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+TARGET_TOKENS = "target validation tokens"
 
 
 def finished_settings(recipe: Recipe) -> dict:
@@ -334,11 +325,13 @@ def finished_settings(recipe: Recipe) -> dict:
     return {k: v for k, v in manifest.items() if k not in ("examples", "merged_from_shards")}
 
 
-def target_tokens(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token sketches and log-odds of the target's validation responses."""
-    folder = recipe.run_dir / "sketch" / "target" / "validation"
-    read_store(folder, finished_settings(recipe))
-    return np.load(folder / "token_sketches.npy"), np.load(folder / "token_log_odds.npy")
+def target_gradient(recipe: Recipe) -> tuple[np.ndarray, float]:
+    """The target's validation loss at θ* (mean token cross-entropy of the responses) and its
+    sketched gradient: the loss at θ* + Pw is that plus w · gradient, to first order."""
+    folder = recipe.run_dir / "sketch"
+    tokens = json.loads((folder / "manifest.json").read_text())["examples"][TARGET_TOKENS]
+    _, x, loss = read_store(folder / "target" / "validation", part_settings(finished_settings(recipe), TARGET_FUNCTION))
+    return np.asarray(x, dtype=np.float64).sum(0) / tokens, float(np.sum(loss, dtype=np.float64) / tokens)
 
 
 def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:

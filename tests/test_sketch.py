@@ -8,7 +8,7 @@ import torch
 
 from dataselect.model import ModelError, encode, pad_batch
 from dataselect.projection import KroneckerProjector, layer_split, rademacher
-from dataselect.sketch import Sketcher, log_odds, output_function, per_token_gradients, sketched_modules
+from dataselect.sketch import Sketcher, log_odds, output_function, response_loss, sketched_modules
 
 
 def test_log_odds_is_stable_and_exact():
@@ -38,7 +38,7 @@ def _batch(tiny, n=4):
     return model, pad_batch([(ids, k) for ids, k, _ in enc], tokenizer.pad_token_id)
 
 
-def _loop_gradients(model, modules, batch):
+def _loop_gradients(model, modules, batch, function=output_function):
     """The reference: one example at a time, autograd.grad of F on each sketched weight."""
     weights = [m.weight for m in modules.values()]
     flags = [w.requires_grad for w in weights]
@@ -47,8 +47,8 @@ def _loop_gradients(model, modules, batch):
     out, values = [], []
     for i in range(batch["input_ids"].shape[0]):
         one = {k: v[i : i + 1] for k, v in batch.items()}
-        f = output_function(model(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits,
-                            one["input_ids"], one["target_mask"])[0]
+        f = function(model(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits,
+                     one["input_ids"], one["target_mask"])[0]
         out.append(torch.autograd.grad(f, weights))
         values.append(f.item())
     for w, flag in zip(weights, flags):
@@ -112,15 +112,18 @@ def test_module_selection_by_name_and_its_errors(tiny):
         model.lm_head.weight.requires_grad_(True)
 
 
-def test_per_token_gradients_average_to_the_example_gradient(tiny):
-    model, batch = _batch(tiny, 2)
+def test_target_sketches_are_projected_gradients_of_the_response_loss(tiny):
+    """The target is sketched through its loss: the summed cross-entropy of the response tokens."""
+    model, batch = _batch(tiny, 3)
     modules = sketched_modules(model)
-    grads, values = _loop_gradients(model, modules, batch)
-    tgrads, tvalues = per_token_gradients(model, modules, batch)
-    count = batch["target_mask"].sum(1)
-    assert torch.allclose(tvalues.sum(1) / count, values, atol=1e-5)
-    for name in grads:
-        assert torch.allclose(tgrads[name].sum(1) / count.view(-1, 1, 1), grads[name], atol=1e-6, rtol=1e-4), name
+    projector = _projector(modules)
+    sketches, values = Sketcher(model, modules, projector, response_loss)(batch)
+    grads, ref_values = _loop_gradients(model, modules, batch, response_loss)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    assert torch.allclose(values, (ce * batch["target_mask"][:, :-1]).sum(1), atol=1e-4)
+    assert torch.allclose(values, ref_values, atol=1e-5)
+    assert torch.allclose(sketches, projector.project(grads), rtol=1e-4, atol=1e-5)
 
 
 def test_factored_projection_equals_projecting_the_gradient():
