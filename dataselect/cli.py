@@ -139,9 +139,13 @@ def _report(until: str, summaries: dict, quiet: bool) -> None:
 @click.option("--subsets", "k_random", default=8, show_default=True,
               help="How many of the estimate stage's random subsets to fine-tune for real (plus the selection "
                    "and its complement).")
-def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, k_random: int) -> None:
+@click.option("--repeats", default=3, show_default=True,
+              help="How many of those subsets to fine-tune again with the next seed, to measure the truth's own noise.")
+def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, k_random: int,
+           repeats: int) -> None:
     """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
-    first-order check, scatter plot, radius calibration) in runs/<name>/verify/."""
+    the truth's noise, first-order check, step lengths and λ calibration, scatter plot) in
+    runs/<name>/verify/."""
     from .verify import verify as run_verify
 
     _setup_logging(quiet or as_json)
@@ -149,7 +153,7 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
         loaded = load_recipe(recipe, overrides)
         if force:
             run(loaded, until="select", force=True)
-        summary = run_verify(loaded, k_random)
+        summary = run_verify(loaded, k_random, repeats)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary, indent=2) if as_json or not quiet else f"verify: {loaded.run_dir / 'verify'}")

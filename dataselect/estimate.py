@@ -186,17 +186,20 @@ class Pool:
     target_grad: np.ndarray  # (d,) sketch of the target validation loss's gradient at θ*
     target_base: float  # that loss at θ*
 
-    def evaluate(self, membership: np.ndarray, radius: float | None | str = "recipe") -> Estimates:
+    def evaluate(self, membership: np.ndarray, l2: float | None = None) -> Estimates:
         """Estimates of the subsets in `membership` (subsets × groups) with the recipe's solver and
-        target mode; `radius` overrides the recipe's."""
+        target mode; `l2` overrides the recipe's."""
         spec = self.recipe.estimate
-        radius = spec.radius if radius == "recipe" else radius
-        bound = None if radius is None else radius * math.sqrt(self.recipe.sketch.dim / grad_dim(self.recipe))
+        bound = None if spec.radius is None else spec.radius / self.step_scale()
         est = estimate_subsets(self.x, self.f0, self.group_of, self.target_grad, self.target_base, membership,
-                               spec.l2, spec.max_iter, spec.tol, spec.solver, bound)
+                               spec.l2 if l2 is None else l2, spec.max_iter, spec.tol, spec.solver, bound)
         if spec.target == "exact":
             est.loss = exact_losses(self.recipe, est.steps)
         return est
+
+    def step_scale(self) -> float:
+        """‖Pŵ‖ / ‖ŵ‖ ≈ √(p/d) for this projection (E[PᵀP] = (p/d)·I)."""
+        return math.sqrt(grad_dim(self.recipe) / self.recipe.sketch.dim)
 
 
 def load_pool(recipe: Recipe) -> Pool:
@@ -223,7 +226,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
     np.save(out / "steps.npy", est.steps, allow_pickle=False)
     pl.DataFrame({"id": pool.ids, "group": pool.names}).write_parquet(out / "assignments.parquet")
     (out / "groups.json").write_text(json.dumps(pool.groups))
-    norms = np.linalg.norm(est.steps, axis=1) * math.sqrt(grad_dim(recipe) / recipe.sketch.dim)
+    norms = np.linalg.norm(est.steps, axis=1) * pool.step_scale()
     return {"groups": len(pool.groups), "subsets": len(subsets), "subset_size": int(subsets[0].sum()),
             "solver": spec.solver, "target": spec.target, "base_loss": est.base_loss,
             "loss_min": float(est.loss.min()), "loss_max": float(est.loss.max()),
@@ -231,27 +234,24 @@ def stage(recipe: Recipe, out: Path) -> dict:
             "unconverged": est.unconverged, "seconds": round(seconds, 3)}
 
 
-def step_norm(recipe: Recipe, finetuned: Path | str) -> float:
-    """‖θ_S − θ*‖ over the sketched layers for a real fine-tune saved like meta-init's
-    `theta.safetensors` (the trainable parameters): the quantity `estimate.radius` bounds.
-
-    Calibration: fine-tune from θ* with the recipe's meta_init settings on 3–5 subsets of groups,
-    save each run's trainable parameters with safetensors, and set `estimate.radius` to the median
-    of this function over them (`dataselect verify` will automate it).
-    """
+def step_norms(recipe: Recipe, finetuned: list[Path]) -> list[float]:
+    """‖θ_S − θ*‖ over the sketched layers for fine-tunes saved like meta-init's
+    `theta.safetensors` (the trainable parameters): how far real fine-tunes land from θ*, the
+    distance the estimator's steps ‖Pŵ‖ stand for (`verify` reports both)."""
     from safetensors.torch import load_file
 
     from .sketch import sketch_space
 
     _, modules, _ = sketch_space(recipe)
-    state = load_file(str(finetuned))
-    total = 0.0
-    for name, module in modules.items():
-        key = f"{name}.weight"
-        if key not in state:
-            raise ValueError(f"{finetuned}: no tensor {key}; save the fine-tune's trainable parameters")
-        total += float((state[key] - module.weight.detach()).square().sum())
-    return math.sqrt(total)
+    star = {f"{name}.weight": module.weight.detach() for name, module in modules.items()}
+    norms = []
+    for path in finetuned:
+        state = load_file(str(path))
+        missing = sorted(set(star) - set(state))
+        if missing:
+            raise ValueError(f"{path}: no tensor {missing[0]}; save the fine-tune's trainable parameters")
+        norms.append(math.sqrt(sum(float((state[k] - v).square().sum()) for k, v in star.items())))
+    return norms
 
 
 def grad_dim(recipe: Recipe) -> int:

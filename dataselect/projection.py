@@ -13,8 +13,8 @@ them from the device's generator (different numbers on CPU and CUDA for the same
 `fast_jl` CUDA projectors need a GPU and differ again. Here every factor entry is an integer hash
 of (seed, layer, factor, row, column), computed with exact int64 arithmetic, so the same seed
 gives the same factors on any device. The class keeps traker's `AbstractProjector` interface:
-`project()` takes materialized per-example gradients (used for references and the target's
-per-token gradients); `project_factored()` is the fast path fed by layer hooks.
+`project()` takes materialized per-example gradients (the references in tests);
+`project_factored()` is the fast path fed by layer hooks.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
 """Verification: how far to trust the estimates, measured against real fine-tunes.
 
-For k subsets of groups — some sampled at random, plus the selector's choice — fine-tune the base
-model for real (meta-init's settings, on the subset's rows only) and measure the target's
-validation token cross-entropy. Report, per subset, the estimate and the truth, and overall the
-rank correlations (Spearman, Kendall), R² and median relative error: of the raw estimates, of the
-estimates mapped to the truth's scale by a log-affine fit (leave-one-out, so no subset grades itself),
-of a constant-mean predictor, and the rank correlations of the similarity baselines' subset scores.
-The first-order check compares, on the trained subsets' steps, F⁰ + ĝ·ŵ with F measured at
-θ* + Pŵ, beside the zeroth-order control F⁰. Writes runs/<name>/verify/: results.parquet,
-first_order.parquet, summary.json, report.md and scatter.png.
+For k subsets of groups — some sampled at random, plus the selector's choice and its complement —
+fine-tune the base model for real (meta-init's settings, on the subset's rows only) and measure
+the target's validation token cross-entropy. Report, per subset, the estimate and the truth, and
+overall the rank correlations (Spearman, Kendall), R² and median relative error: of the raw
+estimates, of the estimates mapped to the truth's scale by a log-affine fit (leave-one-out, so no
+subset grades itself), of a constant-mean predictor, and the rank correlations of the similarity
+baselines' subset scores. Three more checks say what the numbers can mean:
+
+- the truth's own noise: a few subsets fine-tuned again with the next seed (no estimator can be
+  closer to one fine-tune than a second fine-tune of the same data is);
+- the first-order check: on the trained subsets' steps, F⁰ + ĝ·ŵ against F measured at θ* + Pŵ,
+  beside the zeroth-order control F⁰;
+- the step length: how far the real fine-tunes land from θ* against the estimator's ‖Pŵ‖, and
+  the `estimate.l2` (which sets that length) that ranks the verified subsets best.
+
+Writes runs/<name>/verify/: results.parquet, summary.json, report.md and scatter.png.
 """
 
 from __future__ import annotations
@@ -79,17 +86,25 @@ def quality(truth: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def choose_subsets(recipe: Recipe, groups: list[str], k_random: int) -> list[tuple[str, np.ndarray]]:
-    """The estimate stage's first k sampled subsets, then the selected groups and their complement."""
+    """The estimate stage's first k sampled subsets, then the selected groups and their complement;
+    a subset already on the list is not fine-tuned or counted twice."""
     from .select import read_selection
 
     sampled = np.load(recipe.run_dir / "estimate" / "subsets.npy")[:k_random]
     chosen = [(f"random {i}", row) for i, row in enumerate(sampled)]
     selected = set(read_selection(recipe).filter(pl.col("selected"))["group"])
     member = np.array([g in selected for g in groups])
-    chosen.append((f"selected by {recipe.select.method}", member))
-    if (~member).any():
-        chosen.append(("not selected", ~member))
+    for label, row in ((f"selected by {recipe.select.method}", member), ("not selected", ~member)):
+        if row.any() and not any(np.array_equal(row, other) for _, other in chosen):
+            chosen.append((label, row))
     return chosen
+
+
+def finetune_folder(recipe: Recipe, groups: list[str], member: np.ndarray, out: Path) -> Path:
+    """Where the fine-tune of a subset is kept: named by its groups, meta-init's settings and the seed."""
+    kept = "\n".join(sorted(g for g, m in zip(groups, member) if m))
+    key = hashlib.sha256((kept + recipe.fingerprint("meta_init", "seed")).encode())
+    return out / "finetunes" / key.hexdigest()[:12]
 
 
 def true_metrics(recipe: Recipe, rows: list[tuple[list[int], int]], folder: Path) -> dict[str, float]:
@@ -157,20 +172,36 @@ def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.nd
     return out
 
 
-def calibrate_radius(evaluate_with_radius, truth: np.ndarray, radii: np.ndarray) -> dict:
-    """The radius whose estimates rank the verified subsets best (ties: smaller calibrated error)."""
+def calibrate_l2(evaluate_with_l2, truth: np.ndarray, l2s: np.ndarray) -> dict:
+    """The λ (`estimate.l2`) whose estimates rank the verified subsets best (ties: smaller
+    calibrated error). λ sets how far the linearised fine-tune moves: the step's radius."""
     rows = []
-    for radius in radii:
-        est = evaluate_with_radius(float(radius))
+    for l2 in l2s:
+        est, step = evaluate_with_l2(float(l2))
         fitted = leave_one_out_calibrated(est, truth)
-        rows.append((spearman(est, truth), -median_relative_error(truth, fitted), float(radius)))
+        rows.append((spearman(est, truth), -median_relative_error(truth, fitted), float(l2), step))
     best = max(rows)
-    return {"radius": best[2], "spearman": best[0], "median_relative_error_calibrated": -best[1],
-            "tried": [{"radius": r, "spearman": s, "median_relative_error_calibrated": -e} for s, e, r in rows]}
+    return {"l2": best[2], "spearman": best[0], "median_relative_error_calibrated": -best[1],
+            "step_norm_median": best[3],
+            "tried": [{"l2": l2, "spearman": sp, "median_relative_error_calibrated": -e, "step_norm_median": step}
+                      for sp, e, l2, step in rows]}
 
 
-def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
-    from .estimate import grad_dim, load_pool
+def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, folders: list[Path]) -> dict:
+    """Fine-tune the first subsets again with the next seed: how far two real fine-tunes of the
+    same data land apart, the floor under any estimate's error."""
+    again = recipe.model_copy(update={"seed": recipe.seed + 1})
+    differences = []
+    for rows, folder, first in zip(parts, folders, truth):
+        second = true_metrics(again, rows, folder.with_name(folder.name + f"-seed{again.seed}"))["loss"]
+        differences.append(abs(second - first) / first)
+    return {"repeats": len(differences), "seed": again.seed,
+            "median_relative_difference": float(np.median(differences)) if differences else None,
+            "relative_differences": differences}
+
+
+def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None = None) -> dict:
+    from .estimate import load_pool, step_norms
     from .model import progress
     from .pipeline import run
     from .sources import read_ingested, token_rows, usable
@@ -186,46 +217,53 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     examples = read_ingested(recipe)
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
     group_of_id = dict(zip(ids, pool.names))
-    truth = []
-    for row_groups in progress(iterable=memberships, desc="verify fine-tunes", unit="subset"):
-        kept = {g for g, m in zip(groups, row_groups) if m}
-        part = sources.filter(pl.col("id").replace_strict(group_of_id).is_in(list(kept)))
-        key = hashlib.sha256(("\n".join(sorted(kept)) + recipe.fingerprint("meta_init", "seed")).encode())
-        truth.append(true_metrics(recipe, token_rows(part), out / "finetunes" / key.hexdigest()[:12]))
+    parts, folders, truth = [], [], []
+    for member in progress(iterable=memberships, desc="verify fine-tunes", unit="subset"):
+        kept = [g for g, m in zip(groups, member) if m]
+        parts.append(token_rows(sources.filter(pl.col("id").replace_strict(group_of_id).is_in(kept))))
+        folders.append(finetune_folder(recipe, groups, member, out))
+        truth.append(true_metrics(recipe, parts[-1], folders[-1]))
     accuracy = {"true_exact_match": [t["exact_match"] for t in truth]} if recipe.target.answer else {}
     truth = np.array([t["loss"] for t in truth])
+    noise = truth_noise(recipe, truth[:repeats], parts[:repeats], folders[:repeats])
 
-    spec = recipe.estimate
-    scale = math.sqrt(recipe.sketch.dim / grad_dim(recipe))
-    median_step = float(np.median(np.linalg.norm(est.steps, axis=1)) / scale)
-    calibration = calibrate_radius(lambda r: pool.evaluate(memberships, radius=r).loss, truth,
-                                   median_step * np.geomspace(0.25, 64, 9))
+    def with_l2(l2: float) -> tuple[np.ndarray, float]:
+        e = pool.evaluate(memberships, l2=l2)
+        return e.loss, float(np.median(np.linalg.norm(e.steps, axis=1)) * pool.step_scale())
+
+    calibration = calibrate_l2(with_l2, truth, recipe.estimate.l2 * np.geomspace(1e-2, 1e2, 9))
     fitted = leave_one_out_calibrated(est.loss, truth)
     baselines = baseline_subset_scores(recipe, groups, memberships)
     sample = np.random.default_rng(recipe.seed).choice(len(ids), size=min(200, len(ids)), replace=False)
     lookup = dict(zip(sources["id"], token_rows(sources)))
     first_order = first_order_errors(recipe, est.steps, pool.x[sample], pool.f0[sample],
                                      [lookup[ids[i]] for i in sample])
+    true_steps = step_norms(recipe, [f / "theta.safetensors" for f in folders])
 
     results = pl.DataFrame({
         "subset": [label for label, _ in chosen], "groups": [int(m.sum()) for m in memberships],
-        "examples": [int(np.isin(pool.group_of, np.flatnonzero(m)).sum()) for m in memberships],
+        "examples": [len(p) for p in parts],
         "estimate": est.loss, "estimate_calibrated_loo": fitted, "true_loss": truth, **accuracy,
         **{f"{k}_score": v for k, v in baselines.items()},
         **{k: [r[k] for r in first_order] for k in first_order[0]},
+        "estimated_step_norm": np.linalg.norm(est.steps, axis=1) * pool.step_scale(),
+        "true_step_norm": true_steps,
     })
     results.write_parquet(out / "results.parquet")
     summary = {
-        "subsets": len(chosen), "method": recipe.select.method, "estimate_target": spec.target,
+        "subsets": len(chosen), "method": recipe.select.method, "estimate_target": recipe.estimate.target,
         "estimate": quality(truth, est.loss), "estimate_calibrated_loo": quality(truth, fitted),
         "constant_mean_loo": {"median_relative_error": median_relative_error(truth, leave_one_out_mean(truth)),
                               "r2": r_squared(truth, leave_one_out_mean(truth))},
         "baselines_spearman": {k: spearman(-v, truth) for k, v in baselines.items()},
         **({"exact_match_spearman": _accuracy_spearman(est.loss, baselines, accuracy["true_exact_match"])}
            if accuracy else {}),
+        "truth_noise": noise,
         "first_order": {"first_order_error_mean": float(np.mean([r["first_order_error"] for r in first_order])),
                         "zeroth_order_error_mean": float(np.mean([r["zeroth_order_error"] for r in first_order]))},
-        "radius_calibration": calibration,
+        "step_norms": {"estimated_median": float(results["estimated_step_norm"].median()),
+                       "true_median": float(np.median(true_steps))},
+        "calibration": calibration,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _scatter(results, out / "scatter.png", summary)
@@ -233,9 +271,12 @@ def verify(recipe: Recipe, k_random: int = 8, out: Path | None = None) -> dict:
     return summary
 
 
-def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], accuracy: list[float]) -> dict:
-    """How each predictor ranks the subsets' exact match (a lower estimated loss predicts more)."""
+def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], accuracy: list[float]) -> dict | None:
+    """How each predictor ranks the subsets' exact match (a lower estimated loss predicts more);
+    None when every fine-tune scored the same, which nothing can rank."""
     acc = np.array(accuracy)
+    if np.ptp(acc) == 0:
+        return None
     return {"estimate": spearman(-estimate, acc), **{k: spearman(v, acc) for k, v in baselines.items()}}
 
 
@@ -274,12 +315,19 @@ def _report(results: pl.DataFrame, summary: dict) -> str:
     lines.append(f"| constant mean (leave-one-out) | — | — | {c['r2']:.3f} | {c['median_relative_error']:.4f} |")
     for k, v in summary["baselines_spearman"].items():
         lines.append(f"| {k} (subset score) | {v:.3f} | | | |")
-    if em:
+    if em and summary["exact_match_spearman"] is None:
+        lines += ["", f"Every fine-tune's exact match was {results['true_exact_match'][0]:.3f}: nothing to rank."]
+    elif em:
         lines += ["", "Spearman with the true exact match: " + ", ".join(
             f"{k} {v:.3f}" for k, v in summary["exact_match_spearman"].items()) + "."]
-    f = summary["first_order"]
+    f, n, c, st = summary["first_order"], summary["truth_noise"], summary["calibration"], summary["step_norms"]
+    if n["repeats"]:
+        lines += ["", f"Truth's own noise: {n['repeats']} subsets fine-tuned again with seed {n['seed']} land a median "
+                  f"{n['median_relative_difference']:.2%} from the first fine-tune."]
     lines += ["", f"First-order check: mean squared relative error of F⁰ + ĝ·ŵ {f['first_order_error_mean']:.2e}, "
               f"of F⁰ alone (zeroth order) {f['zeroth_order_error_mean']:.2e}.",
-              f"Radius calibrated on these runs: {summary['radius_calibration']['radius']:.4g} "
-              f"(Spearman {summary['radius_calibration']['spearman']:.3f}).", ""]
+              f"Step length: the estimator moves θ* by a median ‖Pŵ‖ = {st['estimated_median']:.3g}; the real "
+              f"fine-tunes from the base land a median {st['true_median']:.3g} from θ*.",
+              f"Calibration: estimate.l2 = {c['l2']:.3g} ranks these subsets best (Spearman {c['spearman']:.3f}, "
+              f"median ‖Pŵ‖ {c['step_norm_median']:.3g}).", ""]
     return "\n".join(lines)

@@ -129,14 +129,14 @@ def test_surrogate_recovers_additive_effects_up_to_their_mean():
 def test_step_norm_measures_a_fine_tunes_distance_from_theta_star(demo_build, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dataselect.estimate import step_norm
+    from dataselect.estimate import step_norms
 
     recipe, _, _ = demo_build
     theta = load_file(str(recipe.run_dir / "meta_init" / "theta.safetensors"))
-    assert step_norm(recipe, recipe.run_dir / "meta_init" / "theta.safetensors") == 0.0
+    assert step_norms(recipe, [recipe.run_dir / "meta_init" / "theta.safetensors"]) == [0.0]
     moved = dict(theta)
     moved["lm_head.weight"] = theta["lm_head.weight"] + 0.01
     moved["model.embed_tokens.weight"] = theta["model.embed_tokens.weight"] + 5.0  # not sketched
     save_file(moved, str(tmp_path / "finetuned.safetensors"))
     expected = 0.01 * theta["lm_head.weight"].numel() ** 0.5
-    assert abs(step_norm(recipe, tmp_path / "finetuned.safetensors") - expected) < 1e-4
+    assert abs(step_norms(recipe, [tmp_path / "finetuned.safetensors"])[0] - expected) < 1e-4

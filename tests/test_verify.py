@@ -30,7 +30,7 @@ def test_leave_one_out_calibration_never_uses_the_subset_itself():
 
 def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     recipe = demo_recipe(tmp_path, "meta_init.epochs=1", "estimate.subsets=40")
-    summary = verify(recipe, k_random=2)
+    summary = verify(recipe, k_random=2, repeats=1)
     out = recipe.run_dir / "verify"
     results = pl.read_parquet(out / "results.parquet")
     assert results["subset"].to_list() == ["random 0", "random 1", "selected by random_ensemble", "not selected"]
@@ -41,9 +41,13 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     assert results["true_exact_match"].is_between(0, 1).all()  # the demo target defines an answer
     assert {"gradient_similarity_score", "first_order_error", "zeroth_order_error"} <= set(results.columns)
     assert set(summary) >= {"estimate", "estimate_calibrated_loo", "constant_mean_loo", "baselines_spearman",
-                            "first_order", "radius_calibration", "exact_match_spearman"}
+                            "first_order", "calibration", "exact_match_spearman", "truth_noise", "step_norms"}
+    assert summary["truth_noise"]["repeats"] == 1 and summary["truth_noise"]["median_relative_difference"] >= 0
+    assert (results["true_step_norm"] > 0).all() and (results["estimated_step_norm"] > 0).all()
+    assert len(summary["calibration"]["tried"]) == 9
     assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error"}
     assert json.loads((out / "summary.json").read_text())["subsets"] == 4
     assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| predictor | Spearman |" in (out / "report.md").read_text()
-    assert len(list((out / "finetunes").iterdir())) == 4  # one real fine-tune per subset, kept for reuse
+    # one real fine-tune per subset and one repeat with the next seed, kept for reuse
+    assert sorted(p.name.endswith("-seed1") for p in (out / "finetunes").iterdir()) == [False] * 4 + [True]
