@@ -138,8 +138,7 @@ def estimate_subsets(x: np.ndarray, f0: np.ndarray, group_of: np.ndarray, target
         losses.append(target_loss(tg, target_base, w).numpy())
         steps.append(w.numpy())
     return Estimates(subsets=subsets, loss=np.concatenate(losses), base_loss=target_base, iterations=its,
-                     unconverged=bad,
-                     steps=np.concatenate(steps))
+                     unconverged=bad, steps=np.concatenate(steps))
 
 
 def exact_losses(recipe: Recipe, steps: np.ndarray) -> np.ndarray:

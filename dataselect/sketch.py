@@ -7,8 +7,9 @@ of that loss: its first-order change along a step is the step's product with the
 
 Per-example gradients come from one batched forward and one backward pass: hooks on the
 sketched linear layers keep each layer's inputs x and catch its output gradients δ, and the
-projection of Σ_t δ_t x_tᵀ is formed from those directly (`projection.py`). The backward pass computes activation gradients only — no weight gradient is
-ever formed — so a sketch costs about what a training step costs.
+projection of Σ_t δ_t x_tᵀ is formed from those directly (`projection.py`). The backward pass
+computes activation gradients only — no weight gradient is ever formed — so a sketch costs about
+what a training step costs.
 
 Which weights are sketched: the LoRA adapters (lora_A, lora_B) when the model has them, otherwise
 every linear layer not tied to the input embeddings; or the layers matched by `sketch.modules`.
