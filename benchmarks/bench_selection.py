@@ -1,12 +1,18 @@
 """Does selecting by estimate give a better fine-tune? Every method's mixture, really fine-tuned.
 
     python benchmarks/bench_selection.py [--setting demo|gsm8k] [--model tiny|smollm2] [--seeds 0,1,2]
+                                         [--budget epochs|steps]
 
 One θ*, sketch and estimate stage is built per setting; each method then selects groups with
 the recipe's keep-rules; the base model is fine-tuned on each mixture with meta-init's settings
 for every seed (the seed changes the run's initialisation of the tiny model and its data order,
 not the selection), and the target's validation and test token cross-entropy and test exact
 match are measured. The test split is read only here, to report. Prints mean ± std over seeds.
+
+`--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
+gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every
+mixture for as many steps as all sources get (more epochs over a smaller mixture), which
+separates what the data is from how much of it there is.
 
 Settings:
 - demo: the embedded demo (recipes/demo.yaml), tiny model.
@@ -63,8 +69,15 @@ def setting(name: str, model: str) -> tuple[Path, list[str]]:
     return ROOT / "recipes" / "gsm8k_cot.yaml", overrides
 
 
-# Rows whose ground truth says they are wrong: the demo's corrupted sources, GSM8K's incorrect solutions.
-HARMFUL = pl.col("source").is_in(["wrong_answers", "wrong_rationales"]) | pl.col("group").str.ends_with("/False")
+def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:
+    """Rows whose ground truth says they are wrong: the demo's corrupted rows (its generated
+    `quality` column, so those inside the unlabeled source count too), GSM8K's incorrect solutions."""
+    wrong = mixture.filter(pl.col("group").str.ends_with("/False")).height
+    for path in (run_dir / "demo_data").glob("*.jsonl"):
+        quality = pl.read_ndjson(path).select("quality").with_row_index("row").cast({"row": pl.Int64})
+        rows = mixture.filter(pl.col("source") == path.stem).select(pl.col("row").cast(pl.Int64))
+        wrong += rows.join(quality, on="row").filter(pl.col("quality") == "corrupted").height
+    return wrong
 
 
 def main() -> None:
@@ -73,6 +86,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
     from dataselect import load_recipe, run
@@ -88,7 +102,7 @@ def main() -> None:
         print(f"command: python benchmarks/bench_selection.py {' '.join(sys.argv[1:])}")
         print(f"setting: {args.setting}, model {args.model}; recipe {path.relative_to(ROOT)} with "
               f"{' '.join(overrides) or 'no overrides'}; seeds {seeds}; fine-tunes from the base model "
-              f"with meta-init's settings\n")
+              f"with meta-init's settings, {args.budget} as in meta-init\n")
         run(recipe, until="estimate")
         print(f"θ*, sketches and estimates: {time.perf_counter() - start:.0f} s\n")
         print("| method | groups | rows | harmful rows | validation loss | test loss | test exact match |\n"
@@ -107,11 +121,14 @@ def main() -> None:
             kept = set(read_selection(chosen).filter(pl.col("selected"))["group"])
             mixture = sources.filter(pl.col("group").is_in(list(kept)))
             rows = token_rows(mixture)
+            epochs = recipe.meta_init.epochs * (len(sources) / len(rows) if args.budget == "steps" else 1)
             val, tst, em = [], [], []
             for seed in seeds:
                 folder = Path(tmp) / "finetunes" / f"{method}-{seed}"
                 folder.mkdir(parents=True)
-                meta_init(recipe.model_copy(update={"seed": seed}), rows, folder, pad)
+                trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
+                    update={"epochs": epochs})})
+                meta_init(trained, rows, folder, pad)
                 model = load_theta_star(recipe, folder / "theta.safetensors")
                 val.append(mean_token_loss(model, token_rows(validation), recipe.sketch.batch_size, pad))
                 tst.append(mean_token_loss(model, test, recipe.sketch.batch_size, pad))
@@ -119,7 +136,7 @@ def main() -> None:
                     em.append(exact_match(model, tokenizer, test, test_frame["response"].to_list(),
                                           recipe.target.answer, recipe.sketch.batch_size))
             accuracy = f"{np.mean(em):.3f} ± {np.std(em):.3f}" if em else "—"
-            print(f"| {method} | {len(kept)} | {len(rows)} | {mixture.filter(HARMFUL).height} | "
+            print(f"| {method} | {len(kept)} | {len(rows)} | {harmful_rows(mixture, recipe.run_dir)} | "
                   f"{np.mean(val):.3f} ± {np.std(val):.3f} | {np.mean(tst):.3f} ± {np.std(tst):.3f} | {accuracy} |",
                   flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s wall")

@@ -168,6 +168,9 @@ class Select(Strict):
     method: Literal[SELECT_METHODS] = "random_ensemble"
     keep_fraction: float = Field(0.7, gt=0, le=1)
     min_score: float | None = None
+    # min_score applies to the low end of the group's 95% interval (score − ci95) where the method
+    # gives one: a group whose benefit cannot be told from min_score is not kept on its estimate.
+    confident: bool = True
     max_examples: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
 

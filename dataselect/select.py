@@ -141,9 +141,10 @@ def representation_similarity(recipe: Recipe, examples: pl.DataFrame, ids: list[
 def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
     """Mark groups kept, best score first, with the reason for each decision.
 
-    `groups` has columns group, score, examples, tokens. Rules: keep the top `keep_fraction` of
-    groups, only those with score ≥ `min_score`, and skip a group that would exceed `max_examples`
-    or `max_tokens`.
+    `groups` has columns group, score, examples, tokens (and ci95). Rules: keep the top
+    `keep_fraction` of groups, only those with score ≥ `min_score` (score − ci95 ≥ `min_score` when
+    `confident` and the method gives an interval), and skip a group that would exceed
+    `max_examples` or `max_tokens`.
     """
     ranked = groups.sort(["score", "group"], descending=[True, False], nulls_last=True)
     n_keep = max(1, math.ceil(rules.keep_fraction * ranked.height))
@@ -154,8 +155,9 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
             keep, why = False, "no score: the group was in too few or too many sampled subsets"
         elif rank > n_keep:
             keep, why = False, f"{where}, outside the top {rules.keep_fraction:.0%} of groups"
-        elif rules.min_score is not None and row["score"] < rules.min_score:
-            keep, why = False, f"{where}, score {row['score']:.4g} below min_score {rules.min_score}"
+        elif rules.min_score is not None and _low_end(row, rules.confident) < rules.min_score:
+            margin = f" ± {row['ci95']:.2g}" if _low_end(row, rules.confident) != row["score"] else ""
+            keep, why = False, f"{where}, score {row['score']:.4g}{margin} not above min_score {rules.min_score}"
         elif rules.max_examples is not None and examples + row["examples"] > rules.max_examples:
             keep, why = False, f"{where}, would exceed max_examples={rules.max_examples}"
         elif rules.max_tokens is not None and tokens + row["tokens"] > rules.max_tokens:
@@ -167,6 +169,12 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
         reasons.append(why)
     return ranked.with_columns(pl.Series("selected", kept), pl.Series("reason", reasons),
                                pl.Series("rank", range(1, ranked.height + 1)))
+
+
+def _low_end(row: dict, confident: bool) -> float:
+    """The score a threshold compares: the low end of its 95% interval when asked and known."""
+    ci = row.get("ci95")
+    return row["score"] - ci if confident and ci is not None else row["score"]
 
 
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:

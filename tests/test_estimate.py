@@ -80,6 +80,13 @@ def test_keep_rules_give_reasons():
     assert budget.filter("selected")["group"].to_list() == ["a", "b"]
     threshold = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=0.0))
     assert threshold.filter("selected")["group"].to_list() == ["a", "c"]
+    unsure = apply_keep_rules(groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None])),
+                              Select(keep_fraction=1.0, min_score=0.0))
+    assert unsure.filter("selected")["group"].to_list() == ["a"]  # c: 0.2 ± 0.25 may be below 0
+    assert "0.2 ± 0.25 not above min_score" in unsure.filter(pl.col("group") == "c")["reason"][0]
+    loose = apply_keep_rules(groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None])),
+                             Select(keep_fraction=1.0, min_score=0.0, confident=False))
+    assert loose.filter("selected")["group"].to_list() == ["a", "c"]
     tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, max_tokens=350))
     assert tokens.filter("selected")["group"].to_list() == ["a", "c"]
     assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
