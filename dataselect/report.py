@@ -57,6 +57,16 @@ def verify_results(manifest: dict) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend: reports are built without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -67,10 +77,7 @@ def _png(fig) -> bytes:
 
 
 def plot_scores(groups: pl.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     ordered = groups.sort("score")
     fig, ax = plt.subplots(figsize=(7, 0.35 * ordered.height + 1.2))
@@ -86,10 +93,7 @@ def plot_scores(groups: pl.DataFrame) -> bytes:
 
 
 def plot_sources(sources: pl.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     names = sources["source"].to_list()
     fig, (rows_ax, tokens_ax) = plt.subplots(1, 2, figsize=(10, 0.4 * len(names) + 1.5), sharey=True)
@@ -110,10 +114,7 @@ def plot_sources(sources: pl.DataFrame) -> bytes:
 
 
 def plot_verify(results: pl.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 4))
     random = results.filter(pl.col("subset").str.starts_with("random"))
