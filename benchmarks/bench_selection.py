@@ -69,14 +69,6 @@ def setting(name: str, model: str) -> tuple[Path, list[str]]:
     return ROOT / "recipes" / "gsm8k_cot.yaml", overrides
 
 
-def from_scratch(model, seed: int):
-    """A tiny model trained from scratch is a new run per seed only if its initialisation changes
-    with the seed too; a pretrained base stays the same."""
-    if model.tiny is None:
-        return model
-    return model.model_copy(update={"tiny": model.tiny.model_copy(update={"init_seed": seed})})
-
-
 def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:
     """Rows whose ground truth says they are wrong: the demo's corrupted rows (its generated
     `quality` column, so those inside the unlabeled source count too), GSM8K's incorrect solutions."""
@@ -135,7 +127,7 @@ def main() -> None:
                 folder = Path(tmp) / "finetunes" / f"{method}-{seed}"
                 folder.mkdir(parents=True)
                 trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
-                    update={"epochs": epochs}), "model": from_scratch(recipe.model, seed)})
+                    update={"epochs": epochs})})
                 meta_init(trained, rows, folder, pad)
                 model = load_theta_star(recipe, folder / "theta.safetensors")
                 val.append(mean_token_loss(model, token_rows(validation), recipe.sketch.batch_size, pad))

@@ -70,7 +70,7 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def build_tiny_model(recipe: Recipe, tokenizer):
-    """A randomly initialised Llama-style LM sized by `model.tiny`, seeded by its `init_seed`."""
+    """A randomly initialised Llama-style LM sized by `model.tiny`, seeded by the recipe."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = recipe.model.tiny
@@ -81,7 +81,7 @@ def build_tiny_model(recipe: Recipe, tokenizer):
         max_position_embeddings=recipe.sketch.max_length, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
-    torch.manual_seed(spec.init_seed)
+    torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(config)
 
 

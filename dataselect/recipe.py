@@ -32,8 +32,6 @@ class TinyModel(Strict):
     layers: int = 2
     heads: int = 4
     vocab_size: int = 384
-    init_seed: int = 0  # which random initialisation is the base model: not the run's seed, so
-    # fine-tunes with another seed (verify's repeats) start from the same base, as with a Hub model
 
 
 class Lora(Strict):

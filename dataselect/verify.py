@@ -8,9 +8,8 @@ estimates, of the estimates mapped to the truth's scale by a log-affine fit (lea
 subset grades itself), of a constant-mean predictor, and the rank correlations of the similarity
 baselines' subset scores. Three more checks say what the numbers can mean:
 
-- the truth's own noise: a few subsets fine-tuned again from the same base model with the next
-  seed — another data order (and LoRA initialisation) — since no estimator can be shown closer to
-  one fine-tune than a second fine-tune of the same data lands;
+- the truth's own noise: a few subsets fine-tuned again with the next seed (no estimator can be
+  closer to one fine-tune than a second fine-tune of the same data is);
 - the first-order check: on the trained subsets' steps, F⁰ + ĝ·ŵ against F measured at θ* + Pŵ,
   beside the zeroth-order control F⁰;
 - the step length: how far the real fine-tunes land from θ* against the estimator's ‖Pŵ‖, and
@@ -190,7 +189,7 @@ def calibrate_l2(evaluate_with_l2, truth: np.ndarray, l2s: np.ndarray) -> dict:
 
 def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, folders: list[Path]) -> dict:
     """Fine-tune the first subsets again with the next seed: how far two real fine-tunes of the
-    same data from the same base model land apart, the floor under any estimate's error."""
+    same data land apart, the floor under any estimate's error."""
     again = recipe.model_copy(update={"seed": recipe.seed + 1})
     differences = []
     for rows, folder, first in zip(parts, folders, truth):
