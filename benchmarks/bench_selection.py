@@ -5,8 +5,8 @@
 
 One θ*, sketch and estimate stage is built per setting; each method then selects groups with
 the recipe's keep-rules; the base model is fine-tuned on each mixture with meta-init's settings
-for every seed (the seed changes the run's initialisation of the tiny model and its data order,
-not the selection), and the target's validation and test token cross-entropy and test exact
+for every seed (the seed changes the fine-tune's data order and LoRA's initialisation; not the
+base model, which the tiny setting builds once at ingest, nor the selection), and the target's validation and test token cross-entropy and test exact
 match are measured. The test split is read only here, to report. Prints mean ± std over seeds.
 
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
