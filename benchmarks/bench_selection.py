@@ -6,8 +6,8 @@
 One θ*, sketch and estimate stage is built per setting; each method then selects groups with
 the recipe's keep-rules; the base model is fine-tuned on each mixture with meta-init's settings
 for every seed (the seed changes the fine-tune's data order and LoRA's initialisation; not the
-base model, which the tiny setting builds once at ingest, nor the selection), and the target's validation and test token cross-entropy and test exact
-match are measured. The test split is read only here, to report. Prints mean ± std over seeds.
+base model, which the tiny setting builds once at ingest, nor the selection), and the target's
+validation and test token cross-entropy and test exact match are measured. The test split is read only here, to report. Prints mean ± std over seeds.
 
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
 gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every

@@ -68,7 +68,7 @@ def _pyplot():
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -156,7 +156,7 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
         elif rank > n_keep:
             keep, why = False, f"{where}, outside the top {rules.keep_fraction:.0%} of groups"
         elif rules.min_score is not None and _low_end(row, rules.confident) < rules.min_score:
-            margin = f" ± {row['ci95']:.2g}" if _low_end(row, rules.confident) != row["score"] else ""
+            margin = f" ± {row['ci95']:.2g}" if rules.confident and row.get("ci95") is not None else ""
             keep, why = False, f"{where}, score {row['score']:.4g}{margin} not above min_score {rules.min_score}"
         elif rules.max_examples is not None and examples + row["examples"] > rules.max_examples:
             keep, why = False, f"{where}, would exceed max_examples={rules.max_examples}"
