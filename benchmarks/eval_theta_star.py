@@ -1,0 +1,52 @@
+"""θ* — meta-init, the seed's fine-tune on all sources — scored as bench_selection scores a mixture.
+
+    python benchmarks/eval_theta_star.py [--setting demo|gsm8k] [--model tiny|smollm2]
+
+Where running bench_selection's `all` method would fine-tune all sources again (hours for
+SmolLM2 on a CPU), this builds the setting only up to meta-init and evaluates θ*: the target's
+validation and test token cross-entropy and test exact match, for one seed (the recipe's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import polars as pl
+from bench_selection import setting
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=["demo", "gsm8k"], default="demo")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    args = parser.parse_args()
+    os.environ["TQDM_DISABLE"] = "1"
+    from dataselect import load_recipe, run
+    from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss
+    from dataselect.sources import read_ingested, token_rows, usable
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, overrides = setting(args.setting, args.model)
+        recipe = load_recipe(path, [*overrides, f"workdir={tmp}/run", f"output.path={tmp}/out"])
+        run(recipe, until="meta_init")
+        examples, tokenizer = read_ingested(recipe), load_tokenizer(recipe)
+        pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size
+        test_frame = usable(examples, "test")
+        test = token_rows(test_frame)
+        model = load_theta_star(recipe)
+        rows = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).height
+        val = mean_token_loss(model, token_rows(usable(examples, "validation")), batch, pad)
+        tst = mean_token_loss(model, test, batch, pad)
+        em = (f"{exact_match(model, tokenizer, test, test_frame['response'].to_list(), recipe.target.answer, batch):.3f}"
+              if recipe.target.answer else "—")
+    print("| method | rows | validation loss | test loss | test exact match |\n|---|---|---|---|---|")
+    print(f"| all (θ*, seed {recipe.seed}) | {rows} | {val:.3f} | {tst:.3f} | {em} |")
+    print(f"\n{time.perf_counter() - start:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()
