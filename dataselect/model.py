@@ -160,11 +160,14 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 # --- examples as token ids ----------------------------------------------------------------
 
-def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], int, bool] | str:
+def encode(tokenizer, messages: list[dict], max_length: int,
+           overlong: str = "truncate") -> tuple[list[int], int, bool] | str:
     """Token ids of a conversation and how many belong to the prompt, or a rejection reason.
 
     The prompt is everything before the final assistant turn as the chat template renders it;
-    loss and gradients see only the response tokens.
+    loss and gradients see only the response tokens. A row over `max_length` is cut at its end
+    (`truncate`), or, with `cut_prompt`, loses the middle of its prompt first (an instruction's
+    head and its question at the tail survive a long passage), so the response stays whole.
     """
     prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -175,9 +178,20 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int],
     n_prompt = sum(1 for start, _ in offsets if start < len(prompt_text))
     if n_prompt >= len(ids):
         return "response has no tokens"
-    if n_prompt >= max_length:
+    overflow = len(ids) > max_length
+    if overlong == "cut_prompt" and overflow:
+        ids, n_prompt = cut_prompt_middle(ids, n_prompt, max_length)
+    elif n_prompt >= max_length:
         return f"prompt alone is {n_prompt} tokens, not shorter than sketch.max_length={max_length}"
-    return ids[:max_length], n_prompt, len(ids) > max_length
+    return ids[:max_length], n_prompt, overflow
+
+
+def cut_prompt_middle(ids: list[int], n_prompt: int, max_length: int) -> tuple[list[int], int]:
+    """Drop the middle of the prompt so the response fits; the prompt keeps at least a quarter of
+    `max_length` (a response longer than the rest is then cut at its end by the caller)."""
+    keep = min(n_prompt, max(max_length - (len(ids) - n_prompt), max_length // 4))
+    head = keep // 2
+    return ids[:head] + ids[n_prompt - (keep - head) :], keep
 
 
 def pad_batch(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

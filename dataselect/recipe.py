@@ -138,9 +138,10 @@ class Sketch(Strict):
     batch_size: int = Field(8, ge=1)
     modules: list[str] = []  # glob patterns of linear layers; default: LoRA adapters, else all linears
     chunk_size: int = Field(1024, ge=1)  # rows written (and resumable) at a time
-    # Rows longer than max_length tokens: cut to max_length (marked `truncated`), or rejected with a
-    # reason. Left out of the recipe's hash while it is the default, so adding it reran nothing.
-    overlong: Literal["truncate", "reject"] = "truncate"  # rows longer than max_length
+    # Rows longer than max_length tokens: cut at the end (`truncate`, marked truncated), rejected with
+    # a reason (`reject`), or cut in the middle of the prompt so the response stays whole
+    # (`cut_prompt`: extractive QA and summaries whose passage is longer than the context).
+    overlong: Literal["truncate", "reject", "cut_prompt"] = "truncate"
 
 
 class Estimate(Strict):

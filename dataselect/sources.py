@@ -309,13 +309,14 @@ EXAMPLE_SCHEMA = {
 
 def tokenize_examples(examples: pl.DataFrame, tokenizer, max_length: int, overlong: str = "truncate") -> pl.DataFrame:
     """Add token ids and prompt length; rows with no response token left are rejected, and so are rows
-    longer than max_length when `overlong` is "reject" (else they are cut and marked truncated)."""
+    longer than max_length when `overlong` is "reject" (else they are cut and marked truncated:
+    at the end, or in the middle of the prompt with "cut_prompt")."""
     from jinja2 import TemplateError
 
     ids, n_prompt, truncated, status, reason = [], [], [], [], []
     for row in progress(iterable=examples.iter_rows(named=True), total=examples.height, desc="tokenize", unit="row"):
         try:
-            enc = None if row["status"] != "ok" else encode(tokenizer, row["messages"], max_length)
+            enc = None if row["status"] != "ok" else encode(tokenizer, row["messages"], max_length, overlong)
         except TemplateError as e:  # e.g. a template that insists on alternating user/assistant turns
             enc = f"the model's chat template refuses it: {e}"
         if isinstance(enc, tuple) and enc[2] and overlong == "reject":

@@ -22,6 +22,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from transformers import AutoTokenizer
 from click.testing import CliRunner
 
 from dataselect.cli import main
@@ -308,6 +309,24 @@ def test_overlong_reject_rejects_them_with_a_reason_naming_max_length(tmp_path):
     assert_accounted(summary, examples, "s", 10, n_rejected=2)
 
 
+def test_overlong_cut_prompt_keeps_the_response_whole_and_the_prompt_ends(tmp_path):
+    rows = _overlong_rows()
+    rows.insert(7, {"q": "head " + " ".join(["passage"] * 80) + " tail", "a": "kept answer"})
+    summary, examples = ingest(make_recipe(tmp_path, rows), "sketch.overlong=cut_prompt")
+    s = examples.filter(pl.col("source") == "s")
+    assert s["status"].to_list() == ["ok"] * 11  # the prompt that filled max_length is cut, not rejected
+    cut = s.row(7, named=True)
+    assert cut["truncated"] and cut["n_tokens"] <= 32
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "ingest" / "base")
+    kept = tokenizer.decode(cut["input_ids"]).replace(" ", "")
+    assert kept.endswith("keptanswer</s>") and "tail" in kept and "head" in kept  # response whole, both prompt ends
+    assert kept.count("passage") < 80
+    long_response = s.row(2, named=True)  # the response alone overflows: a quarter of the prompt stays
+    assert long_response["truncated"] and long_response["n_tokens"] == 32 and long_response["n_prompt_tokens"] >= 8
+    assert summary["s"]["truncated"] == 3
+    assert_accounted(summary, examples, "s", 11, n_rejected=0)
+
+
 def test_changing_overlong_reruns_ingest(tmp_path):
     path = make_recipe(tmp_path, _overlong_rows())
     ingest(path)
@@ -315,8 +334,8 @@ def test_changing_overlong_reruns_ingest(tmp_path):
     assert examples.filter(pl.col("source") == "s")["status"][2] == "rejected"
 
 
-def test_overlong_accepts_only_truncate_or_reject():
-    with pytest.raises(RecipeError, match=r"sketch.overlong: Input should be 'truncate' or 'reject'"):
+def test_overlong_accepts_only_its_three_policies():
+    with pytest.raises(RecipeError, match=r"sketch.overlong: Input should be 'truncate', 'reject' or 'cut_prompt'"):
         load_recipe(DEMO, ["sketch.overlong=drop"])
 
 
