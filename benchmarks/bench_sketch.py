@@ -35,7 +35,7 @@ import torch
 from dataselect import load_recipe, run
 from dataselect.model import encode, load_theta_star, load_tokenizer, pad_batch, response_logprobs
 from dataselect.projection import KroneckerProjector
-from dataselect.sketch import Sketcher, output_function, sketched_modules
+from dataselect.sketch import Sketcher, response_loss, sketched_modules
 from dataselect.sources import read_ingested, token_rows, usable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def loop_gradients(model, modules, batch) -> torch.Tensor:
     """The research code's per-example gradients: one forward, then autograd.grad per example."""
     weights = [m.weight for m in modules.values()]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    values = output_function(logits, batch["input_ids"], batch["target_mask"])
+    values = response_loss(logits, batch["input_ids"], batch["target_mask"])
     rows = []
     for i in range(len(values)):
         grads = torch.autograd.grad(values[i], weights, retain_graph=i < len(values) - 1)

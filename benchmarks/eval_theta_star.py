@@ -13,9 +13,10 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import polars as pl
-from bench_selection import setting
+from settings import setting
 
 
 def main() -> None:
@@ -24,14 +25,13 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
-    from dataselect import load_recipe, run
+    from dataselect import run
     from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss
     from dataselect.sources import read_ingested, token_rows, usable
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path, overrides = setting(args.setting, args.model)
-        recipe = load_recipe(path, [*overrides, f"workdir={tmp}/run", f"output.path={tmp}/out"])
+        recipe = setting(args.setting, args.model).load(Path(tmp))
         run(recipe, until="meta_init")
         examples, tokenizer = read_ingested(recipe), load_tokenizer(recipe)
         pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size

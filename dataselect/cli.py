@@ -144,8 +144,7 @@ def _report(until: str, summaries: dict, quiet: bool) -> None:
 def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, k_random: int,
            repeats: int) -> None:
     """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
-    the truth's noise, first-order check, step lengths and λ calibration, scatter plot) in
-    runs/<name>/verify/."""
+    the similarity baselines, the truth's own noise, scatter plot) in runs/<name>/verify/."""
     from .verify import verify as run_verify
 
     _setup_logging(quiet or as_json)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .recipe import Model, Recipe
+from .recipe import MetaInit, Model, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -270,21 +270,48 @@ def load_checkpoint(path: Path, params: dict, opt, sched, rng: random.Random) ->
     return meta["step"], meta["order"], meta["losses"]
 
 
-def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, pad_id: int) -> dict:
+def training_steps(spec: MetaInit, rows: int) -> int:
+    return max(1, math.ceil(rows * spec.epochs / spec.batch_size))
+
+
+def lr_factor(spec: MetaInit, steps: int, step: int) -> float:
+    """The learning rate at `step` as a fraction of `spec.lr`: linear warm-up, then linear decay."""
+    warmup = int(spec.warmup_ratio * steps)
+    return min((step + 1) / max(1, warmup), max(0.0, (steps - step) / max(1, steps - warmup)))
+
+
+def path_weights(spec: MetaInit, steps: int, fractions: Sequence[float]) -> list[float]:
+    """How far meta-init moved near each point of its path: the learning rate summed over the steps
+    closer to it than to any other point (TracIn's η × steps per checkpoint). A fine-tune's
+    first-order change of a loss is the sum over points of this weight times the gradients' inner
+    product there."""
+    at = [round(f * steps) for f in fractions]
+    edges = [0] + [(a + b) // 2 for a, b in zip(at, at[1:])] + [steps]
+    return [spec.lr * sum(lr_factor(spec, steps, s) for s in range(lo, hi)) for lo, hi in zip(edges, edges[1:])]
+
+
+def snapshot_path(folder: Path, fraction: float, steps: int) -> Path:
+    """Where meta-init kept the trainable parameters at `fraction` of its steps (θ* at 1)."""
+    step = round(fraction * steps)
+    return folder / ("theta.safetensors" if step >= steps else f"snapshot-{step:07d}.safetensors")
+
+
+def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, pad_id: int,
+              snapshots: Sequence[float] = ()) -> dict:
     """Fine-tune the base on `rows` (token CE on response tokens) and save θ* as safetensors.
 
     A checkpoint every 5% of the steps (or 10 minutes) lets a killed run continue where it was,
-    to the same θ* bit for bit as an uninterrupted run.
+    to the same θ* bit for bit as an uninterrupted run. `snapshots`: fractions of the steps at
+    which the trainable parameters are also kept (`snapshot-<step>.safetensors`; 0 is the start),
+    points along the path from the base to θ*.
     """
     spec = recipe.meta_init
     model = with_trainable(load_base_model(recipe), recipe)
     model.train()
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
-    steps = max(1, math.ceil(len(rows) * spec.epochs / spec.batch_size))
-    warmup = int(spec.warmup_ratio * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / max(1, warmup), max(0.0, (steps - s) / max(1, steps - warmup))))
+    steps = training_steps(spec, len(rows))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(spec, steps, s))
     rng = random.Random(recipe.seed)
     torch.manual_seed(recipe.seed)
     order: list[int] = []
@@ -294,6 +321,9 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
         start, order, losses = load_checkpoint(checkpoint, params, opt, sched, rng)
         log.info("meta-init: resuming at step %d of %d from %s", start, steps, checkpoint)
     every, last_saved = max(1, steps // 20), time.monotonic()
+    keep = {round(f * steps) for f in snapshots} - {steps}  # θ* itself is theta.safetensors
+    if 0 in keep and start == 0:
+        save_params(snapshot_path(out_dir, 0.0, steps), params)
     for step in progress(iterable=range(start, steps), initial=start, total=steps, desc="meta-init", unit="step"):
         if len(order) < spec.batch_size:
             epoch = list(range(len(rows)))
@@ -310,18 +340,24 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if step + 1 in keep:
+            save_params(snapshot_path(out_dir, (step + 1) / steps, steps), params)
         if step + 1 < steps and ((step + 1) % every == 0 or time.monotonic() - last_saved > 600):
             save_checkpoint(checkpoint, params, opt, sched, step + 1, order, rng, losses)
             last_saved = time.monotonic()
-    theta = out_dir / "theta.safetensors"  # its presence means "finished": write it whole or not at all
-    save_file({n: p.detach().contiguous() for n, p in params.items()}, theta.with_suffix(".tmp"))
-    os.replace(theta.with_suffix(".tmp"), theta)
+    save_params(out_dir / "theta.safetensors", params)  # its presence means "finished"
     checkpoint.unlink(missing_ok=True)
     first, last = _mean(losses[: max(1, steps // 10)]), _mean(losses[-max(1, steps // 10):])
     summary = {"steps": steps, "examples": len(rows), "trainable_parameters": sum(p.numel() for p in params.values()),
                "loss_first_10pct": first, "loss_last_10pct": last}
     (out_dir / "losses.json").write_text(json.dumps(losses))
     return summary
+
+
+def save_params(path: Path, params: dict) -> None:
+    """The trainable parameters, written whole or not at all."""
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -391,4 +427,4 @@ def stage(recipe: Recipe, out: Path) -> dict:
     examples = read_ingested(recipe)
     by_source = {s.name: token_rows(usable(examples, "source", s.name)) for s in recipe.sources}
     rows = meta_train_rows(recipe, by_source)
-    return meta_init(recipe, rows, out, load_tokenizer(recipe).pad_token_id)
+    return meta_init(recipe, rows, out, load_tokenizer(recipe).pad_token_id, recipe.sketch_path)

@@ -39,19 +39,19 @@ STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
                      "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), sources.stage,
           "read sources and target, map rows to examples, tokenize, count rejections"),
-    Stage("meta_init", ("meta_init",), model.stage,
-          "fine-tune the base model once on all sources together (θ*)"),
+    Stage("meta_init", ("meta_init", "sketch.path"), model.stage,
+          "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), sketch.stage,
-          "per-example gradients of the mean log-odds at θ*, randomly projected; cluster sources"),
+          "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources"),
     Stage("estimate", ("estimate",), estimate.stage,
-          "linearised target loss after fine-tuning on random subsets of groups"),
+          "first-order target loss after fine-tuning on random subsets of groups"),
     Stage("select", ("select",), select.stage,
           "score each group from the subset estimates and apply the keep-rules"),
     Stage("export", ("output",), export.stage,
           "write the mixture as a Hugging Face dataset with a manifest"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-_CODE_VERSION = "2"  # bump when a stage's output format or meaning changes
+_CODE_VERSION = "3"  # bump when a stage's output format or meaning changes
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:

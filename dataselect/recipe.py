@@ -132,7 +132,16 @@ class Target(Strict):
         return pattern
 
 
+PRETRAINED_PATH = (0.0, 0.5, 1.0)
+SCRATCH_PATH = (0.5, 0.75, 1.0)
+
+
 class Sketch(Strict):
+    # Where gradients are taken: fractions of meta-init's steps (0: the base model, 1: θ*), each
+    # point projected to `dim` dimensions and weighted by the learning rate spent near it. Default:
+    # from the base for a pretrained model, from half-way for a tiny model built from scratch
+    # (its gradients carry nothing about the pool's tasks before meta-init has taught it them).
+    path: list[float] | None = None
     dim: int = Field(256, ge=8)
     max_length: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
@@ -143,22 +152,17 @@ class Sketch(Strict):
     # (`cut_prompt`: extractive QA and summaries whose passage is longer than the context).
     overlong: Literal["truncate", "reject", "cut_prompt"] = "truncate"
 
+    @field_validator("path")
+    @classmethod
+    def _fractions(cls, path: list[float] | None) -> list[float] | None:
+        if path is not None and (not path or any(not 0 <= f <= 1 for f in path) or path != sorted(set(path))):
+            raise ValueError("a non-empty, increasing list of fractions of meta-init's steps, each in [0, 1]")
+        return path
+
 
 class Estimate(Strict):
     subsets: int = Field(1000, ge=10)
     subset_fraction: float = Field(0.5, gt=0, lt=1)
-    solver: Literal["logistic", "reference"] = "logistic"  # reference: the research code's estimator
-    target: Literal["linear", "exact"] = "linear"  # exact: a forward pass of the target at θ* + Pŵ
-    l2: float = Field(0.05, gt=0)  # λ as a multiple of the mean squared sketch norm
-    radius: float | None = Field(None, gt=0)  # bound on the parameter-space step ‖Pŵ‖
-    max_iter: int = Field(100, ge=1)
-    tol: float = Field(1e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _reference_needs_radius(self) -> "Estimate":
-        if self.solver == "reference" and self.radius is None:
-            raise ValueError("solver: reference rescales every step to a fixed norm; set estimate.radius")
-        return self
 
 
 SELECT_METHODS = ("random_ensemble", "surrogate", "forward", "all", "random", "gradient_similarity",
@@ -218,6 +222,13 @@ class Recipe(Strict):
         if self.target.name in names:
             raise ValueError(f"target.name {self.target.name!r} is also a source name")
         return self
+
+    @property
+    def sketch_path(self) -> list[float]:
+        """The points of meta-init's path where gradients are taken (sketch.path, or its default)."""
+        if self.sketch.path is not None:
+            return list(self.sketch.path)
+        return list(SCRATCH_PATH if self.model.tiny is not None else PRETRAINED_PATH)
 
     @property
     def run_dir(self) -> Path:

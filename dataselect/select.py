@@ -8,10 +8,11 @@ keep-rules decide, so the methods can be compared on the same data:
   paper's T_i (mean estimate over subsets that contain it) is kept as `mean_loss_with`.
 - `surrogate`: a linear model f̂(S) ≈ β₀ + Σ_i β_i·[i ∈ S] fitted to the same estimates; score −β_i.
 - `forward` (GradEx-FS): true forward stepwise selection on estimates; each step adds the group
-  whose addition lowers the estimated loss most, and it stops when none does.
+  whose addition gives the lowest estimated loss, up to `keep_fraction` of the groups.
 - baselines: `all` (every group), `random` (random scores, so the same keep-rules give the same
-  budget), `gradient_similarity` (LESS-style: cosine of an example's sketch to the negative
-  gradient of a target example's loss, max over target examples), `representation_similarity`
+  budget), `gradient_similarity` (LESS: cosine of an example's loss gradient to a target
+  example's at each point of the path, weighted by the learning rate there, max over target
+  examples), `representation_similarity`
   (cosine of the mean-pooled last hidden state to the target's mean), `dsir` (hashed unigram and
   bigram importance weights, DSIR-style).
   Per-example baseline scores are centred on the pool's mean and averaged per group, so for
@@ -65,16 +66,19 @@ def surrogate_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[str]) -
     return pl.DataFrame({"group": groups, "score": -effect, "ci95": 1.96 * se}, schema=SCORE_SCHEMA)
 
 
-def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: int,
-                      base_loss: float) -> tuple[list[int], np.ndarray]:
-    """Forward stepwise on estimates: (groups in the order added, each group's score).
+def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: int, base_loss: float,
+                      n_keep: int) -> tuple[list[int], np.ndarray]:
+    """Forward stepwise on estimates, up to `n_keep` groups: (groups in the order added, each
+    group's score). Each step adds the group whose addition gives the lowest estimated loss, so the
+    set answers "which mixture of this many groups is best" even after the estimate stops falling
+    (a mean over S is lowest for the single best group).
 
     A chosen group's score is the drop in estimated loss when it was added; an unchosen one's is
-    the (non-positive) drop it would have given at the last step.
+    the drop it would have given at the last step.
     """
     chosen: list[int] = []
     current, scores = base_loss, np.zeros(n_groups)
-    while len(chosen) < n_groups:
+    while len(chosen) < min(n_keep, n_groups):
         remaining = [i for i in range(n_groups) if i not in chosen]
         candidates = np.zeros((len(remaining), n_groups), dtype=bool)
         candidates[:, chosen] = True
@@ -84,18 +88,21 @@ def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: in
         for i, g in zip(remaining, gains):
             scores[i] = g
         best = int(np.argmax(gains))
-        if gains[best] <= 0:
-            break
         chosen.append(remaining[best])
         current = float(losses[best])
     return chosen, scores
 
 
-def gradient_similarity(x: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per example: max over target examples of the cosine between sketches (LESS-style)."""
-    a = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-30)
-    b = target / np.linalg.norm(target, axis=1, keepdims=True).clip(1e-30)
-    return np.concatenate([(a[i : i + 4096] @ b.T).max(1) for i in range(0, len(a), 4096)])
+def gradient_similarity(x: np.ndarray, target: np.ndarray, weights: list[float]) -> np.ndarray:
+    """Per example: max over target examples of Σ_k w_k cos(g_k, g_target,k), the cosine of the
+    two loss gradients at each point of the path weighted by the learning rate there (LESS)."""
+    from .sketch import point_blocks
+
+    a, b = point_blocks(x, len(weights)), point_blocks(target, len(weights))
+    a = [p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-30) for p in a]
+    b = [w * p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-30) for w, p in zip(weights, b)]
+    return np.concatenate([sum(pa[i : i + 4096] @ pb.T for pa, pb in zip(a, b)).max(1)
+                           for i in range(0, len(x), 4096)])
 
 
 def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000) -> np.ndarray:
@@ -180,9 +187,8 @@ def _low_end(row: dict, confident: bool) -> float:
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
     from .estimate import load_pool, read_estimates
-    from .sketch import TARGET_FUNCTION, finished_settings, part_settings, stacked_sources
+    from .sketch import finished_settings, stacked_sources, target_sketches
     from .sources import read_ingested, usable
-    from .store import read_store
 
     method = recipe.select.method
     groups, subsets, loss = read_estimates(recipe)
@@ -196,8 +202,8 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
         return pl.DataFrame({"group": groups, "score": score, "ci95": None}, schema=SCORE_SCHEMA), None
     if method == "forward":
         pool = load_pool(recipe)
-        base = pool.evaluate(np.zeros((1, len(groups)), dtype=bool)).base_loss
-        chosen, scores = forward_selection(lambda m: pool.evaluate(m).loss, len(groups), base)
+        n_keep = max(1, math.ceil(recipe.select.keep_fraction * len(groups)))
+        chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep)
         frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
         return frame, [groups[i] for i in chosen]
     examples = read_ingested(recipe)
@@ -205,9 +211,8 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     ids = assignments["id"].to_list()
     if method == "gradient_similarity":
         _, _, x, _ = stacked_sources(recipe, examples)
-        settings = part_settings(finished_settings(recipe), TARGET_FUNCTION)
-        _, target, _ = read_store(recipe.run_dir / "sketch" / "target" / "validation", settings)
-        per_example = gradient_similarity(np.asarray(x), -np.asarray(target))  # ∇F of a source vs −∇loss
+        weights = [p["weight"] for p in finished_settings(recipe)["points"]]
+        per_example = gradient_similarity(np.asarray(x), target_sketches(recipe)[0], weights)
     elif method == "dsir":
         text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
         lookup = dict(zip(text["id"], text["text"]))
@@ -241,7 +246,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
         kept = apply_keep_rules(scored.filter(pl.col("group").is_in(forward_set)),
                                 rules.model_copy(update={"keep_fraction": 1.0, "min_score": None}))
         dropped = scored.filter(~pl.col("group").is_in(forward_set)).with_columns(
-            selected=pl.lit(False), reason=pl.lit("forward selection stopped before adding it"),
+            selected=pl.lit(False), reason=pl.lit("forward selection stopped at keep_fraction before adding it"),
             rank=pl.lit(None, dtype=pl.Int64))
         kept = kept.with_columns(rank=pl.col("group").replace_strict(order, return_dtype=pl.Int64) + 1,
                                  reason=pl.format("added at forward step {}; {}",

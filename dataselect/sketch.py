@@ -1,15 +1,18 @@
-"""Stage 3, gradient sketches: per-example ∇F at θ* and F⁰, randomly projected to `dim`.
+"""Stage 3, gradient sketches: per-example loss gradients along meta-init's path, randomly projected.
 
-F is the mean log-odds of the gold response tokens, logit(p) = log p − log(1 − p), computed from
-log-softmax so it stays finite for any p. The target's validation examples are sketched through
-their loss instead — the sum of their response tokens' cross-entropy — because the estimate is
-of that loss: its first-order change along a step is the step's product with these sketches.
+What is differentiated is the example's loss, the summed cross-entropy of its response tokens, for
+the sources and the target alike. It is taken at the points `sketch.path` of meta-init's path
+(fractions of its steps: 0 is the base model, 1 is θ*): what a fine-tune on a subset S does to
+the target's loss is, to first order, a sum over the points of the learning rate spent near
+each times ⟨∇L_target, ∇L_S⟩ there (TracIn's checkpoint form). Each point gets its
+own projection to `dim` dimensions; a stored sketch holds the points side by side, each scaled by
+the square root of its weight, so one inner product of two stored sketches is that weighted sum.
 
 Per-example gradients come from one batched forward and one backward pass: hooks on the
 sketched linear layers keep each layer's inputs x and catch its output gradients δ, and the
 projection of Σ_t δ_t x_tᵀ is formed from those directly (`projection.py`). The backward pass
 computes activation gradients only — no weight gradient is ever formed — so a sketch costs about
-what a training step costs.
+what a training step costs, once per point.
 
 Which weights are sketched: the LoRA adapters (lora_A, lora_B) when the model has them, otherwise
 every linear layer not tied to the input embeddings; or the layers matched by `sketch.modules`.
@@ -20,48 +23,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from .model import ModelError, pad_batch, progress, response_logprobs
+from .model import ModelError, pad_batch, path_weights, progress, response_logprobs, snapshot_path
 from .projection import KIND as PROJECTION
 from .projection import KroneckerProjector
 from .recipe import Recipe
 from .shards import Shard, check_complete, chunk_file, load_chunk, save_chunk, write_done
 from .store import SketchStore, read_store
 
-OUTPUT_FUNCTION = "mean_log_odds"
-TARGET_FUNCTION = "response_cross_entropy_sum"
-
-
-def log_odds(logp: torch.Tensor) -> torch.Tensor:
-    """logit(p) from log p, stable for p → 0; p → 1 is clamped at about 1 − 1e-6."""
-    logp = logp.clamp(max=-1e-6)
-    return logp - torch.log(-torch.expm1(logp))
-
-
-def output_function(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """F per example: mean log-odds of the gold next token over response positions."""
-    gold = response_logprobs(logits, input_ids, target_mask)
-    odds = torch.where(target_mask, log_odds(gold), torch.zeros_like(gold))
-    return odds.sum(-1) / target_mask.sum(-1).clamp(min=1)
+FUNCTION = "response_cross_entropy_sum"
 
 
 def response_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Per example: the summed cross-entropy of its response tokens. Its gradient weighs each token
-    by 1 − p, so the tokens the model still gets wrong (a translation, a final number) dominate —
-    in ∇F every token counts alike, and well-fitted format tokens drown the answer."""
+    """Per example: the summed cross-entropy of its response tokens. A subset's gradient is the sum
+    of its examples' over its number of response tokens, as a token-averaged training loss has it."""
     return -response_logprobs(logits, input_ids, target_mask).sum(-1)
-
-
-FUNCTIONS: dict[str, Callable] = {OUTPUT_FUNCTION: output_function, TARGET_FUNCTION: response_loss}
 
 
 def sketched_modules(model, patterns: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Linear]:
@@ -99,11 +85,11 @@ def _no_weight_grads(model):
 
 
 class Sketcher:
-    """Sketches of ∇F (or of another per-example `function` of the logits) for every example of a
-    batch from one forward and one backward pass."""
+    """Sketches of the gradient of a per-example `function` of the logits (the response loss) for
+    every example of a batch, from one forward and one backward pass."""
 
     def __init__(self, model, modules: dict[str, nn.Linear], projector: KroneckerProjector,
-                 function: Callable = output_function):
+                 function=response_loss):
         self.model, self.modules, self.projector, self.function = model, modules, projector, function
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,42 +129,94 @@ def length_order(rows: list[tuple[list[int], int]]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
 
 
-def sketch_chunk(sketcher: Sketcher, rows: list[tuple[list[int], int]], idx: list[int], batch_size: int,
-                 pad_id: int, bar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, sketches, F⁰) of one chunk, batched the same way whichever process computes it."""
-    sketches, values = [], []
-    for start in range(0, len(idx), batch_size):
-        s, v = sketcher(pad_batch([rows[i] for i in idx[start : start + batch_size]], pad_id))
-        sketches.append(s)
-        values.append(v)
-        bar.update(len(s))
-    return np.array(idx), torch.cat(sketches).numpy(), torch.cat(values).numpy()
+@dataclass
+class Point:
+    """One point of meta-init's path: where its parameters are, its weight, its projection."""
+
+    fraction: float
+    params: Path
+    weight: float
+    projector: KroneckerProjector
 
 
-def sketch_into_store(sketcher: Sketcher, store: SketchStore, rows: list[tuple[list[int], int]], batch_size: int,
+class PathSketcher:
+    """The model moved from point to point of meta-init's path, sketching examples at each."""
+
+    def __init__(self, model, modules: dict[str, nn.Linear], points: list[Point]):
+        self.model, self.modules, self.points = model, modules, points
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    @property
+    def dim(self) -> int:
+        return sum(p.projector.proj_dim for p in self.points)
+
+    def move_to(self, point: Point) -> None:
+        state = load_file(str(point.params))
+        if set(state) != set(self.params):
+            raise ModelError(f"{point.params} does not match the recipe's trainable parameters; rerun with --force")
+        with torch.no_grad():
+            for name, value in state.items():
+                self.params[name].copy_(value)
+
+    def sketch_rows(self, rows: list[tuple[list[int], int]], idx: list[int], batch_size: int, pad_id: int,
+                    bar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, sketches, losses at the first point) of the rows `idx`, batched the same way whichever
+        process computes them: each point's sketch, scaled by √weight, side by side."""
+        parts, values = [], None
+        for k, point in enumerate(self.points):
+            self.move_to(point)
+            sketcher = Sketcher(self.model, self.modules, point.projector)
+            sketches, losses = [], []
+            for start in range(0, len(idx), batch_size):
+                s, v = sketcher(pad_batch([rows[i] for i in idx[start : start + batch_size]], pad_id))
+                sketches.append(s)
+                losses.append(v)
+                bar.update(len(s))
+            parts.append(torch.cat(sketches) * math.sqrt(point.weight))
+            values = torch.cat(losses) if k == 0 else values
+        return np.array(idx), torch.cat(parts, dim=1).numpy(), values.numpy()
+
+
+def sketch_into_store(sketcher: PathSketcher, store: SketchStore, rows: list[tuple[list[int], int]], batch_size: int,
                       pad_id: int, desc: str, shards: Path | None = None) -> None:
     """Fill a store chunk by chunk, resuming where it stopped; chunks finished by shard jobs
     (files in `shards`) are copied in rather than computed."""
     order = length_order(rows)
+    points = len(sketcher.points)
     done = min(store.progress()["chunks_done"] * store.chunk_rows, len(rows))
-    with progress(total=len(rows), initial=done, desc=desc, unit="ex") as bar:
+    with progress(total=len(rows) * points, initial=done * points, desc=desc, unit="ex") as bar:
         for chunk in store.pending_chunks():
             saved = shards and chunk_file(shards, desc, chunk)
             if saved and saved.exists():
                 idx, sketches, values = load_chunk(saved)
-                bar.update(len(idx))
+                bar.update(len(idx) * points)
             else:
                 idx = order[chunk * store.chunk_rows : (chunk + 1) * store.chunk_rows]
-                idx, sketches, values = sketch_chunk(sketcher, rows, idx, batch_size, pad_id, bar)
+                idx, sketches, values = sketcher.sketch_rows(rows, idx, batch_size, pad_id, bar)
             store.write_chunk(chunk, idx, sketches, values)
     store.finish()
 
 
-def cluster(sketches: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Spherical k-means (FAISS) on the sketches: groups of examples with similar gradients."""
+def point_blocks(sketches: np.ndarray, points: int) -> list[np.ndarray]:
+    """A stored sketch's parts, one per point of the path (each still scaled by √weight)."""
+    d = sketches.shape[1] // points
+    return [np.asarray(sketches[:, k * d : (k + 1) * d], dtype=np.float32) for k in range(points)]
+
+
+def directions(sketches: np.ndarray, points: int) -> np.ndarray:
+    """Each point's part scaled to norm 1: a gradient's direction along the whole path, every
+    point counting alike (the weights say how far meta-init moved there, not how alike two
+    examples are)."""
+    parts = point_blocks(sketches, points)
+    return np.concatenate([p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-30) for p in parts], axis=1)
+
+
+def cluster(sketches: np.ndarray, k: int, seed: int, points: int = 1) -> np.ndarray:
+    """Spherical k-means (FAISS) on the examples' gradient directions along the path: groups of
+    examples whose gradients point the same way."""
     import faiss
 
-    x = np.array(sketches, dtype=np.float32)
+    x = np.ascontiguousarray(directions(sketches, points), dtype=np.float32)
     faiss.normalize_L2(x)
     k = min(k, len(x))
     km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, max_points_per_centroid=len(x))
@@ -187,28 +225,41 @@ def cluster(sketches: np.ndarray, k: int, seed: int) -> np.ndarray:
     return labels[:, 0].astype(np.int64)
 
 
-def sketch_space(recipe: Recipe):
-    """(model at θ*, its sketched layers, their projector): the space every stage after
-    meta-init measures in — sketches are taken there and steps Pŵ are lifted back through it."""
-    from .model import load_theta_star
+def point_seed(seed: int, k: int) -> int:
+    """Each point's projection is drawn independently of the others'."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:point:{k}".encode()).digest()[:4], "little") & ((1 << 31) - 1)
 
-    model = load_theta_star(recipe)
+
+def path_sketcher(recipe: Recipe) -> PathSketcher:
+    """The base model with its trainable layers, and meta-init's points with their weights and
+    projections: the space every later stage measures in."""
+    from .model import load_base_model, with_trainable
+
+    model = with_trainable(load_base_model(recipe), recipe).eval()
     modules = sketched_modules(model, recipe.sketch.modules)
-    projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
-                                   recipe.seed)
-    return model, modules, projector
+    folder = recipe.run_dir / "meta_init"
+    steps = json.loads((folder / "stage.json").read_text())["summary"]["steps"]
+    weights = path_weights(recipe.meta_init, steps, recipe.sketch_path)
+    layers = {n: tuple(m.weight.shape) for n, m in modules.items()}
+    points = [Point(f, snapshot_path(folder, f, steps), w, KroneckerProjector(layers, recipe.sketch.dim,
+                                                                              point_seed(recipe.seed, k)))
+              for k, (f, w) in enumerate(zip(recipe.sketch_path, weights))]
+    return PathSketcher(model, modules, points)
 
 
-def store_settings(recipe: Recipe, model, modules: dict[str, nn.Linear]) -> dict:
+def store_settings(recipe: Recipe, sketcher: PathSketcher) -> dict:
     """Everything a sketch depends on; stores made with other settings are refused."""
     weights = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(p.detach().cpu().contiguous().numpy().tobytes())
-    theta = (recipe.run_dir / "meta_init" / "theta.safetensors").read_bytes()
-    return {"model_sha256": weights.hexdigest()[:16], "adapter_sha256": hashlib.sha256(theta).hexdigest()[:16],
-            "seed": recipe.seed, "dim": recipe.sketch.dim, "projection": PROJECTION,
-            "output_function": OUTPUT_FUNCTION, "max_length": recipe.sketch.max_length,
+    for name, p in sorted(sketcher.model.state_dict().items()):
+        if name not in sketcher.params:
+            weights.update(name.encode())
+            weights.update(p.detach().cpu().contiguous().numpy().tobytes())
+    for point in sketcher.points:
+        weights.update(point.params.read_bytes())
+    modules = sketcher.modules
+    return {"model_sha256": weights.hexdigest()[:16], "seed": recipe.seed, "dim": recipe.sketch.dim,
+            "points": [{"fraction": p.fraction, "weight": p.weight} for p in sketcher.points],
+            "projection": PROJECTION, "function": FUNCTION, "max_length": recipe.sketch.max_length,
             "modules": len(modules), "modules_sha256": hashlib.sha256("\n".join(modules).encode()).hexdigest()[:16],
             "grad_dim": sum(m.weight.numel() for m in modules.values())}
 
@@ -221,7 +272,6 @@ class Part:
     examples: object  # the part's rows of the ingested table
     folder: Path
     clusters: int | None
-    function: str  # what is differentiated: OUTPUT_FUNCTION, or TARGET_FUNCTION for the target
 
 
 @dataclass
@@ -229,9 +279,7 @@ class Plan:
     """What the sketch stage computes: one store per source and one for the target's validation
     split, cut into chunks of `chunk_rows`."""
 
-    model: nn.Module
-    modules: dict[str, nn.Linear]
-    projector: KroneckerProjector
+    sketcher: PathSketcher
     settings: dict
     pad_id: int
     chunk_rows: int
@@ -241,32 +289,18 @@ class Plan:
         """Every (store, chunk) in a fixed order: the work shards divide among themselves."""
         return [(p.name, c) for p in self.parts for c in range(-(-len(p.examples) // self.chunk_rows))]
 
-    def sketcher(self, part: Part) -> Sketcher:
-        return Sketcher(self.model, self.modules, self.projector, FUNCTIONS[part.function])
-
-    def settings_of(self, part: Part) -> dict:
-        return part_settings(self.settings, part.function)
-
-
-def part_settings(settings: dict, function: str) -> dict:
-    """A store's settings: the stage's, with the function its sketches differentiate."""
-    return {**settings, "output_function": function}
-
 
 def plan(recipe: Recipe, out: Path) -> Plan:
     from .model import load_tokenizer
     from .sources import read_ingested, usable
 
     examples = read_ingested(recipe)
-    model, modules, projector = sketch_space(recipe)
-    assert projector.grad_dim == sum(m.weight.numel() for m in modules.values())
+    sketcher = path_sketcher(recipe)
     chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
-    parts = [Part(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters, OUTPUT_FUNCTION)
+    parts = [Part(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters)
              for s in recipe.sources]
-    parts.append(Part("target validation", usable(examples, "validation"), out / "target" / "validation", None,
-                      TARGET_FUNCTION))
-    return Plan(model, modules, projector, store_settings(recipe, model, modules), load_tokenizer(recipe).pad_token_id,
-                chunk_rows, parts)
+    parts.append(Part("target validation", usable(examples, "validation"), out / "target" / "validation", None))
+    return Plan(sketcher, store_settings(recipe, sketcher), load_tokenizer(recipe).pad_token_id, chunk_rows, parts)
 
 
 def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
@@ -284,9 +318,9 @@ def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
             path = chunk_file(folder, name, chunk)
             if not path.exists():
                 idx = orders[name][chunk * p.chunk_rows : (chunk + 1) * p.chunk_rows]
-                with progress(total=len(idx), desc=name, unit="ex", leave=False) as inner:
-                    save_chunk(path, *sketch_chunk(p.sketcher(parts[name]), rows[name], idx, recipe.sketch.batch_size,
-                                                   p.pad_id, inner))
+                with progress(total=len(idx) * len(p.sketcher.points), desc=name, unit="ex", leave=False) as inner:
+                    save_chunk(path, *p.sketcher.sketch_rows(rows[name], idx, recipe.sketch.batch_size, p.pad_id,
+                                                             inner))
             bar.update(1)
     write_done(folder, shard, p.settings, mine)
     return {"shard": shard.index, "count": shard.count, "chunks": len(mine), "of": len(p.units())}
@@ -300,13 +334,14 @@ def stage(recipe: Recipe, out: Path) -> dict:
     shards = out / "shards" if check_complete(out / "shards", p.settings, p.units()) else None
     counts = {}
     for part in p.parts:
-        store = SketchStore.open(part.folder, p.settings_of(part), part.examples["id"].to_list(), recipe.sketch.dim,
+        store = SketchStore.open(part.folder, p.settings, part.examples["id"].to_list(), p.sketcher.dim,
                                  p.chunk_rows)
         if not store.progress()["complete"]:
-            sketch_into_store(p.sketcher(part), store, token_rows(part.examples), recipe.sketch.batch_size, p.pad_id,
+            sketch_into_store(p.sketcher, store, token_rows(part.examples), recipe.sketch.batch_size, p.pad_id,
                               part.name, shards)
         if part.clusters and not (part.folder / "clusters.npy").exists():
-            labels = cluster(np.load(part.folder / "sketches.npy", mmap_mode="r"), part.clusters, recipe.seed)
+            labels = cluster(np.load(part.folder / "sketches.npy", mmap_mode="r"), part.clusters, recipe.seed,
+                             len(p.sketcher.points))
             np.save(part.folder / "clusters.npy", labels, allow_pickle=False)
         counts[part.name] = len(part.examples)
     counts[TARGET_TOKENS] = sum(len(ids) - n_prompt for ids, n_prompt in token_rows(p.parts[-1].examples))
@@ -326,17 +361,24 @@ def finished_settings(recipe: Recipe) -> dict:
     return {k: v for k, v in manifest.items() if k not in ("examples", "merged_from_shards")}
 
 
+def target_sketches(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
+    """Per target validation example: its loss gradient's sketch and its loss at the base model."""
+    _, x, loss = read_store(recipe.run_dir / "sketch" / "target" / "validation", finished_settings(recipe))
+    return np.asarray(x), loss
+
+
 def target_gradient(recipe: Recipe) -> tuple[np.ndarray, float]:
-    """The target's validation loss at θ* (mean token cross-entropy of the responses) and its
-    sketched gradient: the loss at θ* + Pw is that plus w · gradient, to first order."""
-    folder = recipe.run_dir / "sketch"
-    tokens = json.loads((folder / "manifest.json").read_text())["examples"][TARGET_TOKENS]
-    _, x, loss = read_store(folder / "target" / "validation", part_settings(finished_settings(recipe), TARGET_FUNCTION))
+    """The target's validation loss at the base model (mean token cross-entropy of the responses)
+    and the sketch of its gradient along the path: fine-tuning on S changes that loss, to first
+    order, by minus the inner product of this with S's gradient."""
+    tokens = json.loads((recipe.run_dir / "sketch" / "manifest.json").read_text())["examples"][TARGET_TOKENS]
+    x, loss = target_sketches(recipe)
     return np.asarray(x, dtype=np.float64).sum(0) / tokens, float(np.sum(loss, dtype=np.float64) / tokens)
 
 
 def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """All source stores stacked: ids, each row's group (task value, cluster or source), sketches, F⁰."""
+    """All source stores stacked: ids, each row's group (task value, cluster or source), sketches,
+    each row's loss at the base model."""
     from .sources import usable
 
     root = recipe.run_dir / "sketch"
@@ -353,4 +395,3 @@ def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.
         xs.append(np.asarray(x))
         f0s.append(f0)
     return all_ids, names, np.concatenate(xs), np.concatenate(f0s)
-

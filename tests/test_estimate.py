@@ -2,50 +2,25 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from scipy.optimize import minimize
 
-from dataselect.estimate import estimate_subsets, sample_subsets, solve_subsets, target_loss
+from dataselect.estimate import Pool, sample_subsets
 from dataselect.recipe import Select
 from dataselect.select import apply_keep_rules, random_ensemble_scores
 
 
-def _problem(seed=0, n=300, d=12):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    f0 = rng.normal(0.5, 1.0, size=n).astype(np.float32)
-    return x, f0
+def _pool(alignment, tokens, group_of, base=2.0) -> Pool:
+    n = len(alignment)
+    return Pool([str(i) for i in range(n)], [f"g{g}" for g in group_of], [f"g{g}" for g in range(max(group_of) + 1)],
+                np.asarray(group_of), np.asarray(alignment, float), np.asarray(tokens, float), base)
 
 
-def _reference(x, f0, rows, lam):
-    """The same objective per subset with scipy's L-BFGS, in float64."""
-    x, f0 = x[rows].astype(np.float64), f0[rows].astype(np.float64)
-
-    def fun(w):
-        m = f0 + x @ w
-        loss = np.logaddexp(0, -m).mean() + lam * w @ w
-        grad = -(x * (1 / (1 + np.exp(m)))[:, None]).mean(0) + 2 * lam * w
-        return loss, grad
-
-    return minimize(fun, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", tol=1e-12).x
-
-
-@pytest.mark.parametrize("lam", [1.0, 0.05])
-def test_batched_solver_matches_per_subset_reference(lam):
-    x, f0 = _problem()
-    rng = np.random.default_rng(1)
-    masks = rng.random((6, len(x))) < 0.5
-    weights = torch.from_numpy(masks / masks.sum(1, keepdims=True)).float()
-    w, steps, unconverged = solve_subsets(torch.from_numpy(x), torch.from_numpy(f0), weights, lam, 200, 1e-5)
-    assert unconverged == 0 and steps < 30
-    for s in range(len(masks)):
-        ref = _reference(x, f0, masks[s], lam)
-        assert np.allclose(w[s].numpy(), ref, atol=1e-4 * max(1, np.abs(ref).max())), s
-
-
-def test_target_loss_moves_along_its_gradient():
-    gradient = torch.tensor([1.0, -2.0, 0.0, 0.5])
-    w = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 5.0, 0.0]])
-    assert torch.allclose(target_loss(gradient, 0.7, w), torch.tensor([0.7, 0.6]))
+def test_a_subsets_estimate_is_the_base_loss_minus_its_per_token_alignment():
+    pool = _pool(alignment=[3.0, 1.0, -2.0, 4.0], tokens=[2, 2, 4, 8], group_of=[0, 0, 1, 2])
+    members = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=bool)
+    assert np.allclose(pool.evaluate(members), [2.0 - 4 / 4, 2.0 - 2 / 8, 2.0 - 4 / 8, 2.0])
+    # a group counts by its tokens, as a token-averaged training loss counts them: g2 has g0's
+    # alignment per token (0.5 vs 1.0) halved, and twice g0's tokens
+    assert pool.evaluate(np.array([[1, 0, 1]], dtype=bool))[0] == pytest.approx(2.0 - 8 / 12)
 
 
 def test_subsets_are_seeded_and_sized():
@@ -55,18 +30,71 @@ def test_subsets_are_seeded_and_sized():
 
 
 def test_estimates_reward_groups_aligned_with_the_target():
-    """Group 0 pushes along the target's gradient, group 1 against it, group 2 sideways."""
+    """Group 0's gradients point along the target's, group 1's against it, group 2's sideways."""
     rng = np.random.default_rng(0)
-    d, u = 16, np.eye(16, dtype=np.float32)
-    x = np.concatenate([u[0] + 0.1 * rng.normal(size=(50, d)), -u[0] + 0.1 * rng.normal(size=(50, d)),
-                        u[1] + 0.1 * rng.normal(size=(50, d))]).astype(np.float32)
-    group_of = np.repeat(np.arange(3), 50)
+    alignment = np.concatenate([rng.normal(1.0, 0.3, 50), rng.normal(-1.0, 0.3, 50), rng.normal(0.0, 0.3, 50)])
+    pool = _pool(alignment, np.full(150, 5.0), np.repeat(np.arange(3), 50))
     subsets = sample_subsets(3, 200, 0.5, seed=0)
-    est = estimate_subsets(x, np.zeros(150, np.float32), group_of, -u[0], 0.7, subsets,  # raising F lowers the loss
-                           l2=0.5, max_iter=500, tol=1e-6)
-    scores = random_ensemble_scores(subsets, est.loss, ["good", "bad", "side"])
-    order = scores.sort("score", descending=True)["group"].to_list()
-    assert order == ["good", "side", "bad"]
+    scores = random_ensemble_scores(subsets, pool.evaluate(subsets), ["g0", "g1", "g2"])
+    assert scores.sort("score", descending=True)["group"].to_list() == ["g0", "g2", "g1"]
+
+
+def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
+    """At each point of the path, a group's summed alignment from the stored sketches matches the
+    exact inner product of the target's mean-loss gradient with the group's summed-loss gradient
+    (autograd, all sketched weights): the random projection keeps what the estimate needs."""
+    from dataselect.model import load_tokenizer, pad_batch
+    from dataselect.sketch import path_sketcher, point_blocks, response_loss, stacked_sources, target_sketches
+    from dataselect.sources import read_ingested, token_rows, usable
+
+    recipe, _, _ = demo_build
+    examples = read_ingested(recipe)
+    ids, names, x, _ = stacked_sources(recipe, examples)
+    target_x, _ = target_sketches(recipe)
+    sketcher = path_sketcher(recipe)
+    pad = load_tokenizer(recipe).pad_token_id
+    weights = [p.weight for p in sketcher.points]
+    by_id = dict(zip(examples["id"], token_rows(examples)))
+    groups = sorted(set(names))[:6]
+    target_rows = token_rows(usable(examples, "validation"))
+    tokens = sum(len(i) - n for i, n in target_rows)
+    modules = list(sketcher.modules.values())
+
+    def gradient(rows, scale=1.0):
+        total = [torch.zeros_like(m.weight) for m in modules]
+        for i in range(0, len(rows), 32):
+            b = pad_batch(rows[i : i + 32], pad)
+            logits = sketcher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = response_loss(logits, b["input_ids"], b["target_mask"]).sum() * scale
+            for t, g in zip(total, torch.autograd.grad(loss, [m.weight for m in modules])):
+                t += g
+        return torch.cat([t.flatten() for t in total]).double()
+
+    for k, point in enumerate(sketcher.points):
+        sketcher.move_to(point)
+        target = gradient(target_rows, 1 / tokens)
+        sketched_target = point_blocks(target_x, len(weights))[k].astype(np.float64).sum(0) / tokens
+        blocks = point_blocks(np.asarray(x), len(weights))[k].astype(np.float64)
+        exact, sketched = [], []
+        for g in groups:
+            rows = [i for i, n in enumerate(names) if n == g]
+            exact.append(float(gradient([by_id[ids[i]] for i in rows]) @ target))
+            sketched.append(float(blocks[rows].sum(0) @ sketched_target) / weights[k])
+        assert np.corrcoef(exact, sketched)[0, 1] > 0.95, (k, exact, sketched)
+        assert np.allclose(sketched, exact, rtol=0.3, atol=0.1 * np.abs(exact).max()), (k, exact, sketched)
+
+
+def test_path_weights_share_out_meta_inits_learning_rate():
+    from dataselect.model import lr_factor, path_weights
+    from dataselect.recipe import MetaInit
+
+    spec = MetaInit(lr=1e-3, warmup_ratio=0.1)
+    total = spec.lr * sum(lr_factor(spec, 100, s) for s in range(100))
+    for path in ([0.0, 0.5, 1.0], [0.5, 0.75, 1.0], [0.0]):
+        weights = path_weights(spec, 100, path)
+        assert len(weights) == len(path) and sum(weights) == pytest.approx(total)
+    early, middle, end = path_weights(spec, 100, [0.0, 0.5, 1.0])
+    assert middle > early > end > 0  # θ* is reached as the learning rate decays to 0
 
 
 def test_keep_rules_give_reasons():
@@ -92,36 +120,19 @@ def test_keep_rules_give_reasons():
     assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
 
 
-def test_reference_mode_agrees_with_the_research_codes_construction():
-    """The research code: random labels ~ Bernoulli(0.7), flip the feature sign for label 0, fit
-    sklearn's L2 logistic regression (C = 1e-4, liblinear, intercept) and keep coef_. Our
-    reference mode gives the same direction in closed form."""
-    from sklearn.linear_model import LogisticRegression
-
-    from dataselect.estimate import reference_steps
-
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(4000, 100)) + rng.normal(size=100)).astype(np.float32)
-    labels = rng.random(4000) < 0.7
-    flipped = np.where(labels[:, None], x, -x)
-    fit = LogisticRegression(C=1e-4, solver="liblinear").fit(flipped, labels.astype(int))
-    research = fit.coef_[0]
-    ours = reference_steps(torch.from_numpy(x), torch.full((1, 4000), 1 / 4000), 2.0)[0].numpy()
-    cosine = research @ ours / (np.linalg.norm(research) * np.linalg.norm(ours))
-    assert cosine > 0.99 and np.isclose(np.linalg.norm(ours), 2.0)
-
-
 def _additive(effects):
     return lambda members: 1.0 + members.astype(float) @ np.asarray(effects)
 
 
-def test_forward_selection_recovers_the_best_set_of_an_additive_score():
+def test_forward_selection_adds_the_best_group_at_each_step_up_to_its_budget():
     from dataselect.select import forward_selection
 
     effects = [-0.3, 0.2, -0.1, 0.05, -0.2, 0.0]  # negative lowers the loss
-    chosen, scores = forward_selection(_additive(effects), len(effects), base_loss=1.0)
+    chosen, scores = forward_selection(_additive(effects), len(effects), base_loss=1.0, n_keep=3)
     assert chosen == [0, 4, 2]
     assert np.allclose(scores[[0, 4, 2]], [0.3, 0.2, 0.1]) and (scores[[1, 3, 5]] <= 0).all()
+    chosen, _ = forward_selection(_additive(effects), len(effects), base_loss=1.0, n_keep=5)
+    assert chosen == [0, 4, 2, 5, 3]  # past the last helpful group: the least harmful next
 
 
 def test_surrogate_recovers_additive_effects_up_to_their_mean():
@@ -131,19 +142,3 @@ def test_surrogate_recovers_additive_effects_up_to_their_mean():
     subsets = sample_subsets(6, 300, 0.5, seed=0)
     scores = surrogate_scores(subsets, _additive(effects)(subsets), list("abcdef"))
     assert np.allclose(scores["score"].to_numpy(), -(effects - effects.mean()), atol=1e-9)
-
-
-def test_step_norm_measures_a_fine_tunes_distance_from_theta_star(demo_build, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from dataselect.estimate import step_norms
-
-    recipe, _, _ = demo_build
-    theta = load_file(str(recipe.run_dir / "meta_init" / "theta.safetensors"))
-    assert step_norms(recipe, [recipe.run_dir / "meta_init" / "theta.safetensors"]) == [0.0]
-    moved = dict(theta)
-    moved["lm_head.weight"] = theta["lm_head.weight"] + 0.01
-    moved["model.embed_tokens.weight"] = theta["model.embed_tokens.weight"] + 5.0  # not sketched
-    save_file(moved, str(tmp_path / "finetuned.safetensors"))
-    expected = 0.01 * theta["lm_head.weight"].numel() ** 0.5
-    assert abs(step_norms(recipe, [tmp_path / "finetuned.safetensors"])[0] - expected) < 1e-4

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from dataselect.verify import kendall, leave_one_out_calibrated, spearman, verify
+from dataselect.verify import finetune_folder, kendall, leave_one_out_calibrated, spearman, verify
 
 from .conftest import demo_recipe
 
@@ -39,15 +39,32 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     assert results["groups"][2] + results["groups"][3] == sampled.shape[1]
     assert (results["true_loss"] > 0).all() and results["estimate"].is_finite().all()
     assert results["true_exact_match"].is_between(0, 1).all()  # the demo target defines an answer
-    assert {"gradient_similarity_score", "first_order_error", "zeroth_order_error"} <= set(results.columns)
+    assert {"gradient_similarity_score", "representation_similarity_score", "dsir_score"} <= set(results.columns)
     assert set(summary) >= {"estimate", "estimate_calibrated_loo", "constant_mean_loo", "baselines_spearman",
-                            "first_order", "calibration", "exact_match_spearman", "truth_noise", "step_norms"}
+                            "exact_match_spearman", "truth_noise"}
     assert summary["truth_noise"]["repeats"] == 1 and summary["truth_noise"]["median_relative_difference"] >= 0
-    assert (results["true_step_norm"] > 0).all() and (results["estimated_step_norm"] > 0).all()
-    assert len(summary["calibration"]["tried"]) == 9
-    assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error"}
+    assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error",
+                                        "mean_squared_relative_error"}
     assert json.loads((out / "summary.json").read_text())["subsets"] == 4
     assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| predictor | Spearman |" in (out / "report.md").read_text()
     # one real fine-tune per subset and one repeat with the next seed, kept for reuse
-    assert sorted(p.name.endswith("-seed1") for p in (out / "finetunes").iterdir()) == [False] * 4 + [True]
+    assert len(list((out / "finetunes").iterdir())) == 5
+
+
+def test_finetunes_are_keyed_by_what_they_depend_on(tmp_path):
+    recipe = demo_recipe(tmp_path)
+    rows = [([1, 5, 7, 2], 2), ([1, 6, 2], 1)]
+    folder = finetune_folder(recipe, rows, tmp_path)
+    other_target = recipe.model_copy(update={"target": recipe.target.model_copy(update={"name": "other"})})
+    assert finetune_folder(other_target, rows, tmp_path) == folder  # another target, same training: shared
+    changed_row = [([1, 5, 8, 2], 2), ([1, 6, 2], 1)]  # a source row changed (or its tokenizer, or max_length)
+    assert finetune_folder(recipe, changed_row, tmp_path) != folder
+    assert finetune_folder(recipe, rows[::-1], tmp_path) != folder  # the same rows in another order
+    assert finetune_folder(recipe, [([1, 5, 7, 2], 3), rows[1]], tmp_path) != folder  # another prompt mask
+    for update in ({"seed": 1}, {"meta_init": recipe.meta_init.model_copy(update={"lr": 1e-4})}):
+        assert finetune_folder(recipe.model_copy(update=update), rows, tmp_path) != folder
+    base = tmp_path / "run" / "ingest" / "base"
+    base.mkdir(parents=True)
+    (base / "model.safetensors").write_bytes(b"other weights")  # the tiny base built at ingest
+    assert finetune_folder(recipe, rows, tmp_path) != folder
