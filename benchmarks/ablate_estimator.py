@@ -292,6 +292,9 @@ VARIANTS = [
     PathSum(weight="example"), PathSum(grad="logodds"), PathSum(use=(0.5, 1.0)), PathSum(use=(0.5, 0.75, 1.0)),
     PathSum(weighting="realized"), PathSum(use=FRACTIONS, weighting="realized"),
     PathSum(use=(0.0, 0.25, 0.5, 0.75, 1.0), weighting="realized"), PathSum(use=(0.0, 1.0), weighting="realized"),
+    PathSum(use=(0.0, 0.1, 0.25, 0.5)), PathSum(use=(0.0, 0.25, 0.5)), PathSum(use=(0.0, 0.1, 0.5, 1.0)),
+    PathSum(use=(0.0, 0.25, 0.5, 1.0)), PathSum(use=(0.1, 0.25, 0.5, 0.75, 1.0)), PathSum(use=(0.0, 0.1, 0.25)),
+    PathSum(use=(0.0, 0.1, 0.5)), PathSum(use=(0.0, 0.1, 0.5, 0.75)),
 ]
 
 

@@ -74,7 +74,7 @@ def setting(name: str, model: str = "tiny", target: str | None = None, regime: s
     if name == "gsm8k":
         return gsm8k(model)
     if name == "t0":
-        return t0(target or T0_IN_POOL[0], regime, cache)
+        return t0(target or T0_IN_POOL[0], regime, cache, model)
     raise ValueError(f"unknown setting {name!r}")
 
 
@@ -95,21 +95,33 @@ def smollm2_gguf() -> Path:
 
 # --- t0 -----------------------------------------------------------------------------------------
 
-def t0(target: str, regime: str, cache: Path) -> Setting:
+T0_SMOLLM2 = ["model.tiny=null", "model.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
+              "meta_init={epochs: 1, lr: 2.0e-4, batch_size: 8}", "sketch.batch_size=8", "sketch.chunk_size=64",
+              "target.validation.split=train[:50]", "target.test.split=train[100:200]"]
+T0_SMOLLM2_ROWS = 16  # per dataset: 36 groups, hours rather than days of CPU time
+
+
+def t0(target: str, regime: str, cache: Path, model: str = "tiny") -> Setting:
     if not T0.exists():
         sys.exit(f"the t0 setting reads {T0}, which is missing")
     if target not in T0_IN_POOL + T0_TRANSFER:
         sys.exit(f"t0 targets: {', '.join(T0_IN_POOL + T0_TRANSFER)}")
     data = t0_files(cache / "t0-data")
     pool = data / ("pool.jsonl" if target in T0_IN_POOL else f"pool-without-{target}.jsonl")
-    model = (f"model={{base: {t0_base(cache)}}}" if regime == "pretrained"
-             else "model={tiny: {hidden_size: 128, layers: 2, heads: 4, vocab_size: 2048}}")
+    spec = (f"model={{base: {t0_base(cache)}}}" if regime == "pretrained"
+            else "model={tiny: {hidden_size: 128, layers: 2, heads: 4, vocab_size: 2048}}")
     lr = "1.0e-3" if regime == "pretrained" else "2.0e-3"
-    return Setting(f"t0-{target}-{regime}", ROOT / "recipes" / "t0.yaml", (
-        f"name=t0-{target}-{regime}", model, f"meta_init.lr={lr}", f"sources.0.dataset={pool}",
-        f"target.name={target}", f"target.dataset={data / f'target-{target}.jsonl'}",
-        f"target.validation.split=train[:{VALIDATION_ROWS}]", f"target.test.split=train[{VALIDATION_ROWS}:]",
-    ), own_group=f"t0/{target}" if target in T0_IN_POOL else None)
+    overrides = [f"name=t0-{target}-{regime}", spec, f"meta_init.lr={lr}", f"sources.0.dataset={pool}",
+                 f"target.name={target}", f"target.dataset={data / f'target-{target}.jsonl'}",
+                 f"target.validation.split=train[:{VALIDATION_ROWS}]", f"target.test.split=train[{VALIDATION_ROWS}:]"]
+    name = f"t0-{target}-{regime}"
+    if model == "smollm2":
+        small = pool.with_name(pool.stem + "-small.jsonl")
+        overrides += [f"name=t0-{target}-smollm2", f"model.base={smollm2_gguf()}", *T0_SMOLLM2,
+                      f"sources.0.dataset={small}"]
+        name = f"t0-{target}-smollm2"
+    return Setting(name, ROOT / "recipes" / "t0.yaml", tuple(overrides),
+                   own_group=f"t0/{target}" if target in T0_IN_POOL else None)
 
 
 def _rows(frame) -> list[dict]:
@@ -159,8 +171,9 @@ def t0_split(seed: int = T0_SEED):
 
 def t0_files(folder: Path) -> Path:
     """pool.jsonl, pool-without-<t>.jsonl for transfer targets, target-<t>.jsonl (validation rows
-    first, then test rows); written once."""
-    if (folder / "done").exists():
+    first, then test rows), and each pool's first T0_SMOLLM2_ROWS rows per dataset (-small);
+    written once."""
+    if (folder / "small-done").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     pool, targets, _ = t0_split()
@@ -169,8 +182,22 @@ def t0_files(folder: Path) -> Path:
         _write(folder / f"pool-without-{t}.jsonl", [r for r in _rows(pool) if r["dataset"] != t])
     for t, rows in targets.items():
         _write(folder / f"target-{t}.jsonl", _rows(rows))
-    (folder / "done").write_text("")
+    for path in list(folder.glob("pool*.jsonl")):
+        if not path.stem.endswith("-small"):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            _write(path.with_name(path.stem + "-small.jsonl"), first_per_dataset(rows, T0_SMOLLM2_ROWS))
+    (folder / "small-done").write_text("")
     return folder
+
+
+def first_per_dataset(rows: list[dict], n: int) -> list[dict]:
+    counts: dict[str, int] = {}
+    kept = []
+    for row in rows:
+        counts[row["dataset"]] = counts.get(row["dataset"], 0) + 1
+        if counts[row["dataset"]] <= n:
+            kept.append(row)
+    return kept
 
 
 def t0_base(cache: Path, epochs: float = 1.0) -> Path:

@@ -39,7 +39,7 @@ STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
                      "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), sources.stage,
           "read sources and target, map rows to examples, tokenize, count rejections"),
-    Stage("meta_init", ("meta_init", "sketch.path"), model.stage,
+    Stage("meta_init", ("meta_init", "sketch_path"), model.stage,
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), sketch.stage,
           "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources"),

@@ -132,7 +132,7 @@ class Target(Strict):
         return pattern
 
 
-PRETRAINED_PATH = (0.0, 0.5, 1.0)
+PRETRAINED_PATH = (0.0, 0.1, 0.5)
 SCRATCH_PATH = (0.5, 0.75, 1.0)
 
 
@@ -171,8 +171,10 @@ SELECT_METHODS = ("random_ensemble", "surrogate", "forward", "all", "random", "g
 
 class Select(Strict):
     method: Literal[SELECT_METHODS] = "random_ensemble"
-    keep_fraction: float = Field(0.7, gt=0, le=1)
-    min_score: float | None = None
+    # At most half the groups, and only those better than the average group (score 0) with 95%
+    # confidence: what every shipped recipe uses.
+    keep_fraction: float = Field(0.5, gt=0, le=1)
+    min_score: float | None = 0.0
     # min_score applies to the low end of the group's 95% interval (score − ci95) where the method
     # gives one: a group whose benefit cannot be told from min_score is not kept on its estimate.
     confident: bool = True

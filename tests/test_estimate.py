@@ -90,7 +90,7 @@ def test_path_weights_share_out_meta_inits_learning_rate():
 
     spec = MetaInit(lr=1e-3, warmup_ratio=0.1)
     total = spec.lr * sum(lr_factor(spec, 100, s) for s in range(100))
-    for path in ([0.0, 0.5, 1.0], [0.5, 0.75, 1.0], [0.0]):
+    for path in ([0.0, 0.1, 0.5], [0.0, 0.5, 1.0], [0.5, 0.75, 1.0], [0.0]):
         weights = path_weights(spec, 100, path)
         assert len(weights) == len(path) and sum(weights) == pytest.approx(total)
     early, middle, end = path_weights(spec, 100, [0.0, 0.5, 1.0])
@@ -100,11 +100,11 @@ def test_path_weights_share_out_meta_inits_learning_rate():
 def test_keep_rules_give_reasons():
     groups = pl.DataFrame({"group": list("abcd"), "score": [0.3, -0.1, 0.2, None], "examples": [10, 10, 30, 5],
                            "tokens": [100, 900, 200, 50]})
-    top = apply_keep_rules(groups, Select(keep_fraction=0.5))
+    top = apply_keep_rules(groups, Select(keep_fraction=0.5, min_score=None))
     assert top.filter("selected")["group"].to_list() == ["a", "c"]
     assert "outside the top 50%" in top.filter(pl.col("group") == "b")["reason"][0]
     assert "no score" in top.filter(pl.col("group") == "d")["reason"][0]
-    budget = apply_keep_rules(groups, Select(keep_fraction=1.0, max_examples=20))
+    budget = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=None, max_examples=20))
     assert budget.filter("selected")["group"].to_list() == ["a", "b"]
     threshold = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=0.0))
     assert threshold.filter("selected")["group"].to_list() == ["a", "c"]
@@ -115,7 +115,7 @@ def test_keep_rules_give_reasons():
     loose = apply_keep_rules(groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None])),
                              Select(keep_fraction=1.0, min_score=0.0, confident=False))
     assert loose.filter("selected")["group"].to_list() == ["a", "c"]
-    tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, max_tokens=350))
+    tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=None, max_tokens=350))
     assert tokens.filter("selected")["group"].to_list() == ["a", "c"]
     assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
 

@@ -83,3 +83,21 @@ def test_hub_recipes_name_hub_datasets_and_take_local_overrides():
     assert gsm8k.target.dataset.endswith("train.jsonl") and gsm8k.target.config is None
     assert gsm8k.model.tiny is None and gsm8k.model.lora.r == 8
     assert gsm8k.target.answer and load_recipe(DEMO).target.answer
+
+
+def test_the_sketch_path_defaults_by_model_kind_and_keys_meta_init_as_resolved():
+    from dataselect.pipeline import stage_keys
+    from dataselect.recipe import PRETRAINED_PATH, SCRATCH_PATH
+
+    tiny = load_recipe(DEMO)
+    assert tiny.sketch.path is None and tiny.sketch_path == list(SCRATCH_PATH)
+    same = load_recipe(DEMO, [f"sketch.path={list(SCRATCH_PATH)}"])
+    other = load_recipe(DEMO, [f"sketch.path={list(PRETRAINED_PATH)}"])
+    assert stage_keys(same)["meta_init"] == stage_keys(tiny)["meta_init"]
+    assert stage_keys(other)["meta_init"] != stage_keys(tiny)["meta_init"]
+    assert stage_keys(other)["ingest"] == stage_keys(tiny)["ingest"]
+    pretrained = load_recipe(DEMO, ["model={base: some/model}"])
+    assert pretrained.sketch_path == list(PRETRAINED_PATH)
+    for bad in ("[]", "[0.5, 0.1]", "[0.1, 1.5]", "[0.2, 0.2]"):
+        with pytest.raises(RecipeError, match="sketch.path: .*increasing list of fractions"):
+            load_recipe(DEMO, [f"sketch.path={bad}"])
