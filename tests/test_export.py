@@ -9,6 +9,7 @@ import pytest
 
 from dataselect import export
 from dataselect.model import load_tokenizer
+from dataselect.sources import read_ingested, usable
 
 TEXT_COLUMNS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
 
@@ -37,7 +38,9 @@ def test_each_format_loads_with_datasets_and_trains_a_step_in_trl(demo_build, tm
     jsonl = datasets.load_dataset("json", data_files=str(path / "data/train.jsonl"), split="train")
     assert parquet["train"].num_rows == jsonl.num_rows == manifest["mixture"]["rows"]
     assert parquet["train"].column_names == jsonl.column_names == expected
-    assert parquet["validation"].num_rows == len(recipe.target.validation.split) or parquet["validation"].num_rows > 0
+    validation = usable(read_ingested(recipe), "validation")  # every accepted validation row, once
+    assert parquet["validation"].num_rows == validation.height > 0
+    assert sorted(parquet["validation"]["id"]) == sorted(validation["id"])
     assert set(parquet["validation"]["source"]) == {recipe.target.name}
 
     # The call USAGE.md shows: SFTTrainer on the mixture with provenance columns removed.
