@@ -20,7 +20,13 @@ __all__ = ["Recipe", "RecipeError", "STAGE_NAMES", "build", "load_recipe", "run"
 
 
 def build(recipe: Recipe | str | Path, overrides: tuple[str, ...] = (), force: bool = False) -> dict[str, dict]:
-    """Run the whole pipeline for a recipe (object or YAML path); returns each stage's summary."""
+    """Every stage, then the upload `output.push_to_hub` asks for: what `dataselect build` does.
+    Returns each stage's summary (and the push's); empty on a non-zero rank under a launcher."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return run(recipe, until="export", force=force)
+    summaries = run(recipe, until="export", force=force)
+    if summaries and recipe.output.push_to_hub:
+        from .push import push  # huggingface_hub is imported only by a build that pushes
+
+        summaries["push"] = push(recipe.output.path, recipe.output.push_to_hub, private=recipe.output.private)
+    return summaries

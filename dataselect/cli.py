@@ -15,6 +15,7 @@ from .model import ModelError
 from .push import PushError
 from .report import ReportError
 from .pipeline import STAGE_NAMES as STAGE_ORDER
+from . import build
 from .pipeline import STAGES, run, run_shard
 from .shards import Shard
 from .recipe import SELECT_METHODS, RecipeError, load_recipe
@@ -67,14 +68,12 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
             loaded = load_recipe(recipe, overrides)
             if shard:
                 summaries = {until: run_shard(loaded, _parse_shard(shard))}
+            elif until == "export":
+                summaries = build(loaded, force=force)
             else:
                 summaries = run(loaded, until=until, force=force)
             if not summaries:  # a non-zero rank under torchrun: rank 0 reports
                 return
-            if until == "export" and loaded.output.push_to_hub:
-                from .push import push
-
-                summaries["push"] = push(loaded.output.path, loaded.output.push_to_hub, private=loaded.output.private)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
         if as_json:

@@ -224,3 +224,19 @@ def test_unreachable_hub_is_a_push_error(output):
     with pytest.raises(PushError, match="alice/mixture") as err:
         push(output, "alice/mixture", token=TOKEN, endpoint=f"http://127.0.0.1:{port}")
     assert TOKEN not in str(err.value)
+
+
+def test_the_api_build_pushes_as_the_cli_build_does(demo_build, hub, tmp_path, monkeypatch):
+    """`dataselect.build` with output.push_to_hub uploads, as `dataselect build` does. The finished
+    run is copied, so this build reuses its stages without touching the session's build."""
+    import dataselect
+
+    recipe, _, _ = demo_build
+    shutil.copytree(recipe.run_dir, tmp_path / "run")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    output = recipe.output.model_copy(update={"path": tmp_path / "out", "push_to_hub": "alice/built"})
+    pushing = recipe.model_copy(update={"workdir": tmp_path / "run", "output": output})
+    summaries = dataselect.build(pushing)
+    assert summaries["push"]["repo_id"] == "alice/built" and hub.repos["alice/built"]["private"] is True
+    assert hub.commits[-1]["repo_id"] == "alice/built" and "README.md" in hub.commits[-1]["paths"]
