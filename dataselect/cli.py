@@ -13,7 +13,7 @@ from pathlib import Path
 from .export import ExportError
 from .model import ModelError
 from .push import PushError
-from .report import ReportError
+from .outputs import OutputError, read_manifest
 from .pipeline import STAGE_NAMES as STAGE_ORDER
 from . import build
 from .pipeline import STAGES, run, run_shard
@@ -23,7 +23,7 @@ from .sources import SourceError
 from .store import StoreMismatch
 
 # OSError: a full disk, a missing permission; its message names the file.
-USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, ReportError, StoreMismatch, OSError)
+USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, OutputError, StoreMismatch, OSError)
 
 
 def _output_options(f):
@@ -183,7 +183,6 @@ def push(output: Path, repo_id: str | None, public: bool, dry_run: bool, quiet: 
 
     The token comes from HF_TOKEN or `hf auth login`, never from the command line."""
     from .push import push as upload
-    from .report import read_manifest
 
     _setup_logging(quiet or as_json)
     try:

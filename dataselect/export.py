@@ -17,11 +17,11 @@ from pathlib import Path
 
 import polars as pl
 
+from .outputs import MANIFEST
 from .recipe import Recipe
 from .select import read_selection
 from .sources import read_ingested, usable
 
-MANIFEST = "manifest.json"
 
 
 class ExportError(RuntimeError):

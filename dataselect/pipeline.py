@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import estimate, export, model, select, sketch, sources
+from .outputs import MANIFEST
 from .recipe import Recipe, RecipeError
 from .shards import Shard, barrier, init_process_group
 
@@ -68,7 +69,7 @@ def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
     if not record.exists() or json.loads(record.read_text()).get("key") != key:
         return False
     if stage == "export":  # the mixture lives outside the run dir: is it still the one we wrote?
-        manifest = Path(recipe.output.path) / export.MANIFEST
+        manifest = Path(recipe.output.path) / MANIFEST
         written = json.loads(record.read_text())["summary"]["fingerprint"]
         return manifest.exists() and json.loads(manifest.read_text())["mixture"]["fingerprint"] == written
     return True

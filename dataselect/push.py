@@ -13,7 +13,6 @@ unless asked otherwise, and the token is only handed to huggingface_hub, never l
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 from importlib.metadata import PackageNotFoundError, version
@@ -22,7 +21,8 @@ from typing import Any
 
 import yaml
 
-MANIFEST = "manifest.json"
+from .outputs import MANIFEST, cell, read_manifest
+
 CARD = "README.md"
 DATA_DIR = "data"
 EXTRA_FILES = (MANIFEST, "rows.parquet", "USAGE.md")  # uploaded when present, beside data/
@@ -36,19 +36,6 @@ class PushError(RuntimeError):
 
 
 # --- what is uploaded ---
-
-
-def read_manifest(output_dir: Path) -> dict:
-    """The folder's manifest, or PushError: only dataselect outputs are pushed, never any folder."""
-    path = Path(output_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("tool") != "dataselect":
-        raise PushError(f"{output_dir} is not a dataselect output folder (no {MANIFEST} written by dataselect); "
-                        "run `dataselect build` first and push its output.path")
-    return manifest
 
 
 def data_files(output_dir: Path) -> list[Path]:
@@ -126,19 +113,10 @@ def _installed_version(name: str) -> str:
         return "not installed"
 
 
-def _number(value: Any, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def _cell(value: Any) -> str:
-    """A table cell: pipes and newlines would break the markdown table."""
-    return str(value if value is not None else "–").replace("|", "\\|").replace("\n", " ")
-
-
 def sources_table(manifest: dict) -> list[str]:
     lines = ["| source | rows | selected | not selected | rejected |", "|---|---:|---:|---:|---:|"]
     for name, c in manifest.get("sources", {}).items():
-        lines.append(f"| {_cell(name)} | {c.get('rows', 0)} | {c.get('selected', 0)} | "
+        lines.append(f"| {cell(name)} | {c.get('rows', 0)} | {c.get('selected', 0)} | "
                      f"{c.get('not_selected', 0)} | {c.get('rejected', 0)} |")
     return lines
 
@@ -148,12 +126,12 @@ def groups_table(manifest: dict) -> list[str]:
     lines = ["| rank | group | source | score ± ci95 | examples | selected | reason |",
              "|---:|---|---|---|---:|---|---|"]
     for g in groups:
-        score = _number(g.get("score"))
+        score = cell(g.get("score"), 4)
         if g.get("ci95") is not None:
-            score += f" ± {_number(g['ci95'], 2)}"
+            score += f" ± {cell(g['ci95'], 2)}"
         cells = [g.get("rank"), g.get("group"), g.get("source"), score, g.get("examples"),
                  "yes" if g.get("selected") else "no", g.get("reason")]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
 
 

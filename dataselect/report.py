@@ -11,26 +11,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import polars as pl
 
-from .export import MANIFEST
-
-
-class ReportError(RuntimeError):
-    """The folder holds no dataselect output to report on."""
-
-
-def read_manifest(output_dir: Path) -> dict:
-    try:
-        manifest = json.loads((output_dir / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        raise ReportError(f"{output_dir} holds no readable {MANIFEST} ({err}); build the recipe first") from None
-    if manifest.get("tool") != "dataselect":
-        raise ReportError(f"{output_dir / MANIFEST} was not written by dataselect")
-    return manifest
+from .outputs import cell, read_manifest, text
 
 
 def group_table(manifest: dict) -> pl.DataFrame:
@@ -130,22 +115,14 @@ def plot_verify(results: pl.DataFrame) -> bytes:
 
 def _markdown_table(frame: pl.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join(lines)
 
 
 def _html_table(frame: pl.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(text(v))}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
 
 
 def report(output_dir: Path) -> dict:

@@ -16,6 +16,7 @@ import huggingface_hub.constants
 import pytest
 import yaml
 
+from dataselect.outputs import OutputError
 from dataselect.push import NO_TOKEN, PushError, dataset_card, files_to_upload, push
 
 from .hub_standin import HubStandIn
@@ -172,7 +173,7 @@ def test_not_a_dataselect_output(tmp_path, hub):
     (folder / "data" / "train.jsonl").write_text("{}\n")
     (folder / "manifest.json").write_text(json.dumps({"tool": "something-else"}))
     for dry_run in (True, False):
-        with pytest.raises(PushError, match="holiday-photos"):
+        with pytest.raises(OutputError, match="holiday-photos"):
             push(folder, "alice/mixture", token=TOKEN, dry_run=dry_run, endpoint=hub.url)
     assert hub.requests == []
 

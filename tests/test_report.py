@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from dataselect.cli import main
-from dataselect.report import ReportError, report
+from dataselect.outputs import OutputError
+from dataselect.report import report
 
 
 def test_report_writes_html_and_markdown_naming_every_source_and_group(demo_build):
@@ -28,10 +29,10 @@ def test_report_writes_html_and_markdown_naming_every_source_and_group(demo_buil
 
 
 def test_report_refuses_a_folder_that_is_not_a_build(tmp_path):
-    with pytest.raises(ReportError, match=str(tmp_path)):
+    with pytest.raises(OutputError, match=str(tmp_path)):
         report(tmp_path)
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
-    assert result.exit_code != 0 and "build the recipe first" in result.output and "Traceback" not in result.output
+    assert result.exit_code != 0 and "run `dataselect build` first" in result.output and "Traceback" not in result.output
 
 
 def test_report_json_output_for_scripts(demo_build):
@@ -54,3 +55,15 @@ def test_headless_chromium_renders_the_plots(demo_build, tmp_path):
     pixels = imread(shot)[..., :3]
     green = np.abs(pixels - np.array([44, 160, 44]) / 255).max(-1) < 0.05  # the selected groups' bars
     assert green.mean() > 0.01, "no plot bars rendered"
+
+
+def test_a_pipe_in_a_value_does_not_break_the_markdown_table():
+    import re
+
+    import polars as pl
+
+    from dataselect.report import _markdown_table
+
+    table = _markdown_table(pl.DataFrame({"group": ["flan/a|b", "x\ny"], "score": [0.5, None]}))
+    for line in table.splitlines():
+        assert len(re.findall(r"(?<!\\)\|", line)) == 3, line  # two columns: three unescaped pipes
