@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,19 @@ def demo_build(tmp_path_factory):
     summaries = build(recipe)
     manifest = json.loads((tmp / "out" / "manifest.json").read_text())
     return recipe, summaries, manifest
+
+
+@pytest.fixture
+def demo_copy(demo_build, tmp_path):
+    """A private copy of the session's finished demo run and output: a test that reruns stages
+    with other settings changes only its copy, so a failing test cannot leave the shared build in
+    another state for the tests after it."""
+    recipe, summaries, manifest = demo_build
+    shutil.copytree(recipe.run_dir, tmp_path / "run")
+    shutil.copytree(recipe.output.path, tmp_path / "out")
+    copy = recipe.model_copy(update={"workdir": tmp_path / "run",
+                                     "output": recipe.output.model_copy(update={"path": tmp_path / "out"})})
+    return copy, summaries, manifest
 
 
 @pytest.fixture(scope="session")

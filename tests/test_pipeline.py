@@ -92,19 +92,18 @@ def test_a_second_build_reuses_every_stage(demo_build, caplog):
     assert sum("reusing finished stage" in m for m in caplog.messages) == len(STAGE_NAMES)
 
 
-def test_changing_selection_reruns_only_selection_and_export(demo_build, caplog):
-    recipe, _, _ = demo_build
+def test_changing_selection_reruns_only_selection_and_export(demo_copy, caplog):
+    recipe, _, _ = demo_copy
     changed = recipe.model_copy(update={"select": recipe.select.model_copy(update={"keep_fraction": 0.25})})
     caplog.set_level("INFO", logger="dataselect.pipeline")
     summaries = run(changed)
     reused = [m.split(":")[0] for m in caplog.messages if "reusing finished stage" in m]
     assert reused == ["ingest", "meta_init", "sketch", "estimate"]
     assert summaries["select"]["groups_selected"] == 3
-    run(recipe)  # leave the shared build as it was
 
 
-def test_export_refuses_to_replace_foreign_folders(tmp_path, demo_build):
-    recipe, _, _ = demo_build
+def test_export_refuses_to_replace_foreign_folders(tmp_path, demo_copy):
+    recipe, _, _ = demo_copy
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -144,8 +143,8 @@ def test_cli_reports_missing_source_files(tmp_path):
 
 @pytest.mark.parametrize("method", ["surrogate", "forward", "all", "random", "gradient_similarity",
                                     "representation_similarity", "dsir"])
-def test_every_selector_returns_a_valid_selection(demo_build, method):
-    recipe, _, manifest = demo_build
+def test_every_selector_returns_a_valid_selection(demo_copy, method):
+    recipe, _, manifest = demo_copy
     other = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
     summaries = run(other, until="select")
     groups = pl.read_parquet(other.run_dir / "select" / "groups.parquet")
@@ -158,4 +157,3 @@ def test_every_selector_returns_a_valid_selection(demo_build, method):
     if method == "forward":  # which helpful group comes first is a near tie that differs across CPUs
         chosen = groups.filter("selected")["source"].to_list()
         assert chosen and not {"wrong_answers", "wrong_rationales"} & set(chosen)
-    run(recipe)  # leave the shared build as it was
