@@ -2,6 +2,7 @@
 
     python benchmarks/bench_selection.py [--setting demo|gsm8k|t0] [--model tiny|smollm2]
         [--targets samsum,imdb,...] [--regime pretrained|scratch] [--seeds 0,1,2] [--budget epochs|steps]
+        [--set select.keep_fraction=0.3 ...]
 
 Per target, one θ*, sketch and estimate stage is built (reused from `--cache` when it exists;
 estimates and selections are always recomputed); each method then selects groups with the
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")
     parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every target, e.g. select.min_score=null (stages it does not "
+                             "touch are reused)")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
     from dataselect import run
@@ -136,7 +140,7 @@ def main() -> None:
     per_target = {}
     for target in targets:
         chosen = setting(args.setting, args.model, target=target, regime=args.regime, cache=args.cache)
-        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}")
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}", *args.set)
         print(f"\nsetting {chosen.name}, model {args.model}: recipe {chosen.recipe.name} with "
               f"{' '.join(chosen.overrides) or 'no overrides'}; seeds {seeds}; fine-tunes from the base with "
               f"meta-init's settings, {args.budget} as in meta-init", flush=True)
