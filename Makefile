@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/dataselect build --recipe recipes/demo.yaml
 
+# The docs build strictly (a broken link or a missing page fails), then the tests.
 test: install
+	$(BIN)/mkdocs build --strict -q -d $$(mktemp -d)
 	$(BIN)/pytest -q
 
 clean:
