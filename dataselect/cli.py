@@ -10,13 +10,13 @@ import click
 
 from pathlib import Path
 
+from . import build
 from .export import ExportError
 from .model import ModelError
-from .push import PushError
 from .outputs import OutputError, read_manifest
 from .pipeline import STAGE_NAMES as STAGE_ORDER
-from . import build
 from .pipeline import STAGES, run, run_shard
+from .push import PushError
 from .shards import Shard
 from .recipe import SELECT_METHODS, RecipeError, load_recipe
 from .sources import SourceError

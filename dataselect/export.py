@@ -23,7 +23,6 @@ from .select import read_selection
 from .sources import read_ingested, usable
 
 
-
 class ExportError(RuntimeError):
     """The output folder cannot be written, named by its path."""
 

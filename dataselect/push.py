@@ -130,7 +130,7 @@ def groups_table(manifest: dict) -> list[str]:
         if g.get("ci95") is not None:
             score += f" ± {cell(g['ci95'], 2)}"
         cells = [g.get("rank"), g.get("group"), g.get("source"), score, g.get("examples"),
-                 "yes" if g.get("selected") else "no", g.get("reason")]
+                 bool(g.get("selected")), g.get("reason")]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
 
