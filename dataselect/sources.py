@@ -7,13 +7,20 @@ input row is accounted for from here to the manifest.
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import glob
+import gzip
+import io
 import json
 import logging
+import lzma
+import os
 import random
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import polars as pl
 
@@ -25,6 +32,14 @@ log = logging.getLogger(__name__)
 
 ROLES = ("source", "validation", "test")
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_TEXT_BUILDERS = ("json", "csv")
+# datasets decompresses these text data files on the fly; a parquet file is compressed inside already
+_COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
+_BUILDERS = {**_FILE_BUILDERS, **{kind + c: builder for kind, builder in _FILE_BUILDERS.items()
+                                  if builder in _TEXT_BUILDERS for c in _COMPRESSIONS}}
+_SUPPORTED = (f"use one of {', '.join(_FILE_BUILDERS)}, or a .json, .jsonl or .csv file compressed as "
+              f"{', '.join(_COMPRESSIONS[:-1])} or {_COMPRESSIONS[-1]}")
+_EMPTY = "the file is empty (0 rows)"
 
 
 class SourceError(ValueError):
@@ -32,7 +47,8 @@ class SourceError(ValueError):
 
 
 def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, seed: int):
-    """One split of a Hub dataset, a local file or folder, a saved dataset, or a demo dataset."""
+    """One split of a Hub dataset, a local file (maybe compressed), a glob pattern of local files, a
+    folder, a saved dataset, or a demo dataset."""
     import datasets
 
     if dataset.startswith("demo:"):
@@ -40,32 +56,10 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
     path = Path(dataset).expanduser()
     try:
         if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            builder = _BUILDERS.get(_file_type(path))
             if builder is None:
-                raise SourceError(f"{dataset}: unsupported file type {path.suffix!r}; "
-                                  f"use one of {', '.join(_FILE_BUILDERS)}")
-            if split != "train" and not split.startswith("train["):
-                raise SourceError(f"{dataset}: a single file has only the 'train' split (or a slice such as "
-                                  f"'train[:1000]'), not {split!r}")
-            if path.stat().st_size == 0:
-                raise SourceError(f"{dataset}: the file is empty (0 rows)")
-            # pyarrow reads invalid UTF-8 into JSON strings unchecked; it would fail later, nameless
-            problem = _not_utf8(path) if builder in ("json", "csv") else None
-            if problem:
-                raise SourceError(f"{dataset}: {problem}")
-            try:
-                return datasets.load_dataset(builder, data_files=str(path), split=split)
-            except Exception as e:
-                problem = _diagnose_file(path, builder)  # the line at fault, found only once loading failed
-                if problem:
-                    raise SourceError(f"{dataset}: {problem}") from e
-                if "[" in split:
-                    raise SourceError(f"{dataset}: split {split!r} is out of range or malformed ({_cause(e)}); "
-                                      f"{_row_count(builder, path)}write a slice as 'train[:1000]', 'train[100:200]' "
-                                      f"or 'train[:10%]'") from e
-                if "corresponds to no data" in str(e):  # e.g. a CSV file with only its header line
-                    raise SourceError(f"{dataset}: the file has 0 rows") from e
-                raise
+                raise SourceError(f"{dataset}: unsupported file type {_file_type(path)!r}; {_SUPPORTED}")
+            return _load_files(dataset, [path], builder, split, pattern=False)
         if path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
                 saved = datasets.load_from_disk(str(path))
@@ -75,13 +69,117 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
                     return saved[split]
                 return saved
             return datasets.load_dataset(str(path), config, split=split)
-        if dataset.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS:
+        if any(c in dataset for c in "*?["):
+            files, builder = _matching_files(dataset)
+            return _load_files(dataset, files, builder, split, pattern=True)
+        if dataset.startswith((".", "/", "~")) or path.suffix.lower() in (*_FILE_BUILDERS, *_COMPRESSIONS):
             raise SourceError(f"{dataset}: no such file or folder")
         return datasets.load_dataset(dataset, config, split=split)
     except SourceError:
         raise
     except Exception as e:  # datasets raises a zoo of types; keep the name and the cause
         raise SourceError(f"{dataset} (split {split!r}): cannot load: {_cause(e)}") from e
+
+
+def _load_files(dataset: str, files: list[Path], builder: str, split: str, pattern: bool):
+    """The 'train' split (or a slice of it) of local files of one builder: one file, or the files a
+    glob pattern matched, in order. Problems name the file (after the pattern, for a pattern)."""
+    import datasets
+
+    def at(file: Path) -> str:
+        return f"{dataset}: {file}" if pattern else dataset
+
+    what = "the files a pattern matches have" if pattern else "a single file has"
+    if split != "train" and not split.startswith("train["):
+        raise SourceError(f"{dataset}: {what} only the 'train' split (or a slice such as "
+                          f"'train[:1000]'), not {split!r}")
+    if not pattern and files[0].stat().st_size == 0:
+        raise SourceError(f"{dataset}: {_EMPTY}")
+    # pyarrow reads invalid UTF-8 into JSON strings unchecked; it would fail later, nameless
+    for file in files if builder in _TEXT_BUILDERS else ():
+        try:
+            problem = _not_utf8(file)
+        except _decompress_errors() as e:  # a corrupt or truncated .gz, .zst, ...: the whole stream was read
+            raise SourceError(f"{at(file)}: cannot read it as {_file_type(file)}: {type(e).__name__}: {e}") from e
+        if problem:
+            raise SourceError(f"{at(file)}: {problem}")
+    data_files = [str(f) for f in files] if pattern else str(files[0])
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, split=split)
+    except Exception as e:
+        problems = [(f, _diagnose_file(f, builder)) for f in files]  # the line at fault, found only now
+        for file, problem in problems:
+            if problem and problem != _EMPTY:
+                raise SourceError(f"{at(file)}: {problem}") from e
+        if problems and all(problem == _EMPTY for _, problem in problems):
+            raise SourceError(f"{dataset}: {_EMPTY}" if not pattern else
+                              f"{dataset}: all {len(files)} matching files are empty (0 rows)") from e
+        noun = "the matching files have" if pattern else "the file has"
+        if "[" in split:
+            raise SourceError(f"{dataset}: split {split!r} is out of range or malformed ({_cause(e)}); "
+                              f"{_row_count(builder, data_files, noun)}write a slice as 'train[:1000]', "
+                              f"'train[100:200]' or 'train[:10%]'") from e
+        if "corresponds to no data" in str(e):  # e.g. a CSV file with only its header line
+            raise SourceError(f"{dataset}: {noun} 0 rows") from e
+        raise
+
+
+def _file_type(path: Path) -> str:
+    """The suffix that says how to read a file: '.jsonl', or '.jsonl.gz' when compressed."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSIONS:
+        return suffixes[-2] + suffixes[-1]
+    return path.suffix.lower()
+
+
+def _matching_files(pattern: str) -> tuple[list[Path], str]:
+    """The files a glob pattern matches, sorted by name so that shards keep their order, and the one
+    builder that reads them all."""
+    files = sorted((Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)),
+                   key=str)
+    if not files:
+        where = "" if Path(pattern).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+        raise SourceError(f"{pattern}: no file matches this pattern{where}")
+    by_type: dict[str, list[Path]] = {}
+    for file in files:
+        by_type.setdefault(_file_type(file), []).append(file)
+    builders = {_BUILDERS.get(kind) for kind in by_type}
+    if len(builders) > 1 or None in builders and len(by_type) > 1:  # .jsonl with .jsonl.gz is one builder
+        kinds = "; ".join(f"{kind}: {len(group)} ({group[0]}{', ...' if len(group) > 1 else ''})"
+                          for kind, group in sorted(by_type.items()))
+        raise SourceError(f"{pattern}: the matching files mix file types ({kinds}); "
+                          "make the pattern match files of one type, such as '*.parquet'")
+    kind, group = next(iter(by_type.items()))
+    if None in builders:
+        raise SourceError(f"{pattern}: unsupported file type {kind!r} ({group[0]}); {_SUPPORTED}")
+    return files, builders.pop()
+
+
+def _open_bytes(path: Path) -> BinaryIO:
+    """The bytes of a file as datasets reads them: decompressed when its name ends in a compression suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix == ".xz":
+        return lzma.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader)  # the bare reader cannot iterate lines
+    return path.open("rb")
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    """What reading a corrupt or truncated compressed file raises, by format."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return (*errors, zstandard.ZstdError)
 
 
 def _cause(e: BaseException) -> str:
@@ -96,14 +194,14 @@ def _cause(e: BaseException) -> str:
     return text
 
 
-def _row_count(builder: str, path: Path) -> str:
+def _row_count(builder: str, data_files: str | list[str], noun: str = "the file has") -> str:
     import datasets
 
     try:
-        n = len(datasets.load_dataset(builder, data_files=str(path), split="train"))
+        n = len(datasets.load_dataset(builder, data_files=data_files, split="train"))
     except Exception:  # noqa: BLE001 - only a hint inside another error's message
         return ""
-    return f"the file has {n} row{'' if n == 1 else 's'}; "
+    return f"{noun} {n} row{'' if n == 1 else 's'}; "
 
 
 def _not_utf8(path: Path) -> str | None:
@@ -111,14 +209,14 @@ def _not_utf8(path: Path) -> str | None:
     whole file first; the line-by-line pass runs only when it found something."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        with path.open("rb") as f:
+        with _open_bytes(path) as f:
             while chunk := f.read(1 << 24):
                 decoder.decode(chunk)
         decoder.decode(b"", final=True)
         return None
     except UnicodeDecodeError:
         pass
-    with path.open("rb") as f:
+    with _open_bytes(path) as f:
         for n, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")
@@ -131,16 +229,17 @@ def _not_utf8(path: Path) -> str | None:
 def _diagnose_file(path: Path, builder: str) -> str | None:
     """Why a local JSON, JSON Lines or CSV file (already known to be UTF-8) does not load, naming the
     line: a line that is not JSON or not an object, or no rows at all. None: none of these."""
-    if builder not in ("json", "csv"):
+    if builder not in _TEXT_BUILDERS:
         return None
-    with path.open("rb") as f:
+    with _open_bytes(path) as f:
         if not any(raw.strip() for raw in f):
-            return "the file is empty (0 rows)"
+            return _EMPTY
     if builder == "csv":
         return None
-    if path.suffix.lower() == ".json":  # one JSON document, or JSON Lines under a .json name
+    if _file_type(path).split(".")[1] == "json":  # one JSON document, or JSON Lines under a .json name
         try:
-            document = json.loads(path.read_text(encoding="utf-8-sig"))
+            with _open_bytes(path) as f:
+                document = json.loads(f.read().decode("utf-8-sig"))
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":
                 return f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
@@ -150,7 +249,7 @@ def _diagnose_file(path: Path, builder: str) -> str | None:
                 if not isinstance(item, dict):
                     return f"item {i} is a JSON {type(item).__name__}, not an object with one field per column"
             return None
-    with path.open("rb") as f:
+    with _open_bytes(path) as f:
         for n, raw in enumerate(f, 1):
             line = raw.decode("utf-8").rstrip("\r\n")
             line = line.removeprefix("\ufeff") if n == 1 else line

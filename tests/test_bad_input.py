@@ -444,14 +444,15 @@ def test_a_folder_without_data_is_named(tmp_path, content, message):
     assert str(e.value) == message.format(d=folder)  # (the last words are datasets')
 
 
-@pytest.mark.parametrize("name", ["s.txt", "s.xlsx", "s.jsonl.gz"])
-def test_an_unsupported_file_type_is_named_with_the_supported_ones(tmp_path, name):
+@pytest.mark.parametrize("name, kind", [("s.txt", ".txt"), ("s.xlsx", ".xlsx"), ("s.txt.gz", ".txt.gz"),
+                                        ("s.gz", ".gz")])
+def test_an_unsupported_file_type_is_named_with_the_supported_ones(tmp_path, name, kind):
     (tmp_path / name).write_bytes(b"x")
-    suffix = Path(name).suffix
     with pytest.raises(SourceError) as e:
         ingest(make_recipe(tmp_path, dataset=str(tmp_path / name)))
-    assert str(e.value) == (f"source s: {tmp_path / name}: unsupported file type {suffix!r}; "
-                            "use one of .json, .jsonl, .parquet, .csv")
+    assert str(e.value) == (f"source s: {tmp_path / name}: unsupported file type {kind!r}; "
+                            "use one of .json, .jsonl, .parquet, .csv, or a .json, .jsonl or .csv file "
+                            "compressed as .gz, .zst, .bz2 or .xz")
 
 
 @pytest.mark.parametrize("split", ["train[50:60]", "train[12:]", "train[:abc]", "train[:200%]"])
