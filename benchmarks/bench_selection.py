@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
 
-METHODS = "all,random,gradient_similarity,representation_similarity,dsir,random_ensemble,surrogate,forward"
+METHODS = "all,random,gradient_similarity,representation_similarity,dsir,group_effect,random_ensemble,surrogate,forward"
 
 
 def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:

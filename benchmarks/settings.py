@@ -98,7 +98,7 @@ def smollm2_gguf() -> Path:
 T0_SMOLLM2 = ["model.tiny=null", "model.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
               "meta_init={epochs: 1, lr: 2.0e-4, batch_size: 8}", "sketch.batch_size=8", "sketch.chunk_size=64",
               "target.validation.split=train[:50]", "target.test.split=train[100:200]"]
-T0_SMOLLM2_ROWS = 16  # per dataset: 36 groups, hours rather than days of CPU time
+T0_SMOLLM2_ROWS = 8  # per dataset: 36 groups, under an hour of CPU time for one target and seed
 
 
 def t0(target: str, regime: str, cache: Path, model: str = "tiny") -> Setting:
@@ -116,7 +116,7 @@ def t0(target: str, regime: str, cache: Path, model: str = "tiny") -> Setting:
                  f"target.validation.split=train[:{VALIDATION_ROWS}]", f"target.test.split=train[{VALIDATION_ROWS}:]"]
     name = f"t0-{target}-{regime}"
     if model == "smollm2":
-        small = pool.with_name(pool.stem + "-small.jsonl")
+        small = small_pool(pool)
         overrides += [f"name=t0-{target}-smollm2", f"model.base={smollm2_gguf()}", *T0_SMOLLM2,
                       f"sources.0.dataset={small}"]
         name = f"t0-{target}-smollm2"
@@ -171,23 +171,26 @@ def t0_split(seed: int = T0_SEED):
 
 def t0_files(folder: Path) -> Path:
     """pool.jsonl, pool-without-<t>.jsonl for transfer targets, target-<t>.jsonl (validation rows
-    first, then test rows), and each pool's first T0_SMOLLM2_ROWS rows per dataset (-small);
-    written once."""
-    if (folder / "small-done").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    pool, targets, _ = t0_split()
-    _write(folder / "pool.jsonl", _rows(pool))
-    for t in T0_TRANSFER:
-        _write(folder / f"pool-without-{t}.jsonl", [r for r in _rows(pool) if r["dataset"] != t])
-    for t, rows in targets.items():
-        _write(folder / f"target-{t}.jsonl", _rows(rows))
-    for path in list(folder.glob("pool*.jsonl")):
-        if not path.stem.endswith("-small"):
+    first, then test rows), written once; and each pool's first T0_SMOLLM2_ROWS rows per dataset
+    (pool-small<N>.jsonl), written when missing."""
+    if not (folder / "done").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        pool, targets, _ = t0_split()
+        _write(folder / "pool.jsonl", _rows(pool))
+        for t in T0_TRANSFER:
+            _write(folder / f"pool-without-{t}.jsonl", [r for r in _rows(pool) if r["dataset"] != t])
+        for t, rows in targets.items():
+            _write(folder / f"target-{t}.jsonl", _rows(rows))
+        (folder / "done").write_text("")
+    for path in [folder / "pool.jsonl", *(folder / f"pool-without-{t}.jsonl" for t in T0_TRANSFER)]:
+        if not small_pool(path).exists():
             rows = [json.loads(line) for line in path.read_text().splitlines()]
-            _write(path.with_name(path.stem + "-small.jsonl"), first_per_dataset(rows, T0_SMOLLM2_ROWS))
-    (folder / "small-done").write_text("")
+            _write(small_pool(path), first_per_dataset(rows, T0_SMOLLM2_ROWS))
     return folder
+
+
+def small_pool(pool: Path) -> Path:
+    return pool.with_name(f"{pool.stem}-small{T0_SMOLLM2_ROWS}.jsonl")
 
 
 def first_per_dataset(rows: list[dict], n: int) -> list[dict]:

@@ -95,7 +95,8 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
     if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
         command = click.option(
             "--method", type=click.Choice(SELECT_METHODS),
-            help="Selector (same as --set select.method=...): random_ensemble and forward (GradEx), surrogate, "
+            help="Selector (same as --set select.method=...): group_effect (default), random_ensemble and forward "
+                 "(GradEx), surrogate, "
                  "or a baseline: all, random, gradient_similarity (LESS-style), representation_similarity, dsir.",
         )(command)
     return command

@@ -165,19 +165,21 @@ class Estimate(Strict):
     subset_fraction: float = Field(0.5, gt=0, lt=1)
 
 
-SELECT_METHODS = ("random_ensemble", "surrogate", "forward", "all", "random", "gradient_similarity",
+SELECT_METHODS = ("random_ensemble", "group_effect", "surrogate", "forward", "all", "random", "gradient_similarity",
                   "representation_similarity", "dsir")
 
 
 class Select(Strict):
-    method: Literal[SELECT_METHODS] = "random_ensemble"
-    # At most half the groups, and only those better than the average group (score 0) with 95%
-    # confidence: what every shipped recipe uses.
-    keep_fraction: float = Field(0.5, gt=0, le=1)
+    method: Literal[SELECT_METHODS] = "group_effect"
+    # Keep every group unless its estimate says, with 95% confidence, that it raises the target's
+    # loss: on the real T0 pool this measured best of the keep rules tried (docs/benchmarks.md).
+    # For a narrow target, `threshold_on: low_end` keeps only what confidently helps.
+    keep_fraction: float = Field(1.0, gt=0, le=1)
     min_score: float | None = 0.0
-    # min_score applies to the low end of the group's 95% interval (score − ci95) where the method
-    # gives one: a group whose benefit cannot be told from min_score is not kept on its estimate.
-    confident: bool = True
+    # What min_score is compared with, where the method gives a 95% interval: its low end (keep only
+    # groups confidently above min_score), the estimate itself, or its high end (drop only groups
+    # confidently below).
+    threshold_on: Literal["low_end", "estimate", "high_end"] = "high_end"
     max_examples: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
 

@@ -3,12 +3,17 @@
 Every method produces one score per group (positive = estimated to help the target) and the same
 keep-rules decide, so the methods can be compared on the same data:
 
+- `group_effect` (the default): each group's own estimate, L⁰ − f̂({g}), the first-order drop in
+  the target's loss per step of training on it alone, with a 95% interval over its examples. It
+  is absolute (> 0: estimated to help), so `min_score: 0` with `threshold_on: high_end` drops
+  exactly the groups estimated, with confidence, to hurt.
 - `random_ensemble` (GradEx-RE): how much lower the estimated target loss is over sampled subsets
   that contain the group than over those that do not, with a 95% confidence interval; the
   paper's T_i (mean estimate over subsets that contain it) is kept as `mean_loss_with`.
 - `surrogate`: a linear model f̂(S) ≈ β₀ + Σ_i β_i·[i ∈ S] fitted to the same estimates; score −β_i.
 - `forward` (GradEx-FS): true forward stepwise selection on estimates; each step adds the group
-  whose addition gives the lowest estimated loss, up to `keep_fraction` of the groups.
+  whose addition gives the lowest estimated loss, up to `keep_fraction` of the groups and while
+  that addition lowers it by at least `min_score`.
 - baselines: `all` (every group), `random` (random scores, so the same keep-rules give the same
   budget), `gradient_similarity` (LESS: cosine of an example's loss gradient to a target
   example's at each point of the path, weighted by the learning rate there, max over target
@@ -16,8 +21,7 @@ keep-rules decide, so the methods can be compared on the same data:
   (cosine of the mean-pooled last hidden state to the target's mean), `dsir` (hashed unigram and
   bigram importance weights, DSIR-style).
   Per-example baseline scores are centred on the pool's mean and averaged per group, so for
-  every method a score of 0 means "as good as the average group" and `min_score: 0` keeps the
-  groups above average.
+  these and the ensemble a score of 0 means "as good as the average group".
 """
 
 from __future__ import annotations
@@ -50,6 +54,23 @@ def random_ensemble_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[s
     return pl.DataFrame(rows, schema={**SCORE_SCHEMA, "mean_loss_with": pl.Float64, "subsets_with": pl.Int64})
 
 
+def group_effect_scores(pool) -> pl.DataFrame:
+    """Each group's own first-order effect, L⁰ − f̂({g}): the drop in target loss per step of
+    training on that group alone (its per-token alignment with the target gradient), with the 95%
+    interval of a ratio estimate over its examples. Unlike the ensemble's score it is absolute: a
+    positive score means "estimated to help", not "better than the average group".
+    """
+    n = len(pool.groups)
+    count = np.bincount(pool.group_of, minlength=n).astype(np.float64)
+    alignment, tokens = pool.group_sums()
+    ratio = alignment / np.maximum(tokens, 1.0)
+    resid = pool.alignment - ratio[pool.group_of] * pool.tokens
+    spread = np.bincount(pool.group_of, weights=resid**2, minlength=n) / np.maximum(count - 1, 1)
+    mean_tokens = tokens / np.maximum(count, 1)
+    se = np.sqrt(spread / np.maximum(count, 1)) / np.maximum(mean_tokens, 1e-30)
+    return pl.DataFrame({"group": pool.groups, "score": ratio, "ci95": 1.96 * se}, schema=SCORE_SCHEMA)
+
+
 def surrogate_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[str]) -> pl.DataFrame:
     """Least squares f̂(S) ≈ β₀ + Σ β_i [i ∈ S]; score −(β_i − mean β) with its 95% interval.
 
@@ -67,11 +88,12 @@ def surrogate_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[str]) -
 
 
 def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: int, base_loss: float,
-                      n_keep: int) -> tuple[list[int], np.ndarray]:
-    """Forward stepwise on estimates, up to `n_keep` groups: (groups in the order added, each
-    group's score). Each step adds the group whose addition gives the lowest estimated loss, so the
-    set answers "which mixture of this many groups is best" even after the estimate stops falling
-    (a mean over S is lowest for the single best group).
+                      n_keep: int, min_gain: float | None = None) -> tuple[list[int], np.ndarray]:
+    """Forward stepwise on estimates, up to `n_keep` groups, and only while the best addition
+    lowers the estimated loss by at least `min_gain` (when given): (groups in the order added, each
+    group's score). Each step adds the group whose addition gives the lowest estimated loss. Since
+    f̂(S) is a mean over S, it is lowest for the single best group: with `min_gain: 0` forward
+    selection stops there; without it, the set answers "which mixture of this many groups is best".
 
     A chosen group's score is the drop in estimated loss when it was added; an unchosen one's is
     the drop it would have given at the last step.
@@ -88,6 +110,8 @@ def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: in
         for i, g in zip(remaining, gains):
             scores[i] = g
         best = int(np.argmax(gains))
+        if chosen and min_gain is not None and gains[best] < min_gain:
+            break
         chosen.append(remaining[best])
         current = float(losses[best])
     return chosen, scores
@@ -149,8 +173,8 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
     """Mark groups kept, best score first, with the reason for each decision.
 
     `groups` has columns group, score, examples, tokens (and ci95). Rules: keep the top
-    `keep_fraction` of groups, only those with score ≥ `min_score` (score − ci95 ≥ `min_score` when
-    `confident` and the method gives an interval), and skip a group that would exceed
+    `keep_fraction` of groups, only those with score ≥ `min_score` (the low or high end of the
+    95% interval, by `threshold_on`, where the method gives one), and skip a group that would exceed
     `max_examples` or `max_tokens`.
     """
     ranked = groups.sort(["score", "group"], descending=[True, False], nulls_last=True)
@@ -162,9 +186,10 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
             keep, why = False, "no score: the group was in too few or too many sampled subsets"
         elif rank > n_keep:
             keep, why = False, f"{where}, outside the top {rules.keep_fraction:.0%} of groups"
-        elif rules.min_score is not None and _low_end(row, rules.confident) < rules.min_score:
-            margin = f" ± {row['ci95']:.2g}" if rules.confident and row.get("ci95") is not None else ""
-            keep, why = False, f"{where}, score {row['score']:.4g}{margin} not above min_score {rules.min_score}"
+        elif rules.min_score is not None and _compared(row, rules.threshold_on) < rules.min_score:
+            margin = f" ± {row['ci95']:.2g}" if rules.threshold_on != "estimate" and row.get("ci95") is not None else ""
+            keep, why = False, (f"{where}, score {row['score']:.4g}{margin}: {rules.threshold_on.replace('_', ' ')} "
+                                f"below min_score {rules.min_score}")
         elif rules.max_examples is not None and examples + row["examples"] > rules.max_examples:
             keep, why = False, f"{where}, would exceed max_examples={rules.max_examples}"
         elif rules.max_tokens is not None and tokens + row["tokens"] > rules.max_tokens:
@@ -178,10 +203,12 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
                                pl.Series("rank", range(1, ranked.height + 1)))
 
 
-def _low_end(row: dict, confident: bool) -> float:
-    """The score a threshold compares: the low end of its 95% interval when asked and known."""
+def _compared(row: dict, threshold_on: str) -> float:
+    """The value a threshold compares: the estimate, or an end of its 95% interval where known."""
     ci = row.get("ci95")
-    return row["score"] - ci if confident and ci is not None else row["score"]
+    if ci is None or threshold_on == "estimate":
+        return row["score"]
+    return row["score"] - ci if threshold_on == "low_end" else row["score"] + ci
 
 
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
@@ -196,6 +223,8 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
         return random_ensemble_scores(subsets, loss, groups), None
     if method == "surrogate":
         return surrogate_scores(subsets, loss, groups), None
+    if method == "group_effect":
+        return group_effect_scores(load_pool(recipe)), None
     if method in ("all", "random"):
         rng = np.random.default_rng(recipe.seed)
         score = None if method == "all" else rng.random(len(groups)) - 0.5
@@ -203,7 +232,8 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     if method == "forward":
         pool = load_pool(recipe)
         n_keep = max(1, math.ceil(recipe.select.keep_fraction * len(groups)))
-        chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep)
+        chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep,
+                                           recipe.select.min_score)
         frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
         return frame, [groups[i] for i in chosen]
     examples = read_ingested(recipe)
@@ -246,7 +276,8 @@ def stage(recipe: Recipe, out: Path) -> dict:
         kept = apply_keep_rules(scored.filter(pl.col("group").is_in(forward_set)),
                                 rules.model_copy(update={"keep_fraction": 1.0, "min_score": None}))
         dropped = scored.filter(~pl.col("group").is_in(forward_set)).with_columns(
-            selected=pl.lit(False), reason=pl.lit("forward selection stopped at keep_fraction before adding it"),
+            selected=pl.lit(False), reason=pl.lit("forward selection stopped (keep_fraction, or no addition "
+                                                  "lowered the estimate by min_score) before adding it"),
             rank=pl.lit(None, dtype=pl.Int64))
         kept = kept.with_columns(rank=pl.col("group").replace_strict(order, return_dtype=pl.Int64) + 1,
                                  reason=pl.format("added at forward step {}; {}",

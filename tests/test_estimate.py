@@ -5,7 +5,7 @@ import torch
 
 from dataselect.estimate import Pool, sample_subsets
 from dataselect.recipe import Select
-from dataselect.select import apply_keep_rules, random_ensemble_scores
+from dataselect.select import apply_keep_rules, group_effect_scores, random_ensemble_scores
 
 
 def _pool(alignment, tokens, group_of, base=2.0) -> Pool:
@@ -21,6 +21,19 @@ def test_a_subsets_estimate_is_the_base_loss_minus_its_per_token_alignment():
     # a group counts by its tokens, as a token-averaged training loss counts them: g2 has g0's
     # alignment per token (0.5 vs 1.0) halved, and twice g0's tokens
     assert pool.evaluate(np.array([[1, 0, 1]], dtype=bool))[0] == pytest.approx(2.0 - 8 / 12)
+
+
+def test_a_groups_effect_is_its_own_estimate_with_an_interval_that_shrinks_with_its_size():
+    rng = np.random.default_rng(0)
+    sizes = [20, 2000, 2000]
+    alignment = np.concatenate([rng.normal(0.5, 1.0, 20), rng.normal(0.5, 1.0, 2000), rng.normal(-0.2, 1.0, 2000)])
+    tokens = rng.integers(1, 9, sum(sizes)).astype(float)
+    pool = _pool(alignment * tokens, tokens, np.repeat(np.arange(3), sizes))
+    scores = group_effect_scores(pool)
+    singles = pool.evaluate(np.eye(3, dtype=bool))
+    assert np.allclose(scores["score"].to_numpy(), pool.base_loss - singles)  # L⁰ − f̂({g})
+    ci = scores["ci95"].to_numpy()
+    assert ci[0] > 5 * ci[1] and scores["score"][1] - ci[1] > 0 and scores["score"][2] + ci[2] < 0
 
 
 def test_subsets_are_seeded_and_sized():
@@ -108,13 +121,16 @@ def test_keep_rules_give_reasons():
     assert budget.filter("selected")["group"].to_list() == ["a", "b"]
     threshold = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=0.0))
     assert threshold.filter("selected")["group"].to_list() == ["a", "c"]
-    unsure = apply_keep_rules(groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None])),
-                              Select(keep_fraction=1.0, min_score=0.0))
+    intervals = groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None]))
+    unsure = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="low_end"))
     assert unsure.filter("selected")["group"].to_list() == ["a"]  # c: 0.2 ± 0.25 may be below 0
-    assert "0.2 ± 0.25 not above min_score" in unsure.filter(pl.col("group") == "c")["reason"][0]
-    loose = apply_keep_rules(groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None])),
-                             Select(keep_fraction=1.0, min_score=0.0, confident=False))
+    assert "0.2 ± 0.25: low end below min_score" in unsure.filter(pl.col("group") == "c")["reason"][0]
+    loose = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="estimate"))
     assert loose.filter("selected")["group"].to_list() == ["a", "c"]
+    doubt = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="high_end"))
+    assert doubt.filter("selected")["group"].to_list() == ["a", "c", "b"]  # b: −0.1 ± 0.1 may be 0
+    assert not apply_keep_rules(intervals.with_columns(ci95=pl.Series([0.1, 0.05, 0.25, None])),
+                                Select(min_score=0.0))["selected"][2]  # −0.1 ± 0.05: surely below, dropped
     tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=None, max_tokens=350))
     assert tokens.filter("selected")["group"].to_list() == ["a", "c"]
     assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
@@ -133,6 +149,8 @@ def test_forward_selection_adds_the_best_group_at_each_step_up_to_its_budget():
     assert np.allclose(scores[[0, 4, 2]], [0.3, 0.2, 0.1]) and (scores[[1, 3, 5]] <= 0).all()
     chosen, _ = forward_selection(_additive(effects), len(effects), base_loss=1.0, n_keep=5)
     assert chosen == [0, 4, 2, 5, 3]  # past the last helpful group: the least harmful next
+    chosen, _ = forward_selection(_additive(effects), len(effects), base_loss=1.0, n_keep=6, min_gain=0.0)
+    assert chosen == [0, 4, 2, 5]  # stops once no addition lowers the estimate (5's gain is 0, 3's negative)
 
 
 def test_surrogate_recovers_additive_effects_up_to_their_mean():

@@ -141,7 +141,7 @@ def test_cli_reports_missing_source_files(tmp_path):
     assert result.exit_code == 1 and "./missing/data.jsonl: no such file" in result.output
 
 
-@pytest.mark.parametrize("method", ["surrogate", "forward", "all", "random", "gradient_similarity",
+@pytest.mark.parametrize("method", ["random_ensemble", "surrogate", "forward", "all", "random", "gradient_similarity",
                                     "representation_similarity", "dsir"])
 def test_every_selector_returns_a_valid_selection(demo_copy, method):
     recipe, _, manifest = demo_copy
