@@ -25,7 +25,6 @@ Two families:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import polars as pl
 import torch
 import torch.nn.functional as nnf
 from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
+
+from dataselect.artifacts import FineTune
 
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -108,13 +109,13 @@ def sketch_rows(recipe, model, rows, function) -> tuple[np.ndarray, np.ndarray]:
 class Views:
     def __init__(self, recipe):
         from dataselect.model import meta_train_rows
-        from dataselect.sources import read_ingested, token_rows, usable
+        from dataselect.sources import token_rows, usable
 
-        self.recipe, self.folder = recipe, recipe.run_dir / "ablation"
+        self.recipe, self.folder = recipe, recipe.run.stage_dir("ablation")
         self.folder.mkdir(exist_ok=True)
-        examples = read_ingested(recipe)
-        assigned = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
-        self.groups = json.loads((recipe.run_dir / "estimate" / "groups.json").read_text())
+        examples = recipe.run.ingested.examples()
+        assigned = recipe.run.estimates.assignments()
+        self.groups = recipe.run.estimates.read()[0]
         index = {g: i for i, g in enumerate(self.groups)}
         self.group_of = np.array([index[g] for g in assigned["group"]])
         sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
@@ -136,20 +137,20 @@ class Views:
 
     def path(self) -> tuple[Path, int]:
         """Meta-init again with snapshots at FRACTIONS (same recipe and seed: the same path)."""
-        from dataselect.model import load_tokenizer, meta_init, snapshot_path, training_steps
+        from dataselect.model import load_tokenizer, meta_init, training_steps
 
         folder = self.folder / "path"
         steps = training_steps(self.recipe.meta_init, len(self.train_rows))
-        if not all(snapshot_path(folder, f, steps).exists() for f in FRACTIONS):
+        if not all(FineTune(folder).snapshot(f, steps).exists() for f in FRACTIONS):
             folder.mkdir(exist_ok=True)
             meta_init(self.recipe, self.train_rows, folder, load_tokenizer(self.recipe).pad_token_id, FRACTIONS)
         return folder, steps
 
     def model(self, fraction: float):
-        from dataselect.model import load_theta_star, snapshot_path
+        from dataselect.model import load_theta_star
 
         folder, steps = self.path()
-        return load_theta_star(self.recipe, snapshot_path(folder, fraction, steps))
+        return load_theta_star(self.recipe, FineTune(folder).snapshot(fraction, steps))
 
     def sources(self, function: str, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         fn = {"logodds": mean_log_odds, "ce": mean_loss}[function]
@@ -173,10 +174,10 @@ class Views:
             for k in (0, 1):
                 folder = self.folder / f"crossfit-{k}"
                 folder.mkdir(exist_ok=True)
-                if not (folder / "theta.safetensors").exists():
+                if not FineTune(folder).theta.exists():
                     meta_init(self.recipe, [r for r, f in zip(self.rows, fold) if f != k], folder,
                               load_tokenizer(self.recipe).pad_token_id)
-                model = load_theta_star(self.recipe, folder / "theta.safetensors")
+                model = load_theta_star(self.recipe, FineTune(folder).theta)
                 values[fold == k] = sketch_rows(self.recipe, model, [r for r, f in zip(self.rows, fold) if f == k],
                                                 mean_log_odds)[1]
             return np.zeros((1, 1)), values
@@ -319,12 +320,13 @@ def main() -> None:
     for target in targets:
         s = setting(args.setting, target=target, regime=args.regime, cache=args.cache)
         recipe = s.load(args.cache / "runs" / f"{s.name}-seed{args.seed}", f"seed={args.seed}")
-        verified = recipe.run_dir / "verify"
-        if not (verified / "memberships.npy").exists():
-            sys.exit(f"{verified}: run benchmarks/bench_fidelity.py with the same arguments first")
-        truth = pl.read_parquet(verified / "results.parquet")["true_loss"].to_numpy()
-        memberships = np.load(verified / "memberships.npy").astype(np.float64)
-        subsets = np.load(recipe.run_dir / "estimate" / "subsets.npy")
+        verified = recipe.run.verification
+        memberships = verified.memberships()
+        if memberships is None:
+            sys.exit(f"{verified.folder}: run benchmarks/bench_fidelity.py with the same arguments first")
+        truth = verified.results()["true_loss"].to_numpy()
+        memberships = memberships.astype(np.float64)
+        subsets = recipe.run.estimates.read()[1]
         views = Views(recipe)
         for v in chosen:
             rho = spearman(v.estimate(views, memberships), truth)

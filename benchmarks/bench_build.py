@@ -10,11 +10,9 @@ and backward passes of the same model on the same data); sketching is printed as
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,7 +29,7 @@ def main() -> None:
         start = time.perf_counter()
         summaries = run(recipe, force=True)
         total = time.perf_counter() - start
-        seconds = {s: json.loads((Path(tmp) / "run" / s / "stage.json").read_text())["seconds"] for s in summaries}
+        seconds = {s: recipe.run.record(s)["seconds"] for s in summaries}
 
     meta = summaries["meta_init"]
     train_rate = meta["steps"] * recipe.meta_init.batch_size / seconds["meta_init"]

@@ -34,9 +34,7 @@ def own_rank(recipe, group: str | None) -> str:
     """The rank the selection gave `group` (the target's own dataset), as 'r/n'."""
     if group is None:
         return "—"
-    from dataselect.select import read_selection
-
-    ranked = read_selection(recipe)
+    ranked = recipe.run.selection.read()
     ranks = dict(zip(ranked["group"], ranked["rank"]))
     return f"{ranks[group]}/{ranked.height}"
 
@@ -82,14 +80,14 @@ def main() -> None:
         recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed{args.seed}", f"seed={args.seed}")
         run(recipe, until="sketch")
         for stage in LATER_STAGES:  # cheap, and what this benchmark measures: never reused
-            shutil.rmtree(recipe.run_dir / stage, ignore_errors=True)
+            shutil.rmtree(recipe.run.stage_dir(stage), ignore_errors=True)
         began = time.perf_counter()
         summary = verify(recipe, k_random=args.subsets, repeats=args.repeats, finetunes=args.cache / "finetunes")
         label = target or args.setting
         if target:
             label += " (in-pool)" if target in T0_IN_POOL else " (transfer)"
         rows.append(fidelity_row(label, summary, own_rank(recipe, chosen.own_group)))
-        print(f"{label}: {time.perf_counter() - began:.0f} s; {recipe.run_dir / 'verify' / 'report.md'}", flush=True)
+        print(f"{label}: {time.perf_counter() - began:.0f} s; {recipe.run.verification.report}", flush=True)
     print(f"\nsetting {args.setting}, regime {args.regime if args.setting == 't0' else '—'}, seed {args.seed}: "
           f"Spearman of each predictor with the true target loss after a real fine-tune; errors relative\n")
     if len(rows) > 1:

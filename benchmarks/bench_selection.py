@@ -34,11 +34,11 @@ from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
 METHODS = "all,random,gradient_similarity,representation_similarity,dsir,group_effect,random_ensemble,surrogate,forward"
 
 
-def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:
+def harmful_rows(mixture: pl.DataFrame, demo_data: Path) -> int:
     """Rows whose ground truth says they are wrong: the demo's corrupted rows (its generated
     `quality` column, so those inside the unlabeled source count too), GSM8K's incorrect solutions."""
     wrong = mixture.filter(pl.col("group").str.ends_with("/False")).height
-    for path in (run_dir / "demo_data").glob("*.jsonl"):
+    for path in demo_data.glob("*.jsonl"):
         quality = pl.read_ndjson(path).select("quality").with_row_index("row").cast({"row": pl.Int64})
         rows = mixture.filter(pl.col("source") == path.stem).select(pl.col("row").cast(pl.Int64))
         wrong += rows.join(quality, on="row").filter(pl.col("quality") == "corrupted").height
@@ -48,24 +48,24 @@ def harmful_rows(mixture: pl.DataFrame, run_dir: Path) -> int:
 def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path) -> list[dict]:
     """Per method: its mixture fine-tuned from the base for every seed, scored on the target."""
     from dataselect import run
+    from dataselect.artifacts import FineTune
     from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss, meta_init
-    from dataselect.select import read_selection
-    from dataselect.sources import read_ingested, token_rows, usable
+    from dataselect.sources import token_rows, usable
     from dataselect.verify import finetune_folder
 
-    examples = read_ingested(recipe)
+    examples = recipe.run.ingested.examples()
     tokenizer = load_tokenizer(recipe)
     pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size
     validation, test_frame = token_rows(usable(examples, "validation")), usable(examples, "test")
     test = token_rows(test_frame)
-    assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
+    assignments = recipe.run.estimates.assignments()
     sources = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).drop("group")
     sources = sources.join(assignments, on="id")
     out = []
     for method in methods:
         chosen = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
         run(chosen, until="select")
-        kept = set(read_selection(chosen).filter(pl.col("selected"))["group"])
+        kept = set(chosen.run.selection.read().filter(pl.col("selected"))["group"])
         mixture = sources.filter(pl.col("group").is_in(list(kept)))
         rows = token_rows(mixture)
         epochs = recipe.meta_init.epochs * (len(sources) / len(rows) if budget == "steps" else 1)
@@ -74,17 +74,18 @@ def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, 
             trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
                 update={"epochs": epochs})})
             folder = finetune_folder(trained, rows, finetunes)
-            if not (folder / "theta.safetensors").exists():
+            theta = FineTune(folder).theta
+            if not theta.exists():
                 folder.mkdir(parents=True, exist_ok=True)
                 meta_init(trained, rows, folder, pad)
-            model = load_theta_star(recipe, folder / "theta.safetensors")
+            model = load_theta_star(recipe, theta)
             val.append(mean_token_loss(model, validation, batch, pad))
             tst.append(mean_token_loss(model, test, batch, pad))
             if recipe.target.answer:
                 em.append(exact_match(model, tokenizer, test, test_frame["response"].to_list(), recipe.target.answer,
                                       batch))
         out.append({"method": method, "groups": len(kept), "rows": len(rows),
-                    "harmful": harmful_rows(mixture, recipe.run_dir), "val": val, "test": tst, "em": em})
+                    "harmful": harmful_rows(mixture, recipe.run.demo_data), "val": val, "test": tst, "em": em})
     return out
 
 
@@ -146,7 +147,7 @@ def main() -> None:
               f"meta-init's settings, {args.budget} as in meta-init", flush=True)
         run(recipe, until="sketch")
         for stage in ("estimate", "select", "export"):  # cheap, and what this benchmark compares: never reused
-            shutil.rmtree(recipe.run_dir / stage, ignore_errors=True)
+            shutil.rmtree(recipe.run.stage_dir(stage), ignore_errors=True)
         run(recipe, until="estimate")
         label = target + (" (in-pool)" if target in T0_IN_POOL else " (transfer)") if target else chosen.name
         per_target[label] = evaluate_methods(recipe, args.methods.split(","), seeds, args.budget,

@@ -36,7 +36,7 @@ from dataselect import load_recipe, run
 from dataselect.model import encode, load_theta_star, load_tokenizer, pad_batch, response_logprobs
 from dataselect.projection import KroneckerProjector
 from dataselect.sketch import Sketcher, response_loss, sketched_modules
-from dataselect.sources import read_ingested, token_rows, usable
+from dataselect.sources import token_rows, usable
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -172,7 +172,7 @@ def tiny_setup(run_dir: Path, batch_size: int, n_batches: int):
     model = load_theta_star(recipe)
     for prm in model.parameters():
         prm.requires_grad_(True)
-    rows = token_rows(usable(read_ingested(recipe), "source"))[: batch_size * n_batches]
+    rows = token_rows(usable(recipe.run.ingested.examples(), "source"))[: batch_size * n_batches]
     pad = load_tokenizer(recipe).pad_token_id
     return model, [pad_batch(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 

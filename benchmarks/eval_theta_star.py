@@ -27,13 +27,13 @@ def main() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     from dataselect import run
     from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss
-    from dataselect.sources import read_ingested, token_rows, usable
+    from dataselect.sources import token_rows, usable
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = setting(args.setting, args.model).load(Path(tmp))
         run(recipe, until="meta_init")
-        examples, tokenizer = read_ingested(recipe), load_tokenizer(recipe)
+        examples, tokenizer = recipe.run.ingested.examples(), load_tokenizer(recipe)
         pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size
         test_frame = usable(examples, "test")
         test = token_rows(test_frame)

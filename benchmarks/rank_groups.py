@@ -1,10 +1,11 @@
-"""The random ensemble's ranking of every group of a setting that bench_selection.py has built.
+"""A selector's ranking of every group of a setting that bench_selection.py has built.
 
     python benchmarks/rank_groups.py [--setting gsm8k|t0|demo] [--model tiny|smollm2] [--target samsum]
+        [--method group_effect|random_ensemble|gradient_similarity|...]
 
 Reads the estimates in `<cache>/runs/<name>-<model>` (run bench_selection.py with the same
-arguments first) and prints each group's score (the estimated reduction of the target's
-validation loss when the group is in a subset) with its 95% interval, best first. For GSM8K it
+arguments first) and prints each group's score by `--method` (the recipe's selector by default)
+with its 95% interval, best first. For GSM8K it
 also says, per model-written source, whether its correct group outranks its incorrect one.
 """
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from settings import CACHE, setting
 
-from dataselect.estimate import read_estimates
-from dataselect.select import random_ensemble_scores
+from dataselect.recipe import SELECT_METHODS
+from dataselect.select import score_groups
 
 GSM8K_MODEL_SOURCES = ("gptj_finetuned", "gptj_verifier", "gpt3_finetuned", "gpt3_verifier")
 
@@ -27,17 +28,19 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--target", default=None, help="t0 target")
     parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--method", choices=SELECT_METHODS, default=None, help="default: the recipe's")
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     chosen = setting(args.setting, args.model, target=args.target, regime=args.regime, cache=args.cache)
-    recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}")
-    groups, subsets, loss = read_estimates(recipe)
-    scores = random_ensemble_scores(subsets, loss, groups).sort(["score", "group"], descending=[True, False])
-    print("| rank | group | score ± 95% |\n|---|---|---|")
+    overrides = [f"select.method={args.method}"] if args.method else []
+    recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}", *overrides)
+    scores = score_groups(recipe)[0].sort(["score", "group"], descending=[True, False], nulls_last=True)
+    print(f"{recipe.select.method}\n\n| rank | group | score ± 95% |\n|---|---|---|")
     rank = {}
     for i, row in enumerate(scores.iter_rows(named=True), start=1):
         rank[row["group"]] = i
-        print(f"| {i} | {row['group']} | {row['score']:+.3e} ± {row['ci95']:.1e} |")
+        ci = "" if row["ci95"] is None else f" ± {row['ci95']:.1e}"
+        print(f"| {i} | {row['group']} | {row['score']:+.3e}{ci} |")
     if args.setting == "gsm8k":
         print()
         for source in GSM8K_MODEL_SOURCES:

@@ -155,7 +155,7 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
         summary = run_verify(loaded, k_random, repeats)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(summary, indent=2) if as_json or not quiet else f"verify: {loaded.run_dir / 'verify'}")
+    click.echo(json.dumps(summary, indent=2) if as_json or not quiet else f"verify: {loaded.run.verification.folder}")
 
 
 @main.command()

@@ -15,7 +15,6 @@ two matrix-vector products, whatever the number of rows.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .artifacts import Estimates
 from .recipe import Recipe
 
 
@@ -68,9 +68,8 @@ class Pool:
 
 def load_pool(recipe: Recipe) -> Pool:
     from .sketch import stacked_sources, target_gradient
-    from .sources import read_ingested
 
-    examples = read_ingested(recipe)
+    examples = recipe.run.ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples)
     target, base_loss = target_gradient(recipe)
     groups = sorted(set(names))
@@ -88,19 +87,10 @@ def stage(recipe: Recipe, out: Path) -> dict:
     start = time.perf_counter()
     loss = pool.evaluate(subsets)
     seconds = time.perf_counter() - start
-    np.save(out / "subsets.npy", subsets, allow_pickle=False)
-    np.save(out / "loss.npy", loss, allow_pickle=False)
-    pl.DataFrame({"id": pool.ids, "group": pool.names}).write_parquet(out / "assignments.parquet")
-    (out / "groups.json").write_text(json.dumps(pool.groups))
     alignment, tokens = pool.group_sums()
-    pl.DataFrame({"group": pool.groups, "alignment": alignment, "tokens": tokens,
-                  "per_token": alignment / np.maximum(tokens, 1.0)}).write_parquet(out / "group_gradients.parquet")
+    Estimates(out).write(pool.groups, subsets, loss, pl.DataFrame({"id": pool.ids, "group": pool.names}),
+                         pl.DataFrame({"group": pool.groups, "alignment": alignment, "tokens": tokens,
+                                       "per_token": alignment / np.maximum(tokens, 1.0)}))
     return {"groups": len(pool.groups), "subsets": len(subsets), "subset_size": int(subsets[0].sum()),
             "base_loss": pool.base_loss, "loss_min": float(loss.min()), "loss_max": float(loss.max()),
             "seconds": round(seconds, 3)}
-
-
-def read_estimates(recipe: Recipe) -> tuple[list[str], np.ndarray, np.ndarray]:
-    folder = recipe.run_dir / "estimate"
-    return (json.loads((folder / "groups.json").read_text()), np.load(folder / "subsets.npy"),
-            np.load(folder / "loss.npy"))

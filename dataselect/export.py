@@ -19,8 +19,7 @@ import polars as pl
 
 from .outputs import MANIFEST
 from .recipe import Recipe
-from .select import read_selection
-from .sources import read_ingested, usable
+from .sources import usable
 
 
 class ExportError(RuntimeError):
@@ -114,9 +113,9 @@ def write_files(dataset_dict, files: list[str], folder: Path) -> list[str]:
 def stage(recipe: Recipe, out: Path) -> dict:
     import datasets
 
-    examples = read_ingested(recipe)
-    assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
-    groups = read_selection(recipe)
+    examples = recipe.run.ingested.examples()
+    assignments = recipe.run.estimates.assignments()
+    groups = recipe.run.selection.read()
     accounted = account_rows(examples, assignments, groups)
     splits = output_splits(recipe, accounted, examples)
     dataset = datasets.DatasetDict({name: datasets.Dataset.from_polars(t) for name, t in splits.items()})
@@ -158,11 +157,7 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
 
 
 def _stage_summaries(recipe: Recipe) -> dict:
-    out = {}
-    for name in ("ingest", "meta_init", "sketch", "estimate", "select"):
-        record = json.loads((recipe.run_dir / name / "stage.json").read_text())
-        out[name] = record["summary"]
-    return out
+    return {name: recipe.run.summary(name) for name in ("ingest", "meta_init", "sketch", "estimate", "select")}
 
 
 def _check_replaceable(final: Path, overwrite: bool) -> None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .artifacts import FineTune
 from .recipe import MetaInit, Model, Recipe
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ class ModelError(RuntimeError):
 
 
 # --- tokenizer and base model -------------------------------------------------------------
-
-def tiny_base_dir(recipe: Recipe) -> Path:
-    """Where the tiny model and its tokenizer live once ingestion has built them."""
-    return recipe.run_dir / "ingest" / "base"
-
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
     """A BPE tokenizer with single-digit tokens, trained on the recipe's own text."""
@@ -109,7 +105,7 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     if recipe.model.tiny is not None:
-        return AutoTokenizer.from_pretrained(tiny_base_dir(recipe))
+        return AutoTokenizer.from_pretrained(recipe.run.ingested.base)
     name, kwargs = _pretrained_args(recipe.model)
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
@@ -128,7 +124,7 @@ def load_base_model(recipe: Recipe):
     from transformers import AutoModelForCausalLM
 
     if recipe.model.tiny is not None:
-        path, kwargs = tiny_base_dir(recipe), {}
+        path, kwargs = recipe.run.ingested.base, {}
     else:
         path, kwargs = _pretrained_args(recipe.model)
     try:
@@ -228,9 +224,6 @@ def meta_train_rows(recipe: Recipe, rows_by_source: dict[str, list[tuple[list[in
     return chosen
 
 
-CHECKPOINT = "checkpoint.safetensors"
-
-
 def save_checkpoint(path: Path, params: dict, opt, sched, step: int, order: list[int], rng: random.Random,
                     losses: list[float]) -> None:
     """Everything training needs to continue exactly, in one safetensors file renamed into place."""
@@ -290,20 +283,14 @@ def path_weights(spec: MetaInit, steps: int, fractions: Sequence[float]) -> list
     return [spec.lr * sum(lr_factor(spec, steps, s) for s in range(lo, hi)) for lo, hi in zip(edges, edges[1:])]
 
 
-def snapshot_path(folder: Path, fraction: float, steps: int) -> Path:
-    """Where meta-init kept the trainable parameters at `fraction` of its steps (θ* at 1)."""
-    step = round(fraction * steps)
-    return folder / ("theta.safetensors" if step >= steps else f"snapshot-{step:07d}.safetensors")
-
-
 def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, pad_id: int,
               snapshots: Sequence[float] = ()) -> dict:
     """Fine-tune the base on `rows` (token CE on response tokens) and save θ* as safetensors.
 
     A checkpoint every 5% of the steps (or 10 minutes) lets a killed run continue where it was,
     to the same θ* bit for bit as an uninterrupted run. `snapshots`: fractions of the steps at
-    which the trainable parameters are also kept (`snapshot-<step>.safetensors`; 0 is the start),
-    points along the path from the base to θ*.
+    which the trainable parameters are also kept (`FineTune.snapshot`; 0 is the start), points
+    along the path from the base to θ*.
     """
     spec = recipe.meta_init
     model = with_trainable(load_base_model(recipe), recipe)
@@ -316,14 +303,15 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
     torch.manual_seed(recipe.seed)
     order: list[int] = []
     losses: list[float] = []
-    start, checkpoint = 0, out_dir / CHECKPOINT
+    folder = FineTune(out_dir)
+    start, checkpoint = 0, folder.checkpoint
     if checkpoint.exists():
         start, order, losses = load_checkpoint(checkpoint, params, opt, sched, rng)
         log.info("meta-init: resuming at step %d of %d from %s", start, steps, checkpoint)
     every, last_saved = max(1, steps // 20), time.monotonic()
-    keep = {round(f * steps) for f in snapshots} - {steps}  # θ* itself is theta.safetensors
+    keep = {round(f * steps) for f in snapshots} - {steps}  # θ* itself is folder.theta
     if 0 in keep and start == 0:
-        save_params(snapshot_path(out_dir, 0.0, steps), params)
+        save_params(folder.snapshot(0.0, steps), params)
     for step in progress(iterable=range(start, steps), initial=start, total=steps, desc="meta-init", unit="step"):
         if len(order) < spec.batch_size:
             epoch = list(range(len(rows)))
@@ -341,16 +329,16 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
         sched.step()
         losses.append(loss.item())
         if step + 1 in keep:
-            save_params(snapshot_path(out_dir, (step + 1) / steps, steps), params)
+            save_params(folder.snapshot((step + 1) / steps, steps), params)
         if step + 1 < steps and ((step + 1) % every == 0 or time.monotonic() - last_saved > 600):
             save_checkpoint(checkpoint, params, opt, sched, step + 1, order, rng, losses)
             last_saved = time.monotonic()
-    save_params(out_dir / "theta.safetensors", params)  # its presence means "finished"
+    save_params(folder.theta, params)  # its presence means "finished"
     checkpoint.unlink(missing_ok=True)
     first, last = _mean(losses[: max(1, steps // 10)]), _mean(losses[-max(1, steps // 10):])
     summary = {"steps": steps, "examples": len(rows), "trainable_parameters": sum(p.numel() for p in params.values()),
                "loss_first_10pct": first, "loss_last_10pct": last}
-    (out_dir / "losses.json").write_text(json.dumps(losses))
+    folder.write_losses(losses)
     return summary
 
 
@@ -410,7 +398,7 @@ def load_theta_star(recipe: Recipe, path: Path | None = None):
     """The base model with the trainable parameters set to θ* (or to a fine-tune saved the same
     way at `path`), in eval mode."""
     model = with_trainable(load_base_model(recipe), recipe)
-    path = path or recipe.run_dir / "meta_init" / "theta.safetensors"
+    path = path or recipe.run.meta_init.theta
     state = load_file(path)
     params = trainable_parameters(model)
     if set(state) != set(params):
@@ -422,9 +410,9 @@ def load_theta_star(recipe: Recipe, path: Path | None = None):
 
 
 def stage(recipe: Recipe, out: Path) -> dict:
-    from .sources import read_ingested, token_rows, usable
+    from .sources import token_rows, usable
 
-    examples = read_ingested(recipe)
+    examples = recipe.run.ingested.examples()
     by_source = {s.name: token_rows(usable(examples, "source", s.name)) for s in recipe.sources}
     rows = meta_train_rows(recipe, by_source)
     return meta_init(recipe, rows, out, load_tokenizer(recipe).pad_token_id, recipe.sketch_path)

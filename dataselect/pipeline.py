@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import estimate, export, model, select, sketch, sources
+from .artifacts import Run, key_file, write_record
 from .outputs import MANIFEST
 from .recipe import Recipe, RecipeError
 from .shards import Shard, barrier, init_process_group
@@ -65,12 +66,12 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
 
 
 def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
-    record = recipe.run_dir / stage / "stage.json"
-    if not record.exists() or json.loads(record.read_text()).get("key") != key:
+    record = recipe.run.record(stage)
+    if record is None or record.get("key") != key:
         return False
     if stage == "export":  # the mixture lives outside the run dir: is it still the one we wrote?
         manifest = Path(recipe.output.path) / MANIFEST
-        written = json.loads(record.read_text())["summary"]["fingerprint"]
+        written = record["summary"]["fingerprint"]
         return manifest.exists() and json.loads(manifest.read_text())["mixture"]["fingerprint"] == written
     return True
 
@@ -119,7 +120,7 @@ def run_lock(run_dir: Path, shared: bool = False) -> Iterator[None]:
     """Keep two runs from writing one run directory (shard jobs share it with each other). The
     operating system drops the lock when its process dies, even by SIGKILL: no stale locks."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as handle:
+    with open(Run(run_dir).lock, "a+") as handle:
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -138,10 +139,9 @@ def _run_stages_locked(recipe: Recipe, until: str, force: bool) -> dict[str, dic
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
-        done = recipe.run_dir / stage.name
         if not force and is_finished(recipe, stage.name, keys[stage.name]):
-            log.info("%s: reusing finished stage in %s", stage.name, done)
-            summaries[stage.name] = json.loads((done / "stage.json").read_text())["summary"]
+            log.info("%s: reusing finished stage in %s", stage.name, recipe.run.stage_dir(stage.name))
+            summaries[stage.name] = recipe.run.summary(stage.name)
             continue
         summaries[stage.name] = _run_stage(recipe, stage, keys[stage.name])
     return summaries
@@ -150,8 +150,8 @@ def _run_stages_locked(recipe: Recipe, until: str, force: bool) -> dict[str, dic
 def _stage_folder(recipe: Recipe, name: str, key: str, shared: bool = False) -> Path:
     """The unfinished stage's folder: resumed when it was started for the same key, else fresh.
     `shared`: several shard jobs may arrive at once, so a matching folder is never removed."""
-    tmp = recipe.run_dir / f".{name}.tmp"
-    marker = tmp / "stage.key"
+    tmp = recipe.run.unfinished_dir(name)
+    marker = key_file(tmp)
     if marker.exists() and marker.read_text() == key:
         log.info("%s: resuming the unfinished run in %s", name, tmp)
         return tmp
@@ -164,12 +164,12 @@ def _stage_folder(recipe: Recipe, name: str, key: str, shared: bool = False) -> 
 
 def _run_stage(recipe: Recipe, stage: Stage, key: str) -> dict:
     log.info("%s: %s", stage.name, stage.about)
-    done = recipe.run_dir / stage.name
+    done = recipe.run.stage_dir(stage.name)
     tmp = _stage_folder(recipe, stage.name, key)
     start = time.perf_counter()
     summary = stage.run(recipe, tmp)
     record = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), "summary": summary}
-    (tmp / "stage.json").write_text(json.dumps(record, indent=2))
+    write_record(tmp, record)
     shutil.rmtree(done, ignore_errors=True)
     tmp.rename(done)
     log.info("%s: done in %.1f s", stage.name, record["seconds"])

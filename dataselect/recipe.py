@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .artifacts import Run
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be read or validated; the message names the file and key."""
@@ -235,8 +237,13 @@ class Recipe(Strict):
         return list(SCRATCH_PATH if self.model.tiny is not None else PRETRAINED_PATH)
 
     @property
+    def run(self) -> Run:
+        """The run folder, which knows where every stage's files are."""
+        return Run.named(self.name, self.workdir)
+
+    @property
     def run_dir(self) -> Path:
-        return self.workdir or Path("runs") / self.name
+        return self.run.root
 
     def fingerprint(self, *paths: str) -> str:
         """A short hash of the named settings (`sketch` or `sketch.max_length`), to tell whether a

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .artifacts import Run
 from .outputs import cell, read_manifest, text
 
 
@@ -37,9 +38,7 @@ def source_table(manifest: dict) -> pl.DataFrame:
 
 def verify_results(manifest: dict) -> pl.DataFrame | None:
     recipe = manifest["recipe"]
-    run_dir = Path(recipe["workdir"]) if recipe.get("workdir") else Path("runs") / recipe["name"]
-    path = run_dir / "verify" / "results.parquet"
-    return pl.read_parquet(path) if path.exists() else None
+    return Run.named(recipe["name"], recipe.get("workdir")).verification.results()
 
 
 def _pyplot():

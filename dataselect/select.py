@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .artifacts import Selection
 from .recipe import Recipe, Select
 
 SCORE_SCHEMA = {"group": pl.String, "score": pl.Float64, "ci95": pl.Float64}
@@ -213,12 +214,12 @@ def _compared(row: dict, threshold_on: str) -> float:
 
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
-    from .estimate import load_pool, read_estimates
-    from .sketch import finished_settings, stacked_sources, target_sketches
-    from .sources import read_ingested, usable
+    from .estimate import load_pool
+    from .sketch import stacked_sources, target_sketches
+    from .sources import usable
 
     method = recipe.select.method
-    groups, subsets, loss = read_estimates(recipe)
+    groups, subsets, loss = recipe.run.estimates.read()
     if method == "random_ensemble":
         return random_ensemble_scores(subsets, loss, groups), None
     if method == "surrogate":
@@ -236,12 +237,12 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
                                            recipe.select.min_score)
         frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
         return frame, [groups[i] for i in chosen]
-    examples = read_ingested(recipe)
-    assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
+    examples = recipe.run.ingested.examples()
+    assignments = recipe.run.estimates.assignments()
     ids = assignments["id"].to_list()
     if method == "gradient_similarity":
         _, _, x, _ = stacked_sources(recipe, examples)
-        weights = [p["weight"] for p in finished_settings(recipe)["points"]]
+        weights = [p["weight"] for p in recipe.run.sketches.settings()["points"]]
         per_example = gradient_similarity(np.asarray(x), target_sketches(recipe)[0], weights)
     elif method == "dsir":
         text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
@@ -259,10 +260,8 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
 
 def stage(recipe: Recipe, out: Path) -> dict:
     """Per-group scores joined with sizes, then the keep decision and its reason."""
-    from .sources import read_ingested
-
-    assignments = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
-    sizes = (read_ingested(recipe).select("id", "source", "n_tokens")
+    assignments = recipe.run.estimates.assignments()
+    sizes = (recipe.run.ingested.examples().select("id", "source", "n_tokens")
              .join(assignments, on="id", how="inner")
              .group_by("group").agg(pl.col("source").first(), examples=pl.len(), tokens=pl.col("n_tokens").sum()))
     scores, forward_set = score_groups(recipe)
@@ -286,12 +285,8 @@ def stage(recipe: Recipe, out: Path) -> dict:
         decided = pl.concat([kept.sort("rank"), dropped.select(kept.columns)], how="vertical_relaxed")
     else:
         decided = apply_keep_rules(scored, rules)
-    decided.write_parquet(out / "groups.parquet")
+    Selection(out).write(decided)
     kept = decided.filter(pl.col("selected"))
     return {"method": rules.method, "rules": rules.model_dump(mode="json"), "groups": decided.height,
             "groups_selected": kept.height, "examples_selected": int(kept["examples"].sum()),
             "tokens_selected": int(kept["tokens"].sum())}
-
-
-def read_selection(recipe: Recipe) -> pl.DataFrame:
-    return pl.read_parquet(recipe.run_dir / "select" / "groups.parquet")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .model import ModelError, pad_batch, path_weights, progress, response_logprobs, snapshot_path
+from .artifacts import Sketches
+from .model import ModelError, pad_batch, path_weights, progress, response_logprobs
 from .projection import KIND as PROJECTION
 from .projection import KroneckerProjector
 from .recipe import Recipe
@@ -237,12 +237,11 @@ def path_sketcher(recipe: Recipe) -> PathSketcher:
 
     model = with_trainable(load_base_model(recipe), recipe).eval()
     modules = sketched_modules(model, recipe.sketch.modules)
-    folder = recipe.run_dir / "meta_init"
-    steps = json.loads((folder / "stage.json").read_text())["summary"]["steps"]
+    steps = recipe.run.summary("meta_init")["steps"]
     weights = path_weights(recipe.meta_init, steps, recipe.sketch_path)
     layers = {n: tuple(m.weight.shape) for n, m in modules.items()}
-    points = [Point(f, snapshot_path(folder, f, steps), w, KroneckerProjector(layers, recipe.sketch.dim,
-                                                                              point_seed(recipe.seed, k)))
+    points = [Point(f, recipe.run.meta_init.snapshot(f, steps), w,
+                    KroneckerProjector(layers, recipe.sketch.dim, point_seed(recipe.seed, k)))
               for k, (f, w) in enumerate(zip(recipe.sketch_path, weights))]
     return PathSketcher(model, modules, points)
 
@@ -292,23 +291,25 @@ class Plan:
 
 def plan(recipe: Recipe, out: Path) -> Plan:
     from .model import load_tokenizer
-    from .sources import read_ingested, usable
+    from .sources import usable
 
-    examples = read_ingested(recipe)
+    examples = recipe.run.ingested.examples()
     sketcher = path_sketcher(recipe)
     chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
-    parts = [Part(s.name, usable(examples, "source", s.name), out / "sources" / s.name, s.clusters)
+    folder = Sketches(out)
+    parts = [Part(s.name, usable(examples, "source", s.name), folder.source_store(s.name), s.clusters)
              for s in recipe.sources]
-    parts.append(Part("target validation", usable(examples, "validation"), out / "target" / "validation", None))
+    parts.append(Part("target validation", usable(examples, "validation"), folder.target_store, None))
     return Plan(sketcher, store_settings(recipe, sketcher), load_tokenizer(recipe).pad_token_id, chunk_rows, parts)
 
 
 def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
-    """Compute this shard's chunks into `out/shards` (skipping those already there) and mark it done."""
+    """Compute this shard's chunks into the stage's shards folder (skipping those already there) and
+    mark it done."""
     from .sources import token_rows
 
     p = plan(recipe, out)
-    folder = out / "shards"
+    folder = Sketches(out).shards
     mine = [u for i, u in enumerate(p.units()) if shard.owns(i)]
     parts = {part.name: part for part in p.parts}
     rows = {name: token_rows(part.examples) for name, part in parts.items()}
@@ -331,7 +332,8 @@ def stage(recipe: Recipe, out: Path) -> dict:
     from .sources import token_rows
 
     p = plan(recipe, out)
-    shards = out / "shards" if check_complete(out / "shards", p.settings, p.units()) else None
+    folder = Sketches(out)
+    shards = folder.shards if check_complete(folder.shards, p.settings, p.units()) else None
     counts = {}
     for part in p.parts:
         store = SketchStore.open(part.folder, p.settings, part.examples["id"].to_list(), p.sketcher.dim,
@@ -339,31 +341,23 @@ def stage(recipe: Recipe, out: Path) -> dict:
         if not store.progress()["complete"]:
             sketch_into_store(p.sketcher, store, token_rows(part.examples), recipe.sketch.batch_size, p.pad_id,
                               part.name, shards)
-        if part.clusters and not (part.folder / "clusters.npy").exists():
-            labels = cluster(np.load(part.folder / "sketches.npy", mmap_mode="r"), part.clusters, recipe.seed,
-                             len(p.sketcher.points))
-            np.save(part.folder / "clusters.npy", labels, allow_pickle=False)
+        if part.clusters and folder.clusters(part.name) is None:
+            _, sketches, _ = read_store(part.folder)
+            folder.write_clusters(part.name, cluster(sketches, part.clusters, recipe.seed, len(p.sketcher.points)))
         counts[part.name] = len(part.examples)
     counts[TARGET_TOKENS] = sum(len(ids) - n_prompt for ids, n_prompt in token_rows(p.parts[-1].examples))
     if shards:
         shutil.rmtree(shards)  # merged: the stores hold every chunk now
-    manifest = {**p.settings, "examples": counts, "merged_from_shards": bool(shards)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+    return folder.write_manifest(p.settings, counts, bool(shards))
 
 
 TARGET_TOKENS = "target validation tokens"
 
 
-def finished_settings(recipe: Recipe) -> dict:
-    """The settings the finished sketch stage ran with; every store it wrote must carry them."""
-    manifest = json.loads((recipe.run_dir / "sketch" / "manifest.json").read_text())
-    return {k: v for k, v in manifest.items() if k not in ("examples", "merged_from_shards")}
-
-
 def target_sketches(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
     """Per target validation example: its loss gradient's sketch and its loss at the base model."""
-    _, x, loss = read_store(recipe.run_dir / "sketch" / "target" / "validation", finished_settings(recipe))
+    sketches = recipe.run.sketches
+    _, x, loss = read_store(sketches.target_store, sketches.settings())
     return np.asarray(x), loss
 
 
@@ -371,7 +365,7 @@ def target_gradient(recipe: Recipe) -> tuple[np.ndarray, float]:
     """The target's validation loss at the base model (mean token cross-entropy of the responses)
     and the sketch of its gradient along the path: fine-tuning on S changes that loss, to first
     order, by minus the inner product of this with S's gradient."""
-    tokens = json.loads((recipe.run_dir / "sketch" / "manifest.json").read_text())["examples"][TARGET_TOKENS]
+    tokens = recipe.run.sketches.manifest()["examples"][TARGET_TOKENS]
     x, loss = target_sketches(recipe)
     return np.asarray(x, dtype=np.float64).sum(0) / tokens, float(np.sum(loss, dtype=np.float64) / tokens)
 
@@ -381,15 +375,14 @@ def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.
     each row's loss at the base model."""
     from .sources import usable
 
-    root = recipe.run_dir / "sketch"
-    settings = finished_settings(recipe)
+    sketches = recipe.run.sketches
+    settings = sketches.settings()
     all_ids, names, xs, f0s = [], [], [], []
     for s in recipe.sources:
-        folder = root / "sources" / s.name
-        ids, x, f0 = read_store(folder, settings)
+        ids, x, f0 = read_store(sketches.source_store(s.name), settings)
         all_ids += ids
         if s.clusters:
-            names += [f"{s.name}/c{c}" for c in np.load(folder / "clusters.npy")]
+            names += [f"{s.name}/c{c}" for c in sketches.clusters(s.name)]
         else:
             names += usable(examples, "source", s.name)["group"].to_list()
         xs.append(np.asarray(x))

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import polars as pl
 
 from . import demo
+from .artifacts import Ingested, Run
 from .model import encode, progress
 from .recipe import Messages, Recipe, Source, Split, Target
 
@@ -52,7 +53,7 @@ def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, se
     import datasets
 
     if dataset.startswith("demo:"):
-        dataset = str(demo.materialize(dataset.removeprefix("demo:"), run_dir / "demo_data", seed))
+        dataset = str(demo.materialize(dataset.removeprefix("demo:"), Run(run_dir).demo_data, seed))
     path = Path(dataset).expanduser()
     try:
         if path.is_file():
@@ -454,13 +455,14 @@ def stage(recipe: Recipe, out: Path) -> dict:
     """Read, map and tokenize everything; for a tiny model, train its tokenizer and build it here."""
     from .model import build_tiny_model, load_tokenizer, train_tiny_tokenizer
 
+    folder = Ingested(out)
     examples = read_examples(recipe)
     if recipe.model.tiny is not None:
         usable = examples.filter((pl.col("status") == "ok") & (pl.col("role") != "test"))
         texts = (m["content"] for turns in usable["messages"] for m in turns)
         tokenizer = train_tiny_tokenizer(texts, recipe.model.tiny.vocab_size)
-        tokenizer.save_pretrained(out / "base")
-        build_tiny_model(recipe, tokenizer).save_pretrained(out / "base")
+        tokenizer.save_pretrained(folder.base)
+        build_tiny_model(recipe, tokenizer).save_pretrained(folder.base)
     else:
         tokenizer = load_tokenizer(recipe)
     examples = tokenize_examples(examples, tokenizer, recipe.sketch.max_length, recipe.sketch.overlong)
@@ -468,7 +470,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
     for s in recipe.sources:
         _require_usable(f"source {s.name} ({s.dataset})", source_rows.filter(pl.col("source") == s.name))
     _require_usable(f"target {recipe.target.name}: validation split", examples.filter(pl.col("role") == "validation"))
-    examples.write_parquet(out / "examples.parquet")
+    folder.write_examples(examples)
     return {"rows": ingest_summary(examples)}
 
 
@@ -479,10 +481,6 @@ def _require_usable(what: str, part: pl.DataFrame) -> None:
     reasons = part["reason"].value_counts(sort=True).head(3).rows()
     raise SourceError(f"{what}: no usable rows; all {part.height} were rejected: "
                       + "; ".join(f"{reason} ({n})" for reason, n in reasons))
-
-
-def read_ingested(recipe: Recipe) -> pl.DataFrame:
-    return pl.read_parquet(recipe.run_dir / "ingest" / "examples.parquet")
 
 
 def usable(examples: pl.DataFrame, role: str, source: str | None = None) -> pl.DataFrame:

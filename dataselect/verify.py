@@ -17,13 +17,13 @@ estimate stage's group order), summary.json, report.md and scatter.png.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from .artifacts import FineTune, Verification
 from .recipe import Recipe
 
 
@@ -89,11 +89,9 @@ def quality(truth: np.ndarray, predicted: np.ndarray) -> dict:
 def choose_subsets(recipe: Recipe, groups: list[str], k_random: int) -> list[tuple[str, np.ndarray]]:
     """The estimate stage's first k sampled subsets, then the selected groups and their complement;
     a subset already on the list is not fine-tuned or counted twice."""
-    from .select import read_selection
-
-    sampled = np.load(recipe.run_dir / "estimate" / "subsets.npy")[:k_random]
+    sampled = recipe.run.estimates.read()[1][:k_random]
     chosen = [(f"random {i}", row) for i, row in enumerate(sampled)]
-    selected = set(read_selection(recipe).filter(pl.col("selected"))["group"])
+    selected = set(recipe.run.selection.read().filter(pl.col("selected"))["group"])
     member = np.array([g in selected for g in groups])
     for label, row in ((f"selected by {recipe.select.method}", member), ("not selected", ~member)):
         if row.any() and not any(np.array_equal(row, other) for _, other in chosen):
@@ -117,9 +115,7 @@ def finetune_folder(recipe: Recipe, rows: list[tuple[list[int], int]], finetunes
 def base_identity(recipe: Recipe) -> str:
     """A hash of the base model's weight files when they are local (the tiny model ingest built,
     a folder or a GGUF file); a Hub id and revision are already in the recipe's fingerprint."""
-    from .model import tiny_base_dir
-
-    base = tiny_base_dir(recipe) if recipe.model.tiny is not None else Path(recipe.model.base or "")
+    base = recipe.run.ingested.base if recipe.model.tiny is not None else Path(recipe.model.base or "")
     if base.is_file():
         files = [base]
     elif base.is_dir():
@@ -138,15 +134,15 @@ def true_metrics(recipe: Recipe, rows: list[tuple[list[int], int]], folder: Path
     """Fine-tune the base model on `rows` with meta-init's settings; its target validation loss,
     and exact match of greedy generations when the target defines an answer."""
     from .model import exact_match, load_theta_star, load_tokenizer, mean_token_loss, meta_init
-    from .sources import read_ingested, token_rows, usable
+    from .sources import token_rows, usable
 
     tokenizer = load_tokenizer(recipe)
-    theta = folder / "theta.safetensors"
+    theta = FineTune(folder).theta
     if not theta.exists():  # a finished fine-tune is reused when verify runs again
         folder.mkdir(parents=True, exist_ok=True)
         meta_init(recipe, rows, folder, tokenizer.pad_token_id)
     model = load_theta_star(recipe, theta)
-    validation = usable(read_ingested(recipe), "validation")
+    validation = usable(recipe.run.ingested.examples(), "validation")
     target = token_rows(validation)
     out = {"loss": mean_token_loss(model, target, recipe.sketch.batch_size, tokenizer.pad_token_id)}
     if recipe.target.answer:
@@ -159,7 +155,7 @@ def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.nd
     """Each similarity baseline's score of a subset: its groups' scores averaged by examples."""
     from .select import score_groups
 
-    sizes = dict(pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet").group_by("group").len().iter_rows())
+    sizes = dict(recipe.run.estimates.assignments().group_by("group").len().iter_rows())
     weight = np.array([sizes[g] for g in groups], dtype=float)
     out = {}
     for method in ("gradient_similarity", "representation_similarity", "dsir"):
@@ -191,18 +187,18 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
     from .estimate import load_pool
     from .model import progress
     from .pipeline import run
-    from .sources import read_ingested, token_rows, usable
+    from .sources import token_rows, usable
 
     run(recipe, until="select")
-    out = out or recipe.run_dir / "verify"
-    out.mkdir(parents=True, exist_ok=True)
-    finetunes = finetunes or out / "finetunes"
+    folder = Verification(out) if out else recipe.run.verification
+    folder.folder.mkdir(parents=True, exist_ok=True)
+    finetunes = finetunes or folder.finetunes
     pool = load_pool(recipe)
     ids, groups = pool.ids, pool.groups
     chosen = choose_subsets(recipe, groups, k_random)
     memberships = np.stack([m for _, m in chosen])
     estimate = pool.evaluate(memberships)
-    examples = read_ingested(recipe)
+    examples = recipe.run.ingested.examples()
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
     group_of_id = dict(zip(ids, pool.names))
     parts, truth = [], []
@@ -221,8 +217,7 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
         "estimate": estimate, "estimate_calibrated_loo": fitted, "true_loss": truth, **accuracy,
         **{f"{k}_score": v for k, v in baselines.items()},
     })
-    results.write_parquet(out / "results.parquet")
-    np.save(out / "memberships.npy", memberships, allow_pickle=False)  # rows: results' subsets; columns: groups
+    folder.write_results(results, memberships)
     summary = {
         "subsets": len(chosen), "method": recipe.select.method,
         "estimate": quality(truth, estimate), "estimate_calibrated_loo": quality(truth, fitted),
@@ -235,9 +230,9 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
            if accuracy else {}),
         "truth_noise": noise,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _scatter(results, out / "scatter.png", summary)
-    (out / "report.md").write_text(_report(results, summary))
+    folder.write_summary(summary)
+    _scatter(results, folder.scatter, summary)
+    folder.report.write_text(_report(results, summary))
     return summary
 
 

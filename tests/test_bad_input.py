@@ -25,12 +25,13 @@ import yaml
 from transformers import AutoTokenizer
 from click.testing import CliRunner
 
+from dataselect.artifacts import Run
 from dataselect.cli import main
 from dataselect.export import ExportError
 from dataselect.model import ModelError, load_base_model
 from dataselect.pipeline import run
 from dataselect.recipe import RecipeError, load_recipe
-from dataselect.sources import SourceError, read_ingested
+from dataselect.sources import SourceError
 from dataselect.store import SketchStore, StoreMismatch
 
 from .conftest import DEMO
@@ -82,7 +83,7 @@ def ingest(recipe_path: Path, *overrides: str) -> tuple[dict, pl.DataFrame]:
     """Run ingestion only: (per-source ingest summary, every ingested example)."""
     recipe = load_recipe(recipe_path, overrides)
     summary = run(recipe, until="ingest")["ingest"]["rows"]
-    return summary, read_ingested(recipe)
+    return summary, recipe.run.ingested.examples()
 
 
 def cli_error(*args) -> str:
@@ -317,7 +318,7 @@ def test_overlong_cut_prompt_keeps_the_response_whole_and_the_prompt_ends(tmp_pa
     assert s["status"].to_list() == ["ok"] * 11  # the prompt that filled max_length is cut, not rejected
     cut = s.row(7, named=True)
     assert cut["truncated"] and cut["n_tokens"] <= 32
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "ingest" / "base")
+    tokenizer = AutoTokenizer.from_pretrained(Run(tmp_path / "run").ingested.base)
     kept = tokenizer.decode(cut["input_ids"]).replace(" ", "")
     assert kept.endswith("keptanswer</s>") and "tail" in kept and "head" in kept  # response whole, both prompt ends
     assert kept.count("passage") < 80

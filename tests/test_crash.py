@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dataselect.artifacts import FineTune, Run, Sketches
 from dataselect.pipeline import run_lock
 from dataselect.recipe import RecipeError
 
@@ -38,24 +39,25 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
     proc.wait()
 
 
-def _sketched_chunks(run: Path) -> int:
+def _sketched_chunks(run: Run, sources: list[str]) -> int:
     import json
 
-    files = (run / ".sketch.tmp" / "sources").glob("*/progress.json")
-    return sum(json.loads(f.read_text())["chunks_done"] for f in files)
+    unfinished = Sketches(run.unfinished_dir("sketch"))
+    files = [unfinished.source_store(source) / "progress.json" for source in sources]
+    return sum(json.loads(f.read_text())["chunks_done"] for f in files if f.exists())
 
 
 def test_sigkill_in_meta_init_and_in_sketching_resumes_to_the_same_mixture(demo_build, tmp_path):
-    _, summaries, _ = demo_build
-    run = tmp_path / "run"
-    checkpoint = run / ".meta_init.tmp" / "checkpoint.safetensors"
+    recipe, summaries, _ = demo_build
+    run, sources = Run(tmp_path / "run"), [s.name for s in recipe.sources]
+    checkpoint = FineTune(run.unfinished_dir("meta_init")).checkpoint
     _kill_when(_build(tmp_path), checkpoint.exists)
 
     proc = _build(tmp_path)
-    _kill_when(proc, lambda: _sketched_chunks(run) >= 2)
+    _kill_when(proc, lambda: _sketched_chunks(run, sources) >= 2)
     log = proc.stdout.read()
     assert "meta-init: resuming at step" in log  # the checkpoint was used, not training from scratch
-    assert (run / "meta_init" / "theta.safetensors").exists() and not (run / ".meta_init.tmp").exists()
+    assert run.meta_init.theta.exists() and not run.unfinished_dir("meta_init").exists()
 
     proc = _build(tmp_path)
     out, _ = proc.communicate(timeout=600)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dataselect.artifacts import Run
 from dataselect.pipeline import run, run_shard
 from dataselect.shards import Shard
 from dataselect.store import StoreMismatch
@@ -34,7 +35,7 @@ def _sets(folder: Path) -> list[str]:
 
 
 def _store_files(folder: Path) -> dict[str, bytes]:
-    root = folder / "run" / "sketch"
+    root = Run(folder / "run").stage_dir("sketch")
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix in (".npy", ".json")
             and p.name not in ("stage.json", "manifest.json")}
 

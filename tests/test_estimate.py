@@ -58,10 +58,10 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
     (autograd, all sketched weights): the random projection keeps what the estimate needs."""
     from dataselect.model import load_tokenizer, pad_batch
     from dataselect.sketch import path_sketcher, point_blocks, response_loss, stacked_sources, target_sketches
-    from dataselect.sources import read_ingested, token_rows, usable
+    from dataselect.sources import token_rows, usable
 
     recipe, _, _ = demo_build
-    examples = read_ingested(recipe)
+    examples = recipe.run.ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples)
     target_x, _ = target_sketches(recipe)
     sketcher = path_sketcher(recipe)

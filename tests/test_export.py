@@ -9,7 +9,7 @@ import pytest
 
 from dataselect import export
 from dataselect.model import load_tokenizer
-from dataselect.sources import read_ingested, usable
+from dataselect.sources import usable
 
 TEXT_COLUMNS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
 
@@ -38,14 +38,14 @@ def test_each_format_loads_with_datasets_and_trains_a_step_in_trl(demo_build, tm
     jsonl = datasets.load_dataset("json", data_files=str(path / "data/train.jsonl"), split="train")
     assert parquet["train"].num_rows == jsonl.num_rows == manifest["mixture"]["rows"]
     assert parquet["train"].column_names == jsonl.column_names == expected
-    validation = usable(read_ingested(recipe), "validation")  # every accepted validation row, once
+    validation = usable(recipe.run.ingested.examples(), "validation")  # every accepted validation row, once
     assert parquet["validation"].num_rows == validation.height > 0
     assert sorted(parquet["validation"]["id"]) == sorted(validation["id"])
     assert set(parquet["validation"]["source"]) == {recipe.target.name}
 
     # The call USAGE.md shows: SFTTrainer on the mixture with provenance columns removed.
     tokenizer = load_tokenizer(recipe)
-    model = AutoModelForCausalLM.from_pretrained(recipe.run_dir / "ingest" / "base")
+    model = AutoModelForCausalLM.from_pretrained(recipe.run.ingested.base)
     train = parquet["train"].remove_columns(["source", "group", "id", "score"])
     args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=4, report_to=[],
                      max_length=64, use_cpu=True, save_strategy="no",

@@ -49,7 +49,7 @@ def test_corrupted_sources_score_below_helpful_ones_and_helpful_are_kept(demo_bu
 
 def test_best_cluster_of_the_unlabeled_source_is_mostly_helpful(demo_build):
     recipe, _, manifest = demo_build
-    lines = (recipe.run_dir / "demo_data" / "unlabeled.jsonl").read_text().splitlines()
+    lines = (recipe.run.demo_data / "unlabeled.jsonl").read_text().splitlines()
     quality = pl.DataFrame({"id": [f"unlabeled/{i}" for i in range(len(lines))],
                             "quality": [json.loads(line)["quality"] for line in lines]})
     rows = pl.read_parquet(recipe.output.path / "rows.parquet").join(quality, on="id")
@@ -77,7 +77,7 @@ def test_manifest_records_recipe_scores_and_stages(demo_build):
     assert manifest["recipe"]["name"] == "demo" and manifest["recipe"]["sketch"]["dim"] == recipe.sketch.dim
     assert set(manifest["stages"]) == set(STAGE_NAMES) - {"export"}
     group = manifest["groups"][0]
-    assert {"group", "source", "examples", "tokens", "score", "ci95", "mean_loss_with", "selected", "reason"} <= set(group)
+    assert {"group", "source", "examples", "tokens", "score", "ci95", "selected", "reason"} <= set(group)
     assert manifest["stages"]["estimate"]["loss_min"] < manifest["stages"]["estimate"]["base_loss"]
     points = manifest["stages"]["sketch"]["points"]
     assert [p["fraction"] for p in points] == recipe.sketch_path and all(p["weight"] > 0 for p in points)
@@ -147,7 +147,7 @@ def test_every_selector_returns_a_valid_selection(demo_copy, method):
     recipe, _, manifest = demo_copy
     other = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
     summaries = run(other, until="select")
-    groups = pl.read_parquet(other.run_dir / "select" / "groups.parquet")
+    groups = other.run.selection.read()
     assert sorted(groups["group"]) == sorted(g["group"] for g in manifest["groups"])
     assert groups["reason"].null_count() == 0 and groups["selected"].dtype == pl.Boolean
     assert 0 < summaries["select"]["groups_selected"] <= groups.height

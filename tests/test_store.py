@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataselect.artifacts import Run, Sketches
 from dataselect.store import SketchStore, StoreMismatch, nearest, read_store
 
 from .conftest import DEMO
@@ -52,37 +53,39 @@ def test_chunks_resume_and_the_index_finds_neighbours(tmp_path):
     assert rows[0, 0] == int(np.argmax(unit @ query[0]))
 
 
-def _progress(run: Path) -> list[dict]:
+def _progress(run: Path, sources: list[str]) -> list[dict]:
+    """The progress of each source store the unfinished sketch stage has opened so far."""
+    unfinished = Sketches(Run(run).unfinished_dir("sketch"))
     found = []
-    for p in (run / ".sketch.tmp" / "sources").glob("*/progress.json"):
+    for source in sources:
         try:
-            found.append(json.loads(p.read_text()))
-        except ValueError:
+            found.append(json.loads((unfinished.source_store(source) / "progress.json").read_text()))
+        except (OSError, ValueError):
             pass
     return found
 
 
 def test_sketching_killed_mid_run_resumes_to_identical_stores(demo_build, tmp_path):
     recipe, _, _ = demo_build
-    run = tmp_path / "run"
+    run, sources = tmp_path / "run", [s.name for s in recipe.sources]
     for stage in ("ingest", "meta_init"):
-        shutil.copytree(recipe.run_dir / stage, run / stage)
+        shutil.copytree(recipe.run.stage_dir(stage), Run(run).stage_dir(stage))
     cmd = [sys.executable, "-m", "dataselect.cli", "sketch", "-q", "--recipe", str(DEMO), "--set", f"workdir={run}",
            "--set", f"output.path={tmp_path / 'out'}", "--set", "sketch.chunk_size=16"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if any(p["chunks_done"] >= 2 and not p["complete"] for p in _progress(run)):
+        if any(p["chunks_done"] >= 2 and not p["complete"] for p in _progress(run, sources)):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
     assert proc.wait() == -signal.SIGKILL, "sketching finished before it could be killed"
-    assert not (run / "sketch").exists()
+    assert not Run(run).stage_dir("sketch").exists()
     resumed = subprocess.run(cmd[:4] + cmd[5:], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming the unfinished run" in resumed.stderr
-    for source in [s.name for s in recipe.sources]:
+    for source in sources:
         for name in ("sketches.npy", "f0.npy"):
-            a = np.load(run / "sketch" / "sources" / source / name)
-            b = np.load(recipe.run_dir / "sketch" / "sources" / source / name)
+            a = np.load(Run(run).sketches.source_store(source) / name)
+            b = np.load(recipe.run.sketches.source_store(source) / name)
             assert np.array_equal(a, b), (source, name)

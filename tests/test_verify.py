@@ -1,13 +1,12 @@
 """verify's bookkeeping on a tiny run, and its statistics against scipy."""
 
-import json
-
 import numpy as np
 import polars as pl
 import pytest
 from scipy import stats
 
-from dataselect.sources import read_ingested, token_rows, usable
+from dataselect.artifacts import Run
+from dataselect.sources import token_rows, usable
 from dataselect.verify import (finetune_folder, kendall, leave_one_out_calibrated, spearman, true_metrics,
                                verify)
 
@@ -33,10 +32,10 @@ def test_leave_one_out_calibration_never_uses_the_subset_itself():
 def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     recipe = demo_recipe(tmp_path, "meta_init.epochs=1", "estimate.subsets=40")
     summary = verify(recipe, k_random=2, repeats=1)
-    out = recipe.run_dir / "verify"
-    results = pl.read_parquet(out / "results.parquet")
-    assert results["subset"].to_list() == ["random 0", "random 1", "selected by random_ensemble", "not selected"]
-    sampled = np.load(recipe.run_dir / "estimate" / "subsets.npy")
+    out = recipe.run.verification
+    results = out.results()
+    assert results["subset"].to_list() == ["random 0", "random 1", f"selected by {recipe.select.method}", "not selected"]
+    groups, sampled, _ = recipe.run.estimates.read()
     assert results["groups"].to_list()[:2] == sampled[:2].sum(1).tolist()
     assert results["groups"][2] + results["groups"][3] == sampled.shape[1]
     assert results["estimate"].is_finite().all()
@@ -46,25 +45,24 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
                             "exact_match_spearman", "truth_noise"}
     # The first subset's rows, as verify trains on them: its truth is its own fine-tune's loss, and
     # the noise compares it with a fine-tune of the same rows with the next seed (another model).
-    groups = json.loads((recipe.run_dir / "estimate" / "groups.json").read_text())
-    kept = [g for g, m in zip(groups, np.load(out / "memberships.npy")[0]) if m]
-    assigned = pl.read_parquet(recipe.run_dir / "estimate" / "assignments.parquet")
-    examples = read_ingested(recipe)
+    kept = [g for g, m in zip(groups, out.memberships()[0]) if m]
+    assigned = recipe.run.estimates.assignments()
+    examples = recipe.run.ingested.examples()
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources]).join(assigned, on="id")
     rows = token_rows(sources.filter(pl.col("group_right").is_in(kept)))
-    first = true_metrics(recipe, rows, finetune_folder(recipe, rows, out / "finetunes"))["loss"]
+    first = true_metrics(recipe, rows, finetune_folder(recipe, rows, out.finetunes))["loss"]
     assert first == pytest.approx(results["true_loss"][0], rel=1e-6)
     again = recipe.model_copy(update={"seed": recipe.seed + 1})
-    second = true_metrics(again, rows, finetune_folder(again, rows, out / "finetunes"))["loss"]
+    second = true_metrics(again, rows, finetune_folder(again, rows, out.finetunes))["loss"]
     assert summary["truth_noise"]["repeats"] == 1 and second != first
     assert summary["truth_noise"]["median_relative_difference"] == pytest.approx(abs(second - first) / first)
     assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error",
                                         "mean_squared_relative_error"}
-    assert json.loads((out / "summary.json").read_text())["subsets"] == 4
-    assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| predictor | Spearman |" in (out / "report.md").read_text()
+    assert out.summary()["subsets"] == 4
+    assert out.scatter.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| predictor | Spearman |" in out.report.read_text()
     # one real fine-tune per subset and one repeat with the next seed, kept for reuse
-    assert len(list((out / "finetunes").iterdir())) == 5
+    assert len(list(out.finetunes.iterdir())) == 5
 
 
 def test_finetunes_are_keyed_by_what_they_depend_on(tmp_path):
@@ -79,7 +77,7 @@ def test_finetunes_are_keyed_by_what_they_depend_on(tmp_path):
     assert finetune_folder(recipe, [([1, 5, 7, 2], 3), rows[1]], tmp_path) != folder  # another prompt mask
     for update in ({"seed": 1}, {"meta_init": recipe.meta_init.model_copy(update={"lr": 1e-4})}):
         assert finetune_folder(recipe.model_copy(update=update), rows, tmp_path) != folder
-    base = tmp_path / "run" / "ingest" / "base"
+    base = Run(tmp_path / "run").ingested.base
     base.mkdir(parents=True)
     (base / "model.safetensors").write_bytes(b"other weights")  # the tiny base built at ingest
     assert finetune_folder(recipe, rows, tmp_path) != folder

@@ -1,0 +1,272 @@
+"""A run folder's files: where each stage's outputs live, with their readers and writers.
+
+Every file name of a run is written here and nowhere else, so a stage finds another's outputs by
+asking for them (`recipe.run.estimates.assignments()`), never by building a path. A stage writes
+into an unfinished folder that the pipeline renames into place when it finishes, so each stage's
+files are a small class over a folder: `Run` hands out the finished ones, and a stage wraps the
+folder it is given (`Estimates(out).write(...)`). `FineTune` is the folder any fine-tune writes:
+meta-init's θ* and its snapshots, and the real fine-tunes of verify and the benchmarks.
+
+Imports nothing from dataselect, so every module (the recipe included) can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+_RECORD = "stage.json"
+_EXAMPLES = "examples.parquet"
+_CLUSTERS = "clusters.npy"
+_MANIFEST = "manifest.json"
+_COUNTS = ("examples", "merged_from_shards")  # the sketch manifest's keys that are not store settings
+_SUBSETS, _LOSS, _GROUPS = "subsets.npy", "loss.npy", "groups.json"
+_ASSIGNMENTS, _GROUP_GRADIENTS = "assignments.parquet", "group_gradients.parquet"
+_SELECTION = "groups.parquet"
+_RESULTS, _MEMBERSHIPS, _SUMMARY = "results.parquet", "memberships.npy", "summary.json"
+
+
+def write_record(folder: Path, record: dict) -> None:
+    """A stage's record (its key, seconds and summary), written last into its unfinished folder."""
+    (folder / _RECORD).write_text(json.dumps(record, indent=2))
+
+
+def key_file(folder: Path) -> Path:
+    """Names the stage key an unfinished folder was started for, so only the same run resumes it."""
+    return folder / "stage.key"
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """A fine-tune's folder: the trained parameters, snapshots along the way, the checkpoint a
+    killed run resumes from, the training losses."""
+
+    folder: Path
+
+    @property
+    def theta(self) -> Path:
+        """The trained parameters (θ* for meta-init), written last: its presence means finished."""
+        return self.folder / "theta.safetensors"
+
+    def snapshot(self, fraction: float, steps: int) -> Path:
+        """The trainable parameters at `fraction` of the steps (0: the start, 1: θ itself)."""
+        step = round(fraction * steps)
+        return self.theta if step >= steps else self.folder / f"snapshot-{step:07d}.safetensors"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint.safetensors"
+
+    def write_losses(self, losses: list[float]) -> None:
+        (self.folder / "losses.json").write_text(json.dumps(losses))
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """The ingest stage's folder: every input row as a canonical example (accepted or rejected),
+    and, for `model.tiny`, the base model and tokenizer built from the recipe's text."""
+
+    folder: Path
+
+    @property
+    def base(self) -> Path:
+        """A `save_pretrained` folder holding the tiny model and its tokenizer."""
+        return self.folder / "base"
+
+    def examples(self) -> pl.DataFrame:
+        return pl.read_parquet(self.folder / _EXAMPLES)
+
+    def write_examples(self, examples: pl.DataFrame) -> None:
+        examples.write_parquet(self.folder / _EXAMPLES)
+
+
+@dataclass(frozen=True)
+class Sketches:
+    """The sketch stage's folder: one store (store.py's format) per source and one for the
+    target's validation split, the clusters of clustered sources, shard jobs' chunks until they
+    are merged, and a manifest of the settings every store carries and the rows sketched."""
+
+    folder: Path
+
+    def source_store(self, source: str) -> Path:
+        return self.folder / "sources" / source
+
+    @property
+    def target_store(self) -> Path:
+        return self.folder / "target" / "validation"
+
+    @property
+    def shards(self) -> Path:
+        return self.folder / "shards"
+
+    def clusters(self, source: str) -> np.ndarray | None:
+        """Each row's cluster in a source grouped by `clusters`; None until it is clustered."""
+        path = self.source_store(source) / _CLUSTERS
+        return np.load(path) if path.exists() else None
+
+    def write_clusters(self, source: str, labels: np.ndarray) -> None:
+        np.save(self.source_store(source) / _CLUSTERS, labels, allow_pickle=False)
+
+    def manifest(self) -> dict:
+        return json.loads((self.folder / _MANIFEST).read_text())
+
+    def settings(self) -> dict:
+        """The settings the stage ran with; every store it wrote must carry them."""
+        return {k: v for k, v in self.manifest().items() if k not in _COUNTS}
+
+    def write_manifest(self, settings: dict, examples: dict, merged_from_shards: bool) -> dict:
+        """The settings, the rows (and target tokens) sketched per store, whether shards made them."""
+        manifest = {**settings, "examples": examples, "merged_from_shards": merged_from_shards}
+        (self.folder / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return manifest
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """The estimate stage's folder: random subsets of groups with their estimated target loss,
+    each source example's group, and per group its alignment with the target's gradient."""
+
+    folder: Path
+
+    def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(groups, membership of each subset: subsets × groups, each subset's estimated loss)."""
+        return (json.loads((self.folder / _GROUPS).read_text()), np.load(self.folder / _SUBSETS),
+                np.load(self.folder / _LOSS))
+
+    def assignments(self) -> pl.DataFrame:
+        """One row per sketched source example: id, group."""
+        return pl.read_parquet(self.folder / _ASSIGNMENTS)
+
+    def group_gradients(self) -> pl.DataFrame:
+        """Per group: its summed alignment with the target's gradient, tokens, and their ratio."""
+        return pl.read_parquet(self.folder / _GROUP_GRADIENTS)
+
+    def write(self, groups: list[str], subsets: np.ndarray, loss: np.ndarray, assignments: pl.DataFrame,
+              group_gradients: pl.DataFrame) -> None:
+        np.save(self.folder / _SUBSETS, subsets, allow_pickle=False)
+        np.save(self.folder / _LOSS, loss, allow_pickle=False)
+        assignments.write_parquet(self.folder / _ASSIGNMENTS)
+        (self.folder / _GROUPS).write_text(json.dumps(groups))
+        group_gradients.write_parquet(self.folder / _GROUP_GRADIENTS)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The select stage's folder: per group its score, interval, rank, decision and reason."""
+
+    folder: Path
+
+    def read(self) -> pl.DataFrame:
+        return pl.read_parquet(self.folder / _SELECTION)
+
+    def write(self, groups: pl.DataFrame) -> None:
+        groups.write_parquet(self.folder / _SELECTION)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `dataselect verify` writes: per subset its estimate and true loss, each subset's
+    groups, the summary, the report and its plot, and the real fine-tunes it trained."""
+
+    folder: Path
+
+    @property
+    def finetunes(self) -> Path:
+        return self.folder / "finetunes"
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.md"
+
+    @property
+    def scatter(self) -> Path:
+        return self.folder / "scatter.png"
+
+    def results(self) -> pl.DataFrame | None:
+        """One row per verified subset; None when verify has not run."""
+        path = self.folder / _RESULTS
+        return pl.read_parquet(path) if path.exists() else None
+
+    def memberships(self) -> np.ndarray | None:
+        """Each verified subset's groups (rows: results' subsets; columns: the estimate stage's
+        groups); None when verify has not run (or ran before it kept them)."""
+        path = self.folder / _MEMBERSHIPS
+        return np.load(path) if path.exists() else None
+
+    def summary(self) -> dict:
+        return json.loads((self.folder / _SUMMARY).read_text())
+
+    def write_results(self, results: pl.DataFrame, memberships: np.ndarray) -> None:
+        results.write_parquet(self.folder / _RESULTS)
+        np.save(self.folder / _MEMBERSHIPS, memberships, allow_pickle=False)
+
+    def write_summary(self, summary: dict) -> None:
+        (self.folder / _SUMMARY).write_text(json.dumps(summary, indent=2))
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder: one folder per finished stage (`.<stage>.tmp` while it runs), the demo data
+    ingest generates, and the lock that keeps two runs out of it."""
+
+    root: Path
+
+    @classmethod
+    def named(cls, name: str, workdir: str | Path | None = None) -> Run:
+        """A recipe's run folder: its workdir, else runs/<name> under the working directory."""
+        return cls(Path(workdir) if workdir else Path("runs") / name)
+
+    def stage_dir(self, stage: str) -> Path:
+        """A stage's finished folder (or another tool's folder beside them, e.g. a benchmark's)."""
+        return self.root / stage
+
+    def unfinished_dir(self, stage: str) -> Path:
+        """Where a stage writes until it finishes and the pipeline renames it to `stage_dir`."""
+        return self.root / f".{stage}.tmp"
+
+    def record(self, stage: str) -> dict | None:
+        """A stage's record (key, seconds, summary); None until the stage has finished."""
+        path = self.stage_dir(stage) / _RECORD
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def summary(self, stage: str) -> dict:
+        """A finished stage's summary, as the stage returned it."""
+        return json.loads((self.stage_dir(stage) / _RECORD).read_text())["summary"]
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def demo_data(self) -> Path:
+        """Where `demo:` datasets are generated."""
+        return self.root / "demo_data"
+
+    @property
+    def ingested(self) -> Ingested:
+        return Ingested(self.stage_dir("ingest"))
+
+    @property
+    def meta_init(self) -> FineTune:
+        """θ* and the snapshots along meta-init's path."""
+        return FineTune(self.stage_dir("meta_init"))
+
+    @property
+    def sketches(self) -> Sketches:
+        return Sketches(self.stage_dir("sketch"))
+
+    @property
+    def estimates(self) -> Estimates:
+        return Estimates(self.stage_dir("estimate"))
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.stage_dir("select"))
+
+    @property
+    def verification(self) -> Verification:
+        return Verification(self.stage_dir("verify"))
