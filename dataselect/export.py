@@ -19,7 +19,7 @@ import polars as pl
 
 from .outputs import MANIFEST
 from .recipe import Recipe
-from .sources import usable
+from .sources import reasons_by_class, usable
 
 
 class ExportError(RuntimeError):
@@ -83,9 +83,9 @@ def per_source_counts(accounted: pl.DataFrame) -> dict:
     out = {}
     for (source,), part in accounted.group_by(["source"], maintain_order=True):
         counts = dict(zip(*part["status"].value_counts(sort=True).to_dict(as_series=False).values()))
-        rejected = part.filter(pl.col("status") == "rejected")["reason"].value_counts(sort=True)
+        rejected = part.filter(pl.col("status") == "rejected")
         out[source] = {"rows": part.height, **{k: counts.get(k, 0) for k in ("selected", "not_selected", "rejected")},
-                       "rejected_by_reason": dict(zip(*rejected.to_dict(as_series=False).values()))}
+                       "rejected_by_reason": reasons_by_class(rejected)}
         assert out[source]["rows"] == out[source]["selected"] + out[source]["not_selected"] + out[source]["rejected"]
     return out
 

@@ -17,6 +17,7 @@ import logging
 import lzma
 import os
 import random
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -437,16 +438,30 @@ def tokenize_examples(examples: pl.DataFrame, tokenizer, max_length: int, overlo
     ).with_columns(n_tokens=pl.col("input_ids").list.len().cast(pl.Int32))
 
 
+def reason_class(reason: str) -> str:
+    """A rejection reason without its per-row detail ("prompt alone is N tokens", "duplicate id"),
+    so a manifest counts a few classes, not one key per token count; rows.parquet keeps the detail."""
+    if reason.startswith("duplicate id "):
+        return "duplicate id"
+    return re.sub(r"(?<![=\w.])\d+", "N", reason)
+
+
+def reasons_by_class(rejected: pl.DataFrame) -> dict[str, int]:
+    """How many rejected rows each reason class holds, most first."""
+    classes = pl.DataFrame({"reason": [reason_class(r) for r in rejected["reason"]]}, schema={"reason": pl.String})
+    counts = classes.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    return dict(zip(counts["reason"].to_list(), counts["len"].to_list()))
+
+
 def ingest_summary(examples: pl.DataFrame) -> dict:
     """Counts per source and role: rows read, accepted, rejected by reason, truncated."""
     out = {}
     for (source, role), part in examples.group_by(["source", "role"], maintain_order=True):
         rejected = part.filter(pl.col("status") == "rejected")
-        reasons = rejected.group_by("reason").len().sort("len", descending=True)
         out[f"{source}:{role}" if role != "source" else source] = {
             "role": role, "rows": part.height, "accepted": part.height - rejected.height,
             "rejected": rejected.height, "truncated": int(part["truncated"].fill_null(False).sum()),
-            "rejected_by_reason": dict(zip(reasons["reason"].to_list(), reasons["len"].to_list())),
+            "rejected_by_reason": reasons_by_class(rejected),
         }
     return out
 

@@ -31,7 +31,7 @@ from dataselect.export import ExportError
 from dataselect.model import ModelError, load_base_model
 from dataselect.pipeline import run
 from dataselect.recipe import RecipeError, load_recipe
-from dataselect.sources import SourceError
+from dataselect.sources import SourceError, reason_class, reasons_by_class
 from dataselect.store import SketchStore, StoreMismatch
 
 from .conftest import DEMO
@@ -225,8 +225,20 @@ def test_every_row_is_accounted_and_the_summary_counts_each_reason(mixed, source
     assert_accounted(summary, examples, source, n_input, n_rejected=len(cases))
     by_reason: dict[str, int] = {}
     for _, reason in cases.values():
-        by_reason[reason] = by_reason.get(reason, 0) + 1
+        by_reason[reason_class(reason)] = by_reason.get(reason_class(reason), 0) + 1
     assert summary[source]["rejected_by_reason"] == by_reason  # the good rows around them all passed
+    rejected = examples.filter((pl.col("source") == source) & (pl.col("status") == "rejected"))
+    assert sorted(rejected["reason"]) == sorted(reason for _, reason in cases.values())  # the detail stays
+
+
+def test_reasons_are_counted_by_class_not_by_token_count():
+    reasons = ["prompt alone is 300 tokens, not shorter than sketch.max_length=256",
+               "prompt alone is 412 tokens, not shorter than sketch.max_length=256",
+               "duplicate id 'ids/2', first seen at row 1", "duplicate id 'ids/7', first seen at row 5",
+               "field 'q2' turn 3 lacks a string role and content"]
+    counts = reasons_by_class(pl.DataFrame({"reason": reasons}))
+    assert counts == {"prompt alone is N tokens, not shorter than sketch.max_length=256": 2, "duplicate id": 2,
+                      "field 'q2' turn N lacks a string role and content": 1}
 
 
 def test_the_first_of_duplicate_ids_is_kept(mixed):
