@@ -60,17 +60,29 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def plot_scores(groups: pl.DataFrame) -> bytes:
-    plt = _pyplot()
+SCORE_MEANING = {
+    "group_effect": "estimated drop in target loss per step of training on the group alone",
+    "all": "no score: every group is kept",
+}
 
-    ordered = groups.sort("score")
-    fig, ax = plt.subplots(figsize=(7, 0.35 * ordered.height + 1.2))
+
+def plot_scores(groups: pl.DataFrame, method: str) -> bytes:
+    """One bar per group with its interval; plain tick labels (no ×1e-3 offset text, which
+    overlapped the axis label) and a label wrapped to the figure's width."""
+    import textwrap
+
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _pyplot()
+    ordered = groups.sort("score", nulls_last=False)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * ordered.height + 1.6))
     colors = ["tab:green" if s else "tab:gray" for s in ordered["selected"]]
-    ax.barh(ordered["group"].to_list(), ordered["score"].to_list(), xerr=ordered["ci95"].to_list(),
-            color=colors, capsize=3)
+    ax.barh(ordered["group"].to_list(), ordered["score"].fill_null(0.0).to_list(),
+            xerr=ordered["ci95"].fill_null(0.0).to_list(), color=colors, capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-    ax.set_xlabel("score: estimated target-loss reduction vs the average group (±95% interval)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))
+    meaning = SCORE_MEANING.get(method, "estimated target-loss reduction against the average group")
+    ax.set_xlabel(textwrap.fill(f"{method} score: {meaning} (±95% interval)", 55))
     ax.set_title("Groups (green: selected)")
     fig.tight_layout()
     return _png(fig)
@@ -130,7 +142,8 @@ def report(output_dir: Path) -> dict:
     manifest = read_manifest(output_dir)
     groups, sources = group_table(manifest), source_table(manifest)
     verified = verify_results(manifest)
-    plots = {"scores.png": plot_scores(groups), "sources.png": plot_sources(sources)}
+    method = manifest["recipe"]["select"]["method"]
+    plots = {"scores.png": plot_scores(groups, method), "sources.png": plot_sources(sources)}
     if verified is not None:
         plots["verify.png"] = plot_verify(verified)
     tables = {"Sources": sources, "Groups": groups}

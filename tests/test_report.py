@@ -67,3 +67,17 @@ def test_a_pipe_in_a_value_does_not_break_the_markdown_table():
     table = _markdown_table(pl.DataFrame({"group": ["flan/a|b", "x\ny"], "score": [0.5, None]}))
     for line in table.splitlines():
         assert len(re.findall(r"(?<!\\)\|", line)) == 3, line  # two columns: three unescaped pipes
+
+
+def test_the_scores_plot_draws_groups_without_a_score_and_names_the_method():
+    import io
+
+    import matplotlib.image
+    import polars as pl
+
+    from dataselect.report import plot_scores
+
+    groups = pl.DataFrame({"group": ["a", "b"], "score": [None, None], "ci95": [None, None], "selected": [True, True]},
+                          schema={"group": pl.String, "score": pl.Float64, "ci95": pl.Float64, "selected": pl.Boolean})
+    image = matplotlib.image.imread(io.BytesIO(plot_scores(groups, "all")), format="png")  # method all: no scores
+    assert image.shape[0] > 100 and image.shape[1] > 100
