@@ -142,7 +142,8 @@ class Estimates:
         return pl.read_parquet(self.folder / _ASSIGNMENTS)
 
     def group_gradients(self) -> pl.DataFrame:
-        """Per group: its summed alignment with the target's gradient, tokens, and their ratio."""
+        """Per group: its summed alignment with the target's gradient, tokens, their ratio (the
+        group's own effect) and that ratio's 95% interval."""
         return pl.read_parquet(self.folder / _GROUP_GRADIENTS)
 
     def write(self, groups: list[str], subsets: np.ndarray, loss: np.ndarray, assignments: pl.DataFrame,

@@ -35,6 +35,7 @@ class Stage:
     settings: tuple[str, ...]  # recipe settings this stage reads
     run: Callable[[Recipe, Path], dict]
     about: str
+    version: str = "3"  # bump when this stage's output format or meaning changes: it and later stages rerun
 
 
 STAGES = (
@@ -46,21 +47,20 @@ STAGES = (
     Stage("sketch", ("sketch",), sketch.stage,
           "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources"),
     Stage("estimate", ("estimate",), estimate.stage,
-          "first-order target loss after fine-tuning on random subsets of groups"),
+          "first-order target loss after fine-tuning on random subsets of groups", version="4"),
     Stage("select", ("select",), select.stage,
           "score each group from the subset estimates and apply the keep-rules"),
     Stage("export", ("output",), export.stage,
           "write the mixture as a Hugging Face dataset with a manifest"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-_CODE_VERSION = "3"  # bump when a stage's output format or meaning changes
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
     """Each stage's hash chains the one before it, so a change invalidates everything downstream."""
     keys, previous = {}, ""
     for stage in STAGES:
-        chained = f"{previous}:{recipe.fingerprint(*stage.settings)}:{_CODE_VERSION}"
+        chained = f"{previous}:{recipe.fingerprint(*stage.settings)}:{stage.version}"
         previous = keys[stage.name] = hashlib.sha256(chained.encode()).hexdigest()[:16]
     return keys
 

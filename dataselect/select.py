@@ -55,23 +55,6 @@ def random_ensemble_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[s
     return pl.DataFrame(rows, schema={**SCORE_SCHEMA, "mean_loss_with": pl.Float64, "subsets_with": pl.Int64})
 
 
-def group_effect_scores(pool) -> pl.DataFrame:
-    """Each group's own first-order effect, L⁰ − f̂({g}): the drop in target loss per step of
-    training on that group alone (its per-token alignment with the target gradient), with the 95%
-    interval of a ratio estimate over its examples. Unlike the ensemble's score it is absolute: a
-    positive score means "estimated to help", not "better than the average group".
-    """
-    n = len(pool.groups)
-    count = np.bincount(pool.group_of, minlength=n).astype(np.float64)
-    alignment, tokens = pool.group_sums()
-    ratio = alignment / np.maximum(tokens, 1.0)
-    resid = pool.alignment - ratio[pool.group_of] * pool.tokens
-    spread = np.bincount(pool.group_of, weights=resid**2, minlength=n) / np.maximum(count - 1, 1)
-    mean_tokens = tokens / np.maximum(count, 1)
-    se = np.sqrt(spread / np.maximum(count, 1)) / np.maximum(mean_tokens, 1e-30)
-    return pl.DataFrame({"group": pool.groups, "score": ratio, "ci95": 1.96 * se}, schema=SCORE_SCHEMA)
-
-
 def surrogate_scores(subsets: np.ndarray, loss: np.ndarray, groups: list[str]) -> pl.DataFrame:
     """Least squares f̂(S) ≈ β₀ + Σ β_i [i ∈ S]; score −(β_i − mean β) with its 95% interval.
 
@@ -224,8 +207,9 @@ def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
         return random_ensemble_scores(subsets, loss, groups), None
     if method == "surrogate":
         return surrogate_scores(subsets, loss, groups), None
-    if method == "group_effect":
-        return group_effect_scores(load_pool(recipe)), None
+    if method == "group_effect":  # each group's own effect, computed once by the estimate stage
+        effects = recipe.run.estimates.group_gradients().select("group", score="per_token", ci95="ci95")
+        return effects.cast(SCORE_SCHEMA), None
     if method in ("all", "random"):
         rng = np.random.default_rng(recipe.seed)
         score = None if method == "all" else rng.random(len(groups)) - 0.5

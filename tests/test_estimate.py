@@ -5,7 +5,7 @@ import torch
 
 from dataselect.estimate import Pool, sample_subsets
 from dataselect.recipe import Select
-from dataselect.select import apply_keep_rules, group_effect_scores, random_ensemble_scores
+from dataselect.select import apply_keep_rules, random_ensemble_scores
 
 
 def _pool(alignment, tokens, group_of, base=2.0) -> Pool:
@@ -29,11 +29,11 @@ def test_a_groups_effect_is_its_own_estimate_with_an_interval_that_shrinks_with_
     alignment = np.concatenate([rng.normal(0.5, 1.0, 20), rng.normal(0.5, 1.0, 2000), rng.normal(-0.2, 1.0, 2000)])
     tokens = rng.integers(1, 9, sum(sizes)).astype(float)
     pool = _pool(alignment * tokens, tokens, np.repeat(np.arange(3), sizes))
-    scores = group_effect_scores(pool)
+    scores = pool.group_effects()
     singles = pool.evaluate(np.eye(3, dtype=bool))
-    assert np.allclose(scores["score"].to_numpy(), pool.base_loss - singles)  # L⁰ − f̂({g})
+    assert np.allclose(scores["per_token"].to_numpy(), pool.base_loss - singles)  # L⁰ − f̂({g})
     ci = scores["ci95"].to_numpy()
-    assert ci[0] > 5 * ci[1] and scores["score"][1] - ci[1] > 0 and scores["score"][2] + ci[2] < 0
+    assert ci[0] > 5 * ci[1] and scores["per_token"][1] - ci[1] > 0 and scores["per_token"][2] + ci[2] < 0
 
 
 def test_subsets_are_seeded_and_sized():
