@@ -4,7 +4,7 @@
         [--method group_effect|random_ensemble|gradient_similarity|...]
 
 Reads the estimates in `<cache>/runs/<name>-<model>` (run bench_selection.py with the same
-arguments first) and prints each group's score by `--method` (the recipe's selector by default)
+arguments first; stages that older code wrote are brought up to date) and prints each group's score by `--method` (the recipe's selector by default)
 with its 95% interval, best first. For GSM8K it
 also says, per model-written source, whether its correct group outranks its incorrect one.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from settings import CACHE, setting
 
+from dataselect import run
 from dataselect.recipe import SELECT_METHODS
 from dataselect.select import score_groups
 
@@ -34,6 +35,7 @@ def main() -> None:
     chosen = setting(args.setting, args.model, target=args.target, regime=args.regime, cache=args.cache)
     overrides = [f"select.method={args.method}"] if args.method else []
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}", *overrides)
+    run(recipe, until="estimate")  # brings a folder built by older code up to date; a no-op otherwise
     scores = score_groups(recipe)[0].sort(["score", "group"], descending=[True, False], nulls_last=True)
     print(f"{recipe.select.method}\n\n| rank | group | score ± 95% |\n|---|---|---|")
     rank = {}
