@@ -30,28 +30,34 @@ class Strict(BaseModel):
 class TinyModel(Strict):
     """A small causal LM built from a config, with a tokenizer trained on the recipe's own text."""
 
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    vocab_size: int = 384
+    hidden_size: int = Field(64, description="width of the tiny Llama (its MLP is twice as wide)")
+    layers: int = Field(2, description="number of transformer layers")
+    heads: int = Field(4, description="attention heads per layer")
+    vocab_size: int = Field(384, description="size of the BPE vocabulary trained on the sources' text")
 
 
 class Lora(Strict):
-    r: int = Field(8, ge=1)
-    alpha: float = 16.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, description="LoRA scaling (`lora_alpha`)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA adapters' input")
+    target_modules: list[str] = Field(["q_proj", "v_proj"],
+                                      description="the linear layers that get adapters (names as PEFT takes them)")
 
 
 class Model(Strict):
     """`base` is a Hub id, a local model folder, or a `.gguf` file; `tiny` builds one from scratch."""
 
-    base: str | None = None
-    gguf_file: str | None = None
-    revision: str | None = None
-    tiny: TinyModel | None = None
-    lora: Lora | None = None
-    trust_remote_code: bool = False
+    base: str | None = Field(None, description="a Hub id, a local model folder, or a `.gguf` file; "
+                                               "set exactly one of `base` and `tiny`")
+    gguf_file: str | None = Field(None, description="the GGUF file to load from inside the Hub repo or folder "
+                                                    "that `base` names")
+    revision: str | None = Field(None, description="the Hub revision of `base`, passed to `from_pretrained`")
+    tiny: TinyModel | None = Field(None, description="instead of `base`: build a small Llama of this size from "
+                                                     "scratch, with a tokenizer trained on the sources")
+    lora: Lora | None = Field(None, description="train LoRA adapters (null: full fine-tuning); the sketched "
+                                                "parameters are exactly the trained ones")
+    trust_remote_code: bool = Field(False, description="passed to `from_pretrained`; remote code stays off "
+                                                       "unless set")
 
     @model_validator(mode="after")
     def _one_base(self) -> "Model":
@@ -63,42 +69,57 @@ class Model(Strict):
 class MetaInit(Strict):
     """Multitask fine-tuning on all sources together, giving the point θ* where gradients are taken."""
 
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    weight_decay: float = 0.0
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_examples_per_source: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0, description="passes over the sources (may be fractional)")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate of AdamW, with linear warm-up and decay; "
+                                              "the loss is on response tokens only")
+    batch_size: int = Field(8, ge=1, description="examples per step")
+    weight_decay: float = Field(0.0, description="AdamW's weight decay")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming up")
+    max_examples_per_source: int | None = Field(None, ge=1, description="cap each source at a seeded sample of "
+                                                                        "this many rows (null: all rows)")
 
 
 class Fields(Strict):
     """Column names for prompt/response shaped rows."""
 
-    prompt: str
-    response: str
-    system: str | None = None
-    id: str | None = None
+    prompt: str = Field(description="the column holding the prompt")
+    response: str = Field(description="the column holding the response")
+    system: str | None = Field(None, description="a column holding a system prompt")
+    id: str | None = Field(None, description="a column holding each row's id (null: its row number)")
 
 
 class Messages(Strict):
     """Chat rows: a list of {role, content}; the last assistant turn is the response."""
 
-    messages: str = "messages"
-    id: str | None = None
+    messages: str = Field("messages", description="the column holding the list of {role, content} turns")
+    id: str | None = Field(None, description="a column holding each row's id (null: its row number)")
 
 
 Format = Literal["messages"] | Fields | Messages
 
 
 class Source(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    dataset: str  # Hub id, local file/folder, or demo:<name> (generated by dataselect)
-    config: str | None = None
-    split: str = "train"
-    format: Format
-    group_by: str | None = None
-    clusters: int | None = Field(None, ge=2)
-    max_rows: int | None = Field(None, ge=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="the source's name, unique among the sources and not the target's; "
+                                  "its rows' ids and groups (`<name>/<value>`) start with it")
+    dataset: str = Field(description=(
+        "a Hub id, a `.json`/`.jsonl`/`.parquet`/`.csv` file (the text ones also compressed: `.jsonl.gz`, "
+        "`.zst`, `.bz2`, `.xz`), a glob of such files (`data/shard-*.parquet`, read in name order), a folder "
+        "of such files, a `save_to_disk` folder, or `demo:<name>` (generated by dataselect)"))
+    config: str | None = Field(None, description="the Hub dataset's configuration (subset) name")
+    split: str = Field("train", description="the split to read; may be a slice (`train[:5000]`), also for a "
+                                            "local file or glob")
+    format: Format = Field(description=(
+        "`messages` (a `messages` column of role/content turns; the last assistant turn is the response), "
+        "`{messages: column, id: column}`, or `{prompt: column, response: column, system: column, id: column}`; "
+        "a column may be a dotted path into nested fields (`6b_finetuning.solution`)"))
+    group_by: str | None = Field(None, description=(
+        "a column whose values split the source into groups (e.g. FLAN's task name); a row where it is "
+        "null or blank is rejected. With neither `group_by` nor `clusters` the source is one group"))
+    clusters: int | None = Field(None, ge=2, description=(
+        "split the source into this many groups by spherical k-means (FAISS) on its sketches; "
+        "exclusive with `group_by`"))
+    max_rows: int | None = Field(None, ge=1, description="read only the first this many rows of the split")
 
     @model_validator(mode="after")
     def _one_grouping(self) -> "Source":
@@ -108,20 +129,22 @@ class Source(Strict):
 
 
 class Split(Strict):
-    split: str
-    size: int | None = Field(None, ge=1)  # a seeded sample of this many rows
+    split: str = Field(description="the split to read (a slice such as `train[:500]` works too)")
+    size: int | None = Field(None, ge=1, description="take a seeded sample of this many rows (null: all rows)")
 
 
 class Target(Strict):
-    name: str = "target"
-    dataset: str
-    config: str | None = None
-    format: Format
-    validation: Split
-    test: Split | None = None
-    # A regex whose last match (group 1 if it has one) is the answer, for exact-match accuracy of
-    # greedy generations in verify and the benchmarks; None: the target defines no answer.
-    answer: str | None = None
+    name: str = Field("target", description="the target's name in the examples table; not a source's name")
+    dataset: str = Field(description="where the target is read from, in any form `sources[].dataset` takes")
+    config: str | None = Field(None, description="the Hub dataset's configuration (subset) name")
+    format: Format = Field(description="the rows' shape, as for `sources[].format`")
+    validation: Split = Field(description="the split the selection aims at: selection uses only this one")
+    test: Split | None = Field(None, description="a split that is read and counted for later reporting, "
+                                                 "never used to select")
+    answer: str | None = Field(None, description=(
+        "a regex whose last match (group 1 if it has one) is the answer, for exact-match accuracy of greedy "
+        "generations in `verify` and the benchmarks (demo: the whole translation; GSM8K: the number after "
+        "`####` or `A:`); null: the target defines no answer"))
 
     @field_validator("answer")
     @classmethod
@@ -139,20 +162,24 @@ SCRATCH_PATH = (0.5, 0.75, 1.0)
 
 
 class Sketch(Strict):
-    # Where gradients are taken: fractions of meta-init's steps (0: the base model, 1: θ*), each
-    # point projected to `dim` dimensions and weighted by the learning rate spent near it. Default:
-    # from the base for a pretrained model, from half-way for a tiny model built from scratch
-    # (its gradients carry nothing about the pool's tasks before meta-init has taught it them).
-    path: list[float] | None = None
-    dim: int = Field(256, ge=8)
-    max_length: int = Field(256, ge=8)
-    batch_size: int = Field(8, ge=1)
-    modules: list[str] = []  # glob patterns of linear layers; default: LoRA adapters, else all linears
-    chunk_size: int = Field(1024, ge=1)  # rows written (and resumable) at a time
-    # Rows longer than max_length tokens: cut at the end (`truncate`, marked truncated), rejected with
-    # a reason (`reject`), or cut in the middle of the prompt so the response stays whole
-    # (`cut_prompt`: extractive QA and summaries whose passage is longer than the context).
-    overlong: Literal["truncate", "reject", "cut_prompt"] = "truncate"
+    path: list[float] | None = Field(None, description=(
+        "where gradients are taken: an increasing list of fractions of meta-init's steps (0: the base model, "
+        "1: θ*), each point projected to `dim` dimensions and weighted by the learning rate spent near it "
+        "(see [the method](method.md)). Null: `[0, 0.1, 0.5]`, from the base, for a pretrained `model.base`; "
+        "`[0.5, 0.75, 1]`, from half-way, for `model.tiny` built from scratch (its gradients carry nothing "
+        "about the pool's tasks before meta-init has taught it them)"))
+    dim: int = Field(256, ge=8, description="the projection's dimension, per point of `path`")
+    max_length: int = Field(256, ge=8, description="the token limit of a row (prompt and response)")
+    batch_size: int = Field(8, ge=1, description="rows per gradient batch")
+    modules: list[str] = Field([], description=(
+        "glob patterns of the linear layers whose weights are sketched; empty: the LoRA adapters, or every "
+        "linear layer not tied to the input embeddings"))
+    chunk_size: int = Field(1024, ge=1, description="rows written (and resumable) at a time")
+    overlong: Literal["truncate", "reject", "cut_prompt"] = Field("truncate", description=(
+        "rows longer than `max_length` tokens: cut at the end and counted as truncated (`truncate`), rejected "
+        "with a reason (`reject`), or cut in the middle of the prompt so the response stays whole "
+        "(`cut_prompt`: extractive QA and summaries whose passage is longer than the context); with the first "
+        "two a prompt that fills the limit is rejected"))
 
     @field_validator("path")
     @classmethod
@@ -163,8 +190,8 @@ class Sketch(Strict):
 
 
 class Estimate(Strict):
-    subsets: int = Field(1000, ge=10)
-    subset_fraction: float = Field(0.5, gt=0, lt=1)
+    subsets: int = Field(1000, ge=10, description="how many random subsets of groups are estimated")
+    subset_fraction: float = Field(0.5, gt=0, lt=1, description="the fraction of the groups in each subset")
 
 
 SELECT_METHODS = ("random_ensemble", "group_effect", "surrogate", "forward", "all", "random", "gradient_similarity",
@@ -172,45 +199,60 @@ SELECT_METHODS = ("random_ensemble", "group_effect", "surrogate", "forward", "al
 
 
 class Select(Strict):
-    method: Literal[SELECT_METHODS] = "group_effect"
-    # Keep every group unless its estimate says, with 95% confidence, that it raises the target's
-    # loss: on the real T0 pool this measured best of the keep rules tried (docs/benchmarks.md).
-    # For a narrow target, `threshold_on: low_end` keeps only what confidently helps.
-    keep_fraction: float = Field(1.0, gt=0, le=1)
-    min_score: float | None = 0.0
-    # What min_score is compared with, where the method gives a 95% interval: its low end (keep only
-    # groups confidently above min_score), the estimate itself, or its high end (drop only groups
-    # confidently below).
-    threshold_on: Literal["low_end", "estimate", "high_end"] = "high_end"
-    max_examples: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+    method: Literal[SELECT_METHODS] = Field("group_effect", description=(
+        "how groups are scored: `group_effect` (each group's own first-order effect on the target, "
+        "absolute: > 0 helps), `random_ensemble`, `surrogate`, `forward` (GradEx; their scores are relative, "
+        "0 = the average group), or a baseline: `all`, `random`, `gradient_similarity`, "
+        "`representation_similarity`, `dsir`"))
+    keep_fraction: float = Field(1.0, gt=0, le=1, description=(
+        "groups are ranked best score first; keep at most this top fraction of them"))
+    min_score: float | None = Field(0.0, description=(
+        "keep only the groups whose score clears this, compared as `threshold_on` says; null: no threshold"))
+    threshold_on: Literal["low_end", "estimate", "high_end"] = Field("high_end", description=(
+        "what `min_score` is compared with, where the method gives a 95% interval: its low end (keep only "
+        "groups confidently above `min_score`), the estimate itself, or its high end (drop only groups "
+        "confidently below). The default keeps every group unless its estimate says, with 95% confidence, "
+        "that it raises the target's loss: on the real T0 pool this measured best of the keep rules tried "
+        "([benchmarks](benchmarks.md)). For a narrow target, `low_end` keeps only what confidently helps"))
+    max_examples: int | None = Field(None, ge=1, description=(
+        "an example budget: skip a group that would take the mixture past it"))
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "a token budget: skip a group that would take the mixture past it"))
 
 
 class Output(Strict):
-    path: Path
-    # messages: [{role, content}]; prompt_completion: two strings (TRL's prompt-completion);
-    # text: the whole conversation rendered with the model's chat template.
-    format: Literal["messages", "prompt_completion", "text"] = "messages"
-    files: list[Literal["jsonl", "parquet"]] = ["parquet"]
-    provenance: bool = True  # source, group, id and score columns beside the text
-    validation: bool = False  # also write the target's validation split, in the same format
-    push_to_hub: str | None = None  # a dataset repo id; `dataselect push` and `build` upload there
-    private: bool = True
-    overwrite: bool = False  # replace an output.path that holds something other than a dataselect output
+    path: Path = Field(description="the folder the mixture is written to")
+    format: Literal["messages", "prompt_completion", "text"] = Field("messages", description=(
+        "`messages`: [{role, content}]; `prompt_completion`: two strings (TRL's prompt-completion); "
+        "`text`: the whole conversation rendered with the model's chat template"))
+    files: list[Literal["jsonl", "parquet"]] = Field(["parquet"], description=(
+        "the file types written: `parquet` (Hub-style shards), `jsonl`"))
+    provenance: bool = Field(True, description="source, group, id and score columns beside the text")
+    validation: bool = Field(False, description="also write the target's validation split, in the same format")
+    push_to_hub: str | None = Field(None, description=(
+        "a dataset repo id; `dataselect push` and `build` upload the mixture there"))
+    private: bool = Field(True, description=("create the `push_to_hub` repo private; an existing public repo "
+                                             "is then refused and nothing is uploaded"))
+    overwrite: bool = Field(False, description=(
+        "replace an `output.path` that holds something other than a dataselect output"))
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    workdir: Path | None = None
-    model: Model
-    meta_init: MetaInit = MetaInit()
-    sources: list[Source] = Field(min_length=1)
-    target: Target
-    sketch: Sketch = Sketch()
-    estimate: Estimate = Estimate()
-    select: Select = Select()
-    output: Output
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="the run's name; its work folder is `runs/<name>` unless `workdir` is set")
+    seed: int = Field(0, description=(
+        "seeds model init, meta-init order, projection, subsets, clustering, validation sampling"))
+    workdir: Path | None = Field(None, description=(
+        "the run folder, where finished stages are kept and reused; null: `runs/<name>`"))
+    model: Model = Field(description="the base model: one of `base` and `tiny`, optionally with `lora`")
+    meta_init: MetaInit = Field(MetaInit(), description=(
+        "multitask fine-tuning on all sources together, giving the point θ* where gradients are taken"))
+    sources: list[Source] = Field(min_length=1, description="the data sources to choose from, each split into groups")
+    target: Target = Field(description="the data the mixture should help")
+    sketch: Sketch = Field(Sketch(), description="the per-example gradient sketches")
+    estimate: Estimate = Field(Estimate(), description="the estimates over random subsets of groups")
+    select: Select = Field(Select(), description="how groups are scored and which are kept")
+    output: Output = Field(description="where and how the mixture is written")
 
     @field_validator("sources")
     @classmethod

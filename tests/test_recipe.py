@@ -101,3 +101,44 @@ def test_the_sketch_path_defaults_by_model_kind_and_keys_meta_init_as_resolved()
     for bad in ("[]", "[0.5, 0.1]", "[0.1, 1.5]", "[0.2, 0.2]"):
         with pytest.raises(RecipeError, match="sketch.path: .*increasing list of fractions"):
             load_recipe(DEMO, [f"sketch.path={bad}"])
+
+
+def _recipe_reference_hook():
+    """docs/hooks/recipe_reference.py, the mkdocs hook that writes the recipe reference."""
+    import importlib.util
+    import sys
+
+    from .conftest import ROOT
+
+    name = "dataselect_docs_recipe_reference"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "hooks" / "recipe_reference.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def test_recipe_reference_documents_every_field_of_every_recipe_model():
+    hook = _recipe_reference_hook()
+    rows = hook.reference_rows()
+    documented = {(model, name): row for row in rows for model, name in row.fields}
+    models = hook.recipe_models()
+    assert {m.__name__ for m in models} >= {"Recipe", "Model", "TinyModel", "Lora", "Source", "Fields", "Messages",
+                                            "Target", "Split", "Sketch", "Select", "Output"}
+    markdown = hook.on_page_markdown(f"before\n\n{hook.MARKER}\n\nafter", None, None, None)
+    assert hook.MARKER not in markdown and markdown.startswith("before") and markdown.rstrip().endswith("after")
+    missing = []
+    for model in models:
+        for name, info in model.model_fields.items():
+            row = documented.get((model, name))
+            if row is None or not (info.description or "").strip() or f"| `{row.path}` |" not in markdown:
+                missing.append(f"{model.__name__}.{name}")
+    assert not missing, f"recipe fields with no description in the generated reference: {missing}"
+    paths = [row.path for row in rows]
+    assert len(paths) == len(set(paths))
+    assert {"sources[].group_by", "select.threshold_on", "sketch.path", "output.format", "target.validation.size",
+            "sources[].format.prompt"} <= set(paths)
+    by_path = {row.path: row for row in rows}
+    assert by_path["name"].default == "required" and by_path["select.threshold_on"].default == "`high_end`"
+    assert "`low_end`" in by_path["select.threshold_on"].type and "`cut_prompt`" in by_path["sketch.overlong"].type
