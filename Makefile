@@ -21,7 +21,7 @@ demo: install
 
 # The docs build strictly (a broken link or a missing page fails), then the tests.
 test: install
-	$(BIN)/mkdocs build --strict -q -d $$(mktemp -d)
+	$(BIN)/mkdocs build --strict -d $$(mktemp -d)
 	$(BIN)/pytest -q
 
 clean:
