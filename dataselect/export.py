@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from . import duplicates
 from .outputs import MANIFEST
 from .recipe import Recipe
 from .sources import reasons_by_class, usable
@@ -118,6 +119,8 @@ def stage(recipe: Recipe, out: Path) -> dict:
     groups = recipe.run.selection.read()
     accounted = account_rows(examples, assignments, groups)
     splits = output_splits(recipe, accounted, examples)
+    selected = accounted.filter(pl.col("status") == "selected")["id"]
+    copies = duplicates.summary(duplicates.find(examples), selected)  # reported only: selection stays as is
     dataset = datasets.DatasetDict({name: datasets.Dataset.from_polars(t) for name, t in splits.items()})
     train = dataset["train"]
 
@@ -127,7 +130,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        files = _write_output(recipe, dataset, accounted, groups, tmp, final)
+        files = _write_output(recipe, dataset, accounted, groups, tmp, final, copies)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed export (a full disk, say) leaves nothing behind
         raise
@@ -136,7 +139,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
 
 
 def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, tmp: Path,
-                  final: Path) -> list[str]:
+                  final: Path, copies: dict) -> list[str]:
     from .usage import usage_markdown
 
     train = dataset["train"]
@@ -150,6 +153,7 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
         "groups": groups.to_dicts(),
         "mixture": {"rows": train.num_rows, "columns": train.column_names, "fingerprint": train._fingerprint,
                     "splits": {k: v.num_rows for k, v in dataset.items()}, "files": files},
+        "duplicates": copies,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     (tmp / "USAGE.md").write_text(usage_markdown(final, recipe.output, train.column_names, files))

@@ -36,6 +36,31 @@ def source_table(manifest: dict) -> pl.DataFrame:
     return counts.join(tokens, on="source", how="left").fill_null(0)
 
 
+DUPLICATES = "Duplicates and contamination"
+
+
+def duplicates_section(manifest: dict) -> tuple[str, list[pl.DataFrame]] | None:
+    """The manifest's duplicates section as a sentence, a table per kind and example pairs; None
+    for a manifest written before export reported them."""
+    found = manifest.get("duplicates")
+    if found is None:
+        return None
+    rows = []
+    for kind, pairs in found["pairs"].items():
+        hit = found["contaminated"].get(kind)
+        rows.append({"kind": kind, "pairs": pairs, "source rows copying the split": hit and hit["source_rows"],
+                     "of them selected": hit and hit["selected_rows"]})
+    counts = pl.DataFrame(rows, schema={"kind": pl.String, "pairs": pl.Int64,
+                                        "source rows copying the split": pl.Int64, "of them selected": pl.Int64})
+    examples = pl.DataFrame(found["examples"], schema={"id_a": pl.String, "id_b": pl.String, "kind": pl.String,
+                                                       "jaccard": pl.Float64})
+    note = (f"{found['source_rows_involved']} source rows are near-duplicates (word {found['ngram']}-gram Jaccard "
+            f"similarity ≥ {found['jaccard_threshold']}) of another source row or of a target row. Reported only: "
+            "no row's selection was changed; the selected rows that copy a target split are listed in the "
+            "manifest's duplicates.contaminated.")
+    return note, [counts] + ([examples] if examples.height else [])
+
+
 def verify_results(manifest: dict) -> pl.DataFrame | None:
     recipe = manifest["recipe"]
     return Run.named(recipe["name"], recipe.get("workdir")).verification.results()
@@ -163,9 +188,15 @@ def report(output_dir: Path) -> dict:
     md += [f"![{name}]({name})" for name in plots] + [""]
     for heading, frame in tables.items():
         md += [f"## {heading}", "", _markdown_table(frame), ""]
+    copies = duplicates_section(manifest)
+    if copies is not None:
+        md += [f"## {DUPLICATES}", "", copies[0], ""] + [line for f in copies[1] for line in (_markdown_table(f), "")]
     (folder / "summary.md").write_text("\n".join(md))
     images = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}">' for n, d in plots.items())
     sections = "".join(f"<h2>{html.escape(h)}</h2>{_html_table(f)}" for h, f in tables.items())
+    if copies is not None:
+        sections += (f"<h2>{DUPLICATES}</h2><p>{html.escape(copies[0])}</p>"
+                     + "".join(f"<p>{_html_table(f)}</p>" for f in copies[1]))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%;display:block;margin:1em 0}"
             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
