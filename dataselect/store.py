@@ -1,4 +1,4 @@
-"""A sketch store: one folder per source with memory-mapped sketches, F⁰, ids and a FAISS index.
+"""A sketch store: one folder per source with memory-mapped sketches, F⁰ and ids.
 
 `manifest.json` records everything the numbers depend on (model and adapter hashes, seed,
 dimension, projection, parameter set, output function). Opening a store with other settings is
@@ -72,14 +72,8 @@ class SketchStore:
         _write_json(self.folder / "progress.json", {"chunks_done": chunk + 1, "complete": False})
 
     def finish(self) -> None:
-        """Build the FAISS inner-product index of the normalized sketches and mark the store done."""
-        import faiss
-
-        x = np.array(np.load(self.folder / "sketches.npy", mmap_mode="r"), dtype=np.float32)
-        faiss.normalize_L2(x)
-        index = faiss.IndexFlatIP(self.dim)
-        index.add(x)
-        faiss.write_index(index, str(self.folder / "index.faiss"))
+        """Mark the store done: readers refuse a store until then. (Stores written before this
+        version also hold an `index.faiss` that nothing reads.)"""
         _write_json(self.folder / "progress.json", {"chunks_done": self.n_chunks, "complete": True})
 
 
@@ -109,13 +103,3 @@ def read_store(folder: Path, settings: dict | None = None) -> tuple[list[str], n
         raise StoreMismatch(f"{folder}: sketching did not finish; rerun the sketch stage to resume it")
     return (json.loads((folder / "ids.json").read_text()), np.load(folder / "sketches.npy", mmap_mode="r"),
             np.load(folder / "f0.npy"))
-
-
-def nearest(folder: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarity and row of the k nearest examples of a store to each query sketch."""
-    import faiss
-
-    index = faiss.read_index(str(Path(folder) / "index.faiss"))
-    q = np.array(queries, dtype=np.float32)
-    faiss.normalize_L2(q)
-    return index.search(q, k)
