@@ -45,7 +45,7 @@ FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 def mean_log_odds(logits, input_ids, target_mask):
     """F per example: the mean over response tokens of logit(p) = log p − log(1 − p), stable."""
-    from dataselect.model import response_logprobs
+    from dataselect.tokens import response_logprobs
 
     gold = response_logprobs(logits, input_ids, target_mask).clamp(max=-1e-6)
     odds = torch.where(target_mask, gold - torch.log(-torch.expm1(gold)), torch.zeros_like(gold))
@@ -89,9 +89,9 @@ def logistic_steps(x: torch.Tensor, f0: torch.Tensor, weights: torch.Tensor, lam
 
 def sketch_rows(recipe, model, rows, function) -> tuple[np.ndarray, np.ndarray]:
     """(sketches, values) of `rows` in their order, one projection to `sketch.dim` (the run's seed)."""
-    from dataselect.model import load_tokenizer, pad_batch
     from dataselect.projection import KroneckerProjector
     from dataselect.sketch import Sketcher, length_order, sketched_modules
+    from dataselect.tokens import load_tokenizer, pad_batch
 
     modules = sketched_modules(model, recipe.sketch.modules)
     projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
@@ -108,8 +108,8 @@ def sketch_rows(recipe, model, rows, function) -> tuple[np.ndarray, np.ndarray]:
 
 class Views:
     def __init__(self, recipe):
-        from dataselect.model import meta_train_rows
-        from dataselect.sources import token_rows, usable
+        from dataselect.examples import token_rows, usable
+        from dataselect.meta_init import meta_train_rows
 
         self.recipe, self.folder = recipe, recipe.run.stage_dir("ablation")
         self.folder.mkdir(exist_ok=True)
@@ -137,7 +137,8 @@ class Views:
 
     def path(self) -> tuple[Path, int]:
         """Meta-init again with snapshots at FRACTIONS (same recipe and seed: the same path)."""
-        from dataselect.model import load_tokenizer, meta_init, training_steps
+        from dataselect.meta_init import meta_init, training_steps
+        from dataselect.tokens import load_tokenizer
 
         folder = self.folder / "path"
         steps = training_steps(self.recipe.meta_init, len(self.train_rows))
@@ -147,7 +148,7 @@ class Views:
         return folder, steps
 
     def model(self, fraction: float):
-        from dataselect.model import load_theta_star
+        from dataselect.meta_init import load_theta_star
 
         folder, steps = self.path()
         return load_theta_star(self.recipe, FineTune(folder).snapshot(fraction, steps))
@@ -166,7 +167,8 @@ class Views:
 
     def crossfit_offsets(self) -> np.ndarray:
         """F at the meta-init of the half of the pool that did not hold the row."""
-        from dataselect.model import load_theta_star, load_tokenizer, meta_init
+        from dataselect.meta_init import load_theta_star, meta_init
+        from dataselect.tokens import load_tokenizer
 
         def compute():
             fold = np.random.default_rng(self.recipe.seed).integers(0, 2, len(self.rows))
@@ -186,7 +188,7 @@ class Views:
 
     def lr_mass(self, use: tuple[float, ...]) -> list[float]:
         """Per snapshot in `use`: meta-init's learning rate summed over the steps nearest to it."""
-        from dataselect.model import lr_factor
+        from dataselect.meta_init import lr_factor
 
         _, steps = self.path()
         at = [round(f * steps) for f in use]

@@ -48,16 +48,10 @@ def harmful_rows(mixture: pl.DataFrame, demo_data: Path) -> int:
 def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path) -> list[dict]:
     """Per method: its mixture fine-tuned from the base for every seed, scored on the target."""
     from dataselect import run
-    from dataselect.artifacts import FineTune
-    from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss, meta_init
-    from dataselect.sources import token_rows, usable
-    from dataselect.verify import finetune_folder
+    from dataselect.evaluate import finetune_and_score
+    from dataselect.examples import token_rows
 
     examples = recipe.run.ingested.examples()
-    tokenizer = load_tokenizer(recipe)
-    pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size
-    validation, test_frame = token_rows(usable(examples, "validation")), usable(examples, "test")
-    test = token_rows(test_frame)
     assignments = recipe.run.estimates.assignments()
     sources = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).drop("group")
     sources = sources.join(assignments, on="id")
@@ -73,17 +67,11 @@ def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, 
         for seed in seeds:
             trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
                 update={"epochs": epochs})})
-            folder = finetune_folder(trained, rows, finetunes)
-            theta = FineTune(folder).theta
-            if not theta.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                meta_init(trained, rows, folder, pad)
-            model = load_theta_star(recipe, theta)
-            val.append(mean_token_loss(model, validation, batch, pad))
-            tst.append(mean_token_loss(model, test, batch, pad))
+            scores = finetune_and_score(trained, rows, finetunes, ("validation", "test"), exact_on=("test",))
+            val.append(scores["validation"]["loss"])
+            tst.append(scores["test"]["loss"])
             if recipe.target.answer:
-                em.append(exact_match(model, tokenizer, test, test_frame["response"].to_list(), recipe.target.answer,
-                                      batch))
+                em.append(scores["test"]["exact_match"])
         out.append({"method": method, "groups": len(kept), "rows": len(rows),
                     "harmful": harmful_rows(mixture, recipe.run.demo_data), "val": val, "test": tst, "em": em})
     return out

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from dataselect import load_recipe, run
-from dataselect.model import encode, load_theta_star, load_tokenizer, pad_batch, response_logprobs
+from dataselect.examples import token_rows, usable
+from dataselect.meta_init import load_theta_star
 from dataselect.projection import KroneckerProjector
 from dataselect.sketch import Sketcher, response_loss, sketched_modules
-from dataselect.sources import token_rows, usable
+from dataselect.tokens import encode, load_tokenizer, pad_batch, response_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"

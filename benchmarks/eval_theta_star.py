@@ -26,23 +26,19 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
     from dataselect import run
-    from dataselect.model import exact_match, load_theta_star, load_tokenizer, mean_token_loss
-    from dataselect.sources import token_rows, usable
+    from dataselect.evaluate import score
+    from dataselect.meta_init import load_theta_star
+    from dataselect.tokens import load_tokenizer
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = setting(args.setting, args.model).load(Path(tmp))
         run(recipe, until="meta_init")
-        examples, tokenizer = recipe.run.ingested.examples(), load_tokenizer(recipe)
-        pad, batch = tokenizer.pad_token_id, recipe.sketch.batch_size
-        test_frame = usable(examples, "test")
-        test = token_rows(test_frame)
-        model = load_theta_star(recipe)
+        examples = recipe.run.ingested.examples()
         rows = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).height
-        val = mean_token_loss(model, token_rows(usable(examples, "validation")), batch, pad)
-        tst = mean_token_loss(model, test, batch, pad)
-        em = (f"{exact_match(model, tokenizer, test, test_frame['response'].to_list(), recipe.target.answer, batch):.3f}"
-              if recipe.target.answer else "—")
+        scores = score(recipe, load_theta_star(recipe), load_tokenizer(recipe), ("validation", "test"), ("test",))
+        val, tst = scores["validation"]["loss"], scores["test"]["loss"]
+        em = f"{scores['test']['exact_match']:.3f}" if recipe.target.answer else "—"
     print("| method | rows | validation loss | test loss | test exact match |\n|---|---|---|---|---|")
     print(f"| all (θ*, seed {recipe.seed}) | {rows} | {val:.3f} | {tst:.3f} | {em} |")
     print(f"\n{time.perf_counter() - start:.0f} s wall")

@@ -211,8 +211,9 @@ def t0_base(cache: Path, epochs: float = 1.0) -> Path:
         return final
     import polars as pl
 
-    from dataselect.model import build_tiny_model, encode, load_theta_star, meta_init, train_tiny_tokenizer
+    from dataselect.meta_init import build_tiny_model, load_theta_star, meta_init
     from dataselect.recipe import validate_recipe
+    from dataselect.tokens import encode, train_tiny_tokenizer
 
     _, _, pretrain = t0_split()
     pretrain = pretrain.filter(pl.col("completion").str.strip_chars() != "")

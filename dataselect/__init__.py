@@ -5,7 +5,7 @@
     summaries = dataselect.build(recipe)          # every stage, reusing finished ones
     print(summaries["export"]["path"])
 
-Each stage is also a function `stage(recipe, out_dir)` in its own module: sources, model,
+Each stage is also a function `stage(recipe, out_dir)` in its own module: ingest, meta_init,
 sketch, estimate, select, export; `dataselect.pipeline.run(recipe, until=...)` runs a prefix.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .pipeline import STAGE_NAMES, run
+from .push import push as push_to_hub
 from .recipe import Recipe, RecipeError, load_recipe
 
 __all__ = ["Recipe", "RecipeError", "STAGE_NAMES", "build", "load_recipe", "run"]
@@ -26,7 +27,6 @@ def build(recipe: Recipe | str | Path, overrides: tuple[str, ...] = (), force: b
         recipe = load_recipe(recipe, overrides)
     summaries = run(recipe, until="export", force=force)
     if summaries and recipe.output.push_to_hub:
-        from .push import push  # huggingface_hub is imported only by a build that pushes
-
-        summaries["push"] = push(recipe.output.path, recipe.output.push_to_hub, private=recipe.output.private)
+        spec = recipe.output
+        summaries["push"] = push_to_hub(spec.path, spec.push_to_hub, private=spec.private)
     return summaries

@@ -12,15 +12,18 @@ from pathlib import Path
 
 from . import build
 from .export import ExportError
-from .model import ModelError
 from .outputs import OutputError, read_manifest
 from .pipeline import STAGE_NAMES as STAGE_ORDER
 from .pipeline import STAGES, run, run_shard
 from .push import PushError
-from .shards import Shard
+from .push import push as upload
 from .recipe import SELECT_METHODS, RecipeError, load_recipe
+from .report import report as write_report
+from .shards import Shard
 from .sources import SourceError
 from .store import StoreMismatch
+from .tokens import ModelError
+from .verify import verify as run_verify
 
 # OSError: a full disk, a missing permission; its message names the file.
 USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, OutputError, StoreMismatch, OSError)
@@ -111,7 +114,7 @@ def _parse_shard(text: str) -> Shard:
 
 def _setup_logging(quiet: bool) -> None:
     if quiet:
-        import datasets
+        import datasets  # datasets and transformers take seconds to import: only to silence them
         import transformers
 
         os.environ["TQDM_DISABLE"] = "1"
@@ -145,8 +148,6 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
            repeats: int) -> None:
     """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
     the similarity baselines, the truth's own noise, scatter plot) in runs/<name>/verify/."""
-    from .verify import verify as run_verify
-
     _setup_logging(quiet or as_json)
     try:
         loaded = load_recipe(recipe, overrides)
@@ -163,8 +164,6 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
 @_output_options
 def report(output: Path, quiet: bool, as_json: bool) -> None:
     """Write OUTPUT/report/index.html (self-contained, with plots) and summary.md for a finished build."""
-    from .report import report as write_report
-
     _setup_logging(quiet or as_json)
     try:
         written = write_report(output)
@@ -183,8 +182,6 @@ def push(output: Path, repo_id: str | None, public: bool, dry_run: bool, quiet: 
     """Upload a finished build in OUTPUT to the Hugging Face Hub with a generated dataset card.
 
     The token comes from HF_TOKEN or `hf auth login`, never from the command line."""
-    from .push import push as upload
-
     _setup_logging(quiet or as_json)
     try:
         spec = read_manifest(output)["recipe"]["output"]

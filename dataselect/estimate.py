@@ -24,6 +24,7 @@ import polars as pl
 
 from .artifacts import Estimates
 from .recipe import Recipe
+from .sketch import stacked_sources, target_gradient
 
 
 def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndarray:
@@ -82,8 +83,7 @@ class Pool:
 
 
 def load_pool(recipe: Recipe) -> Pool:
-    from .sketch import stacked_sources, target_gradient
-
+    """Every source example's alignment with the target's gradient and its tokens, by group."""
     examples = recipe.run.ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples)
     target, base_loss = target_gradient(recipe)

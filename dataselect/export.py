@@ -18,9 +18,11 @@ from pathlib import Path
 import polars as pl
 
 from . import duplicates
+from .examples import reasons_by_class, usable
 from .outputs import MANIFEST
 from .recipe import Recipe
-from .sources import reasons_by_class, usable
+from .tokens import load_tokenizer
+from .usage import usage_markdown
 
 
 class ExportError(RuntimeError):
@@ -69,8 +71,6 @@ def split_table(rows: pl.DataFrame, fmt: str, provenance: bool, chat_template) -
 
 def output_splits(recipe: Recipe, accounted: pl.DataFrame, examples: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """`train` is the mixture; `validation`, when asked, the target's validation split."""
-    from .model import load_tokenizer
-
     tokenizer = load_tokenizer(recipe)
     template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
     spec = recipe.output
@@ -112,7 +112,7 @@ def write_files(dataset_dict, files: list[str], folder: Path) -> list[str]:
 
 
 def stage(recipe: Recipe, out: Path) -> dict:
-    import datasets
+    import datasets  # datasets takes seconds to import: only when a mixture is written
 
     examples = recipe.run.ingested.examples()
     assignments = recipe.run.estimates.assignments()
@@ -140,8 +140,6 @@ def stage(recipe: Recipe, out: Path) -> dict:
 
 def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, tmp: Path,
                   final: Path, copies: dict) -> list[str]:
-    from .usage import usage_markdown
-
     train = dataset["train"]
     dataset.save_to_disk(str(tmp))
     files = write_files(dataset, recipe.output.files, tmp)

@@ -1,4 +1,4 @@
-"""The pipeline: sources → model → sketch → estimate → select → export, each stage a folder.
+"""The pipeline: ingest → meta_init → sketch → estimate → select → export, each stage a folder.
 
 A stage writes into a temporary folder under the run directory and is renamed into place when it
 finishes (a stage killed half-way finds its folder again and resumes what it can, e.g. sketch
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import estimate, export, model, select, sketch, sources
+from . import estimate, export, ingest, meta_init, select, sketch
 from .artifacts import Run, key_file, write_record
 from .outputs import MANIFEST
 from .recipe import Recipe, RecipeError
@@ -40,9 +40,9 @@ class Stage:
 
 STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
-                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), sources.stage,
+                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), ingest.stage,
           "read sources and target, map rows to examples, tokenize, count rejections"),
-    Stage("meta_init", ("meta_init", "sketch_path"), model.stage,
+    Stage("meta_init", ("meta_init", "sketch_path"), meta_init.stage,
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), sketch.stage,
           "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources"),

@@ -220,7 +220,7 @@ def dataset_card(output_dir: Path, *, repo_id: str | None = None) -> str:
 
 def resolve_token(token: str | None) -> str:
     """The argument, else HF_TOKEN, else the saved login; PushError when there is none."""
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # here and below: the Hub client loads only for a push
 
     token = token or get_token()
     if not token:

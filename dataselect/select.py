@@ -34,9 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from .artifacts import Selection
+from .estimate import load_pool
+from .examples import token_rows, usable
+from .meta_init import load_theta_star
 from .recipe import Recipe, Select
+from .sketch import stacked_sources, target_sketches
+from .tokens import load_tokenizer, pad_batch
 
 SCORE_SCHEMA = {"group": pl.String, "score": pl.Float64, "ci95": pl.Float64}
 
@@ -140,11 +146,6 @@ def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000
 
 def representation_similarity(recipe: Recipe, examples: pl.DataFrame, ids: list[str]) -> np.ndarray:
     """Per example: cosine of its mean-pooled last hidden state at θ* to the target's mean."""
-    import torch
-
-    from .model import load_theta_star, load_tokenizer, pad_batch
-    from .sources import token_rows, usable
-
     model = load_theta_star(recipe)
     pad = load_tokenizer(recipe).pad_token_id
 
@@ -209,10 +210,6 @@ def _compared(row: dict, threshold_on: str) -> float:
 
 def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
-    from .estimate import load_pool
-    from .sketch import stacked_sources, target_sketches
-    from .sources import usable
-
     method = recipe.select.method
     groups, subsets, loss = recipe.run.estimates.read()
     if method == "random_ensemble":

@@ -22,6 +22,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from .store import StoreMismatch, check_settings
 
@@ -51,16 +53,11 @@ class Shard:
 def init_process_group() -> None:
     """Join the launcher's process group (gloo on CPU, nccl with GPUs); waits for slow stages
     on other ranks (meta-initialization runs on rank 0 only) for up to a day."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=24))
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 

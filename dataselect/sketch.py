@@ -34,12 +34,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .artifacts import Sketches
-from .model import ModelError, pad_batch, path_weights, progress, response_logprobs
+from .examples import token_rows, usable
+from .meta_init import load_base_model, path_weights, with_trainable
+from .progress import progress
 from .projection import KIND as PROJECTION
 from .projection import KroneckerProjector
 from .recipe import Recipe
 from .shards import Shard, check_complete, chunk_file, load_chunk, save_chunk, write_done
 from .store import SketchStore, read_store
+from .tokens import ModelError, load_tokenizer, pad_batch, response_logprobs
 
 FUNCTION = "response_cross_entropy_sum"
 
@@ -214,7 +217,7 @@ def directions(sketches: np.ndarray, points: int) -> np.ndarray:
 def cluster(sketches: np.ndarray, k: int, seed: int, points: int = 1) -> np.ndarray:
     """Spherical k-means (FAISS) on the examples' gradient directions along the path: groups of
     examples whose gradients point the same way."""
-    import faiss
+    import faiss  # faiss loads its own OpenMP runtime: only when a source is clustered
 
     x = np.ascontiguousarray(directions(sketches, points), dtype=np.float32)
     faiss.normalize_L2(x)
@@ -233,8 +236,6 @@ def point_seed(seed: int, k: int) -> int:
 def path_sketcher(recipe: Recipe) -> PathSketcher:
     """The base model with its trainable layers, and meta-init's points with their weights and
     projections: the space every later stage measures in."""
-    from .model import load_base_model, with_trainable
-
     model = with_trainable(load_base_model(recipe), recipe).eval()
     modules = sketched_modules(model, recipe.sketch.modules)
     steps = recipe.run.summary("meta_init")["steps"]
@@ -290,9 +291,6 @@ class Plan:
 
 
 def plan(recipe: Recipe, out: Path) -> Plan:
-    from .model import load_tokenizer
-    from .sources import usable
-
     examples = recipe.run.ingested.examples()
     sketcher = path_sketcher(recipe)
     chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
@@ -306,8 +304,6 @@ def plan(recipe: Recipe, out: Path) -> Plan:
 def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
     """Compute this shard's chunks into the stage's shards folder (skipping those already there) and
     mark it done."""
-    from .sources import token_rows
-
     p = plan(recipe, out)
     folder = Sketches(out).shards
     mine = [u for i, u in enumerate(p.units()) if shard.owns(i)]
@@ -329,8 +325,6 @@ def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
 
 def stage(recipe: Recipe, out: Path) -> dict:
     """Fill the stores (from finished shards when there are any) and cluster the sources asked to be."""
-    from .sources import token_rows
-
     p = plan(recipe, out)
     folder = Sketches(out)
     shards = folder.shards if check_complete(folder.shards, p.settings, p.units()) else None
@@ -373,8 +367,6 @@ def target_gradient(recipe: Recipe) -> tuple[np.ndarray, float]:
 def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """All source stores stacked: ids, each row's group (task value, cluster or source), sketches,
     each row's loss at the base model."""
-    from .sources import usable
-
     sketches = recipe.run.sketches
     settings = sketches.settings()
     all_ids, names, xs, f0s = [], [], [], []

@@ -16,15 +16,20 @@ estimate stage's group order), summary.json, report.md and scatter.png.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from .artifacts import FineTune, Verification
+from .artifacts import Verification
+from .estimate import load_pool
+from .evaluate import finetune_and_score
+from .examples import token_rows, usable
+from .pipeline import run
+from .progress import progress
 from .recipe import Recipe
+from .select import score_groups
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,62 +104,8 @@ def choose_subsets(recipe: Recipe, groups: list[str], k_random: int) -> list[tup
     return chosen
 
 
-def finetune_folder(recipe: Recipe, rows: list[tuple[list[int], int]], finetunes: Path) -> Path:
-    """Where the fine-tune of `rows` is kept, named by everything it depends on: the base model,
-    meta-init's settings, the seed, and the training rows' token ids in their order (so a change
-    of sources, tokenizer or max_length is a new fine-tune; another recipe with the same base and
-    rows shares it)."""
-    key = hashlib.sha256(f"{recipe.fingerprint('model', 'meta_init', 'seed')}:{base_identity(recipe)}".encode())
-    for ids, n_prompt in rows:
-        key.update(np.asarray(ids, dtype=np.int64).tobytes())
-        key.update(int(n_prompt).to_bytes(8, "little"))
-        key.update(b"|")
-    return finetunes / key.hexdigest()[:16]
-
-
-def base_identity(recipe: Recipe) -> str:
-    """A hash of the base model's weight files when they are local (the tiny model ingest built,
-    a folder or a GGUF file); a Hub id and revision are already in the recipe's fingerprint."""
-    base = recipe.run.ingested.base if recipe.model.tiny is not None else Path(recipe.model.base or "")
-    if base.is_file():
-        files = [base]
-    elif base.is_dir():
-        files = sorted(p for pattern in ("*.safetensors", "*.gguf", "*.bin") for p in base.glob(pattern))
-    else:
-        files = []
-    digest = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def true_metrics(recipe: Recipe, rows: list[tuple[list[int], int]], folder: Path) -> dict[str, float]:
-    """Fine-tune the base model on `rows` with meta-init's settings; its target validation loss,
-    and exact match of greedy generations when the target defines an answer."""
-    from .model import exact_match, load_theta_star, load_tokenizer, mean_token_loss, meta_init
-    from .sources import token_rows, usable
-
-    tokenizer = load_tokenizer(recipe)
-    theta = FineTune(folder).theta
-    if not theta.exists():  # a finished fine-tune is reused when verify runs again
-        folder.mkdir(parents=True, exist_ok=True)
-        meta_init(recipe, rows, folder, tokenizer.pad_token_id)
-    model = load_theta_star(recipe, theta)
-    validation = usable(recipe.run.ingested.examples(), "validation")
-    target = token_rows(validation)
-    out = {"loss": mean_token_loss(model, target, recipe.sketch.batch_size, tokenizer.pad_token_id)}
-    if recipe.target.answer:
-        out["exact_match"] = exact_match(model, tokenizer, target, validation["response"].to_list(),
-                                         recipe.target.answer, recipe.sketch.batch_size)
-    return out
-
-
 def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.ndarray) -> dict[str, np.ndarray]:
     """Each similarity baseline's score of a subset: its groups' scores averaged by examples."""
-    from .select import score_groups
-
     sizes = dict(recipe.run.estimates.assignments().group_by("group").len().iter_rows())
     weight = np.array([sizes[g] for g in groups], dtype=float)
     out = {}
@@ -173,7 +124,7 @@ def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, finetunes: Path)
     again = recipe.model_copy(update={"seed": recipe.seed + 1})
     differences = []
     for rows, first in zip(parts, truth):
-        second = true_metrics(again, rows, finetune_folder(again, rows, finetunes))["loss"]
+        second = finetune_and_score(again, rows, finetunes)["validation"]["loss"]
         differences.append(abs(second - first) / first)
     return {"repeats": len(differences), "seed": again.seed,
             "median_relative_difference": float(np.median(differences)) if differences else None,
@@ -184,11 +135,6 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
            finetunes: Path | None = None) -> dict:
     """`finetunes`: where real fine-tunes are kept and looked up (default `out/finetunes`); recipes
     that share a base model and training rows (targets of one pool) share them there."""
-    from .estimate import load_pool
-    from .model import progress
-    from .pipeline import run
-    from .sources import token_rows, usable
-
     run(recipe, until="select")
     folder = Verification(out) if out else recipe.run.verification
     folder.folder.mkdir(parents=True, exist_ok=True)
@@ -205,7 +151,7 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
     for member in progress(iterable=memberships, desc="verify fine-tunes", unit="subset"):
         kept = [g for g, m in zip(groups, member) if m]
         parts.append(token_rows(sources.filter(pl.col("id").replace_strict(group_of_id).is_in(kept))))
-        truth.append(true_metrics(recipe, parts[-1], finetune_folder(recipe, parts[-1], finetunes)))
+        truth.append(finetune_and_score(recipe, parts[-1], finetunes)["validation"])
     accuracy = {"true_exact_match": [t["exact_match"] for t in truth]} if recipe.target.answer else {}
     truth = np.array([t["loss"] for t in truth])
     noise = truth_noise(recipe, truth[:repeats], parts[:repeats], finetunes)
@@ -246,7 +192,7 @@ def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], a
 
 
 def _scatter(results: pl.DataFrame, path: Path, summary: dict) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib takes a second to import: only verify's plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,12 +27,14 @@ from click.testing import CliRunner
 
 from dataselect.artifacts import Run
 from dataselect.cli import main
+from dataselect.examples import reason_class, reasons_by_class
 from dataselect.export import ExportError
-from dataselect.model import ModelError, load_base_model
+from dataselect.meta_init import load_base_model
 from dataselect.pipeline import run
 from dataselect.recipe import RecipeError, load_recipe
-from dataselect.sources import SourceError, reason_class, reasons_by_class
+from dataselect.sources import SourceError
 from dataselect.store import SketchStore, StoreMismatch
+from dataselect.tokens import ModelError
 
 from .conftest import DEMO
 
@@ -272,13 +274,9 @@ STRICT_TEMPLATE = (  # like Llama-2's and Mistral's: user and assistant turns mu
 def test_a_conversation_the_chat_template_refuses_is_a_counted_rejection():
     import datasets
 
-    from dataselect.model import train_tiny_tokenizer
-    from dataselect.sources import (
-        EXAMPLE_SCHEMA,
-        _rows,
-        ingest_summary,
-        tokenize_examples,
-    )
+    from dataselect.examples import EXAMPLE_SCHEMA
+    from dataselect.ingest import _rows, ingest_summary, tokenize_examples
+    from dataselect.tokens import train_tiny_tokenizer
 
     turns = [[(U, "hi"), (A, "hello")], [(U, "hi"), (U, "anyone?"), (A, "yes")], [(U, "2+2?"), (A, "4")]]
     ds = datasets.Dataset.from_list([{"messages": [{"role": r, "content": c} for r, c in t]} for t in turns])

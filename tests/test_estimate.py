@@ -56,9 +56,9 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
     """At each point of the path, a group's summed alignment from the stored sketches matches the
     exact inner product of the target's mean-loss gradient with the group's summed-loss gradient
     (autograd, all sketched weights): the random projection keeps what the estimate needs."""
-    from dataselect.model import load_tokenizer, pad_batch
+    from dataselect.examples import token_rows, usable
     from dataselect.sketch import path_sketcher, point_blocks, response_loss, stacked_sources, target_sketches
-    from dataselect.sources import token_rows, usable
+    from dataselect.tokens import load_tokenizer, pad_batch
 
     recipe, _, _ = demo_build
     examples = recipe.run.ingested.examples()
@@ -98,7 +98,7 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
 
 
 def test_path_weights_share_out_meta_inits_learning_rate():
-    from dataselect.model import lr_factor, path_weights
+    from dataselect.meta_init import lr_factor, path_weights
     from dataselect.recipe import MetaInit
 
     spec = MetaInit(lr=1e-3, warmup_ratio=0.1)

@@ -8,8 +8,8 @@ import datasets
 import pytest
 
 from dataselect import export
-from dataselect.model import load_tokenizer
-from dataselect.sources import usable
+from dataselect.examples import usable
+from dataselect.tokens import load_tokenizer
 
 TEXT_COLUMNS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
 

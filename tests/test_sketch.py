@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataselect.model import ModelError, encode, pad_batch
 from dataselect.projection import KroneckerProjector, layer_split, rademacher
 from dataselect.sketch import Sketcher, response_loss, sketched_modules
+from dataselect.tokens import ModelError, encode, pad_batch
 
 
 def test_encode_masks_the_prompt(tiny):

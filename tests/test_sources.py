@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 
 from dataselect.recipe import Fields, Messages
-from dataselect.sources import SourceError, _rows, map_row, open_dataset, read_examples
+from dataselect.ingest import _rows, map_row, read_examples
+from dataselect.sources import SourceError, open_dataset
 
 from .conftest import SHARED, demo_recipe
 

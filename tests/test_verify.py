@@ -6,9 +6,9 @@ import pytest
 from scipy import stats
 
 from dataselect.artifacts import Run
-from dataselect.sources import token_rows, usable
-from dataselect.verify import (finetune_folder, kendall, leave_one_out_calibrated, spearman, true_metrics,
-                               verify)
+from dataselect.evaluate import finetune_and_score, finetune_folder
+from dataselect.examples import token_rows, usable
+from dataselect.verify import kendall, leave_one_out_calibrated, spearman, verify
 
 from .conftest import demo_recipe
 
@@ -50,10 +50,10 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     examples = recipe.run.ingested.examples()
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources]).join(assigned, on="id")
     rows = token_rows(sources.filter(pl.col("group_right").is_in(kept)))
-    first = true_metrics(recipe, rows, finetune_folder(recipe, rows, out.finetunes))["loss"]
+    first = finetune_and_score(recipe, rows, out.finetunes)["validation"]["loss"]
     assert first == pytest.approx(results["true_loss"][0], rel=1e-6)
     again = recipe.model_copy(update={"seed": recipe.seed + 1})
-    second = true_metrics(again, rows, finetune_folder(again, rows, out.finetunes))["loss"]
+    second = finetune_and_score(again, rows, out.finetunes)["validation"]["loss"]
     assert summary["truth_noise"]["repeats"] == 1 and second != first
     assert summary["truth_noise"]["median_relative_difference"] == pytest.approx(abs(second - first) / first)
     assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error",

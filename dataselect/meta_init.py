@@ -1,7 +1,9 @@
 """Stage 2, meta-initialization: load the base model, fine-tune it once on all sources (θ*).
 
-Also owns what every later stage needs from the model: the tokenizer, turning a conversation
-into token ids with the prompt masked, padding a batch, and reloading θ*.
+Also owns the model every later stage runs: the base (pretrained, or the tiny one ingest builds),
+its trainable parameters (LoRA adapters or every weight), the points of meta-init's path and
+their weights, and θ* reloaded. Training checkpoints as it goes, so a killed run resumes to the
+same θ* bit for bit.
 """
 
 from __future__ import annotations
@@ -11,63 +13,28 @@ import logging
 import math
 import os
 import random
-import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .artifacts import FineTune
-from .recipe import MetaInit, Model, Recipe
+from .examples import token_rows, usable
+from .progress import progress
+from .recipe import MetaInit, Recipe
+from .tokens import ModelError, load_tokenizer, pad_batch, pretrained_args, response_logprobs
 
 log = logging.getLogger(__name__)
 
-TINY_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-# Used by the tiny model, and by base models that ship without a chat template.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
-    "{% elif m['role'] == 'system' %}{{ m['content'] }}\n"
-    "{% else %}User: {{ m['content'] }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
 
-
-def progress(**kwargs) -> tqdm:
-    """A progress bar with rate and ETA, off when the CLI runs quiet (TQDM_DISABLE=1)."""
-    return tqdm(disable=os.environ.get("TQDM_DISABLE") == "1", **kwargs)
-
-
-class ModelError(RuntimeError):
-    """A model or tokenizer that cannot be loaded, named by its path or Hub id."""
-
-
-# --- tokenizer and base model -------------------------------------------------------------
-
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A BPE tokenizer with single-digit tokens, trained on the recipe's own text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-    tok.decoder = decoders.BPEDecoder()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = PLAIN_CHAT_TEMPLATE
-    return fast
-
+# --- the base model -------------------------------------------------------------------------
 
 def build_tiny_model(recipe: Recipe, tokenizer):
     """A randomly initialised Llama-style LM sized by `model.tiny`, seeded by the recipe."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # transformers takes seconds to import: only when used
 
     spec = recipe.model.tiny
     assert spec is not None
@@ -80,53 +47,14 @@ def build_tiny_model(recipe: Recipe, tokenizer):
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(config)
 
-
-def _pretrained_args(spec: Model) -> tuple[str, dict]:
-    """Resolve `model.base` to from_pretrained arguments (Hub id, folder, or GGUF file)."""
-    base, kwargs = spec.base, {"trust_remote_code": spec.trust_remote_code}
-    assert base is not None
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    path = Path(base)
-    if base.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model.base: GGUF file {base} not found")
-        return str(path.parent), {**kwargs, "gguf_file": path.name}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    if (base.startswith((".", "/", "~")) or path.exists()) and not path.is_dir():
-        raise ModelError(f"model.base: local model folder {base} not found")
-    if path.is_dir() and not spec.gguf_file and not (path / "config.json").exists():
-        raise ModelError(f"model.base: {base} has no config.json; not a model folder")
-    return base, kwargs
-
-
-def load_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
-
-    if recipe.model.tiny is not None:
-        return AutoTokenizer.from_pretrained(recipe.run.ingested.base)
-    name, kwargs = _pretrained_args(recipe.model)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, **kwargs)
-    except Exception as e:  # transformers raises many types; the user needs the name and cause
-        raise ModelError(f"model.base: cannot load tokenizer from {recipe.model.base}: {e}") from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        log.info("tokenizer of %s has no chat template; using dataselect's plain template", recipe.model.base)
-        tok.chat_template = PLAIN_CHAT_TEMPLATE
-    return tok
-
-
 def load_base_model(recipe: Recipe):
     """The pretrained (or freshly built tiny) model, float32, eager attention for per-example grads."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # transformers takes seconds to import: only when used
 
     if recipe.model.tiny is not None:
         path, kwargs = recipe.run.ingested.base, {}
     else:
-        path, kwargs = _pretrained_args(recipe.model)
+        path, kwargs = pretrained_args(recipe.model)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
                                                     **kwargs)
@@ -140,7 +68,7 @@ def with_trainable(model, recipe: Recipe):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft takes seconds to import: only for LoRA
 
     spec = recipe.model.lora
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
@@ -153,62 +81,6 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The parameters meta-init trains and sketches differentiate: one definition for both."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-
-# --- examples as token ids ----------------------------------------------------------------
-
-def encode(tokenizer, messages: list[dict], max_length: int,
-           overlong: str = "truncate") -> tuple[list[int], int, bool] | str:
-    """Token ids of a conversation and how many belong to the prompt, or a rejection reason.
-
-    The prompt is everything before the final assistant turn as the chat template renders it;
-    loss and gradients see only the response tokens. A row over `max_length` is cut at its end
-    (`truncate`), or, with `cut_prompt`, loses the middle of its prompt first (an instruction's
-    head and its question at the tail survive a long passage), so the response stays whole.
-    """
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        return "chat template does not render the prompt as a prefix of the conversation"
-    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    n_prompt = sum(1 for start, _ in offsets if start < len(prompt_text))
-    if n_prompt >= len(ids):
-        return "response has no tokens"
-    overflow = len(ids) > max_length
-    if overlong == "cut_prompt" and overflow:
-        ids, n_prompt = cut_prompt_middle(ids, n_prompt, max_length)
-    elif n_prompt >= max_length:
-        return f"prompt alone is {n_prompt} tokens, not shorter than sketch.max_length={max_length}"
-    return ids[:max_length], n_prompt, overflow
-
-
-def cut_prompt_middle(ids: list[int], n_prompt: int, max_length: int) -> tuple[list[int], int]:
-    """Drop the middle of the prompt so the response fits; the prompt keeps at least a quarter of
-    `max_length` (a response longer than the rest is then cut at its end by the caller)."""
-    keep = min(n_prompt, max(max_length - (len(ids) - n_prompt), max_length // 4))
-    head = keep // 2
-    return ids[:head] + ids[n_prompt - (keep - head) :], keep
-
-
-def pad_batch(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and a mask of the positions whose next token is gold."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        target[i, n_prompt - 1 : len(ids) - 1] = True  # position t predicts token t+1
-    return {"input_ids": input_ids, "attention_mask": attention, "target_mask": target}
-
-
-def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """log p(gold next token) at every position (zero where target_mask is off)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    nxt = torch.roll(input_ids, -1, dims=-1)
-    gold = torch.gather(logp, -1, nxt.unsqueeze(-1)).squeeze(-1)
-    return torch.where(target_mask, gold, torch.zeros_like(gold))
 
 
 # --- meta-initialization --------------------------------------------------------------------
@@ -242,8 +114,7 @@ def save_checkpoint(path: Path, params: dict, opt, sched, step: int, order: list
 
 
 def load_checkpoint(path: Path, params: dict, opt, sched, rng: random.Random) -> tuple[int, list[int], list[float]]:
-    from safetensors import safe_open
-
+    """Restore what save_checkpoint wrote: parameters, optimizer, scheduler, both RNGs."""
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["training"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -352,48 +223,6 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs))
 
 
-def mean_token_loss(model, rows: list[tuple[list[int], int]], batch_size: int, pad_id: int) -> float:
-    """Token cross-entropy of the response tokens of `rows` (the target's validation loss)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            b = pad_batch(rows[i : i + batch_size], pad_id)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total -= float(response_logprobs(logits, b["input_ids"], b["target_mask"]).sum())
-            count += int(b["target_mask"].sum())
-    return total / max(count, 1)
-
-
-def extract_answer(text: str, pattern: str) -> str | None:
-    """The last match of `pattern` (its first group, if it has one), without whitespace or commas:
-    the tiny tokenizer's decoder drops spaces, and "1,000" states the same answer as "1000"."""
-    matches = list(re.finditer(pattern, text))
-    if not matches:
-        return None
-    m = matches[-1]
-    return "".join((m.group(1) if m.re.groups else m.group(0)).replace(",", "").split())
-
-
-def exact_match(model, tokenizer, rows: list[tuple[list[int], int]], gold: list[str], pattern: str,
-                batch_size: int) -> float:
-    """Share of rows whose greedy generation from the prompt states the gold response's answer."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    max_new = max(len(ids) - n for ids, n in rows) + 8
-    hits = 0
-    for i in range(0, len(rows), batch_size):
-        prompts = [ids[:n] for ids, n in rows[i : i + batch_size]]
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=eos)
-        for text, answer in zip(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), gold[i:]):
-            expected = extract_answer(answer, pattern)
-            hits += expected is not None and extract_answer(text, pattern) == expected
-    return hits / max(len(rows), 1)
-
-
 def load_theta_star(recipe: Recipe, path: Path | None = None):
     """The base model with the trainable parameters set to θ* (or to a fine-tune saved the same
     way at `path`), in eval mode."""
@@ -410,8 +239,7 @@ def load_theta_star(recipe: Recipe, path: Path | None = None):
 
 
 def stage(recipe: Recipe, out: Path) -> dict:
-    from .sources import token_rows, usable
-
+    """θ* from every source's usable rows, and the snapshots at the points of `sketch.path`."""
     examples = recipe.run.ingested.examples()
     by_source = {s.name: token_rows(usable(examples, "source", s.name)) for s in recipe.sources}
     rows = meta_train_rows(recipe, by_source)

@@ -1,0 +1,87 @@
+"""The package's modules import each other without a cycle, counting every intra-package import:
+at the top of a module and inside functions, so a cycle cannot hide in a function body."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import dataselect
+
+PACKAGE = Path(dataselect.__file__).parent
+NAME = "dataselect"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom names (`from ..x import y` inside `importer`)."""
+    if node.level == 0:
+        return node.module or ""
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """Every module of the package that the file at `path` imports, anywhere in it."""
+    importer = _module_name(path)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = _resolve(importer, path.name == "__init__.py", node)
+            for alias in node.names:  # `from . import x` imports module x, `from . import build` the package
+                found.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+    return {m for m in found if m in modules and m != importer}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    return {_module_name(f): imports_of(f, modules) for f in files}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None: a depth-first search that keeps the current path."""
+    state: dict[str, str] = {}  # "open" while on the path, "done" once every edge out was followed
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "dataselect.sketch" in graph["dataselect.select"]  # also imported inside gradient_similarity
+    assert "dataselect.pipeline" in graph["dataselect"]  # from .pipeline import ...
+    assert len(graph) > 20
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_reports_the_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
