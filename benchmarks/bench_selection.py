@@ -31,7 +31,10 @@ import numpy as np
 import polars as pl
 from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
 
-METHODS = "all,random,gradient_similarity,representation_similarity,dsir,group_effect,random_ensemble,surrogate,forward"
+from dataselect.selectors import SELECTORS
+
+# the baselines first, then the selectors that read the estimates
+METHODS = ",".join(sorted(SELECTORS, key=lambda name: SELECTORS[name].kind == "estimate"))
 
 
 def harmful_rows(mixture: pl.DataFrame, demo_data: Path) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 from settings import CACHE, setting
 
 from dataselect import run
-from dataselect.recipe import SELECT_METHODS
 from dataselect.select import score_groups
+from dataselect.selectors import METHOD_NAMES
 
 GSM8K_MODEL_SOURCES = ("gptj_finetuned", "gptj_verifier", "gpt3_finetuned", "gpt3_verifier")
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--target", default=None, help="t0 target")
     parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
-    parser.add_argument("--method", choices=SELECT_METHODS, default=None, help="default: the recipe's")
+    parser.add_argument("--method", choices=METHOD_NAMES, default=None, help="default: the recipe's")
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     chosen = setting(args.setting, args.model, target=args.target, regime=args.regime, cache=args.cache)

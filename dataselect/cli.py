@@ -10,14 +10,14 @@ import click
 
 from pathlib import Path
 
-from . import build
+from . import build, selectors
 from .export import ExportError
 from .outputs import OutputError, read_manifest
 from .pipeline import STAGE_NAMES as STAGE_ORDER
 from .pipeline import STAGES, run, run_shard
 from .push import PushError
 from .push import push as upload
-from .recipe import SELECT_METHODS, RecipeError, load_recipe
+from .recipe import RecipeError, load_recipe
 from .report import report as write_report
 from .shards import Shard
 from .sources import SourceError
@@ -97,10 +97,8 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
         )(command)
     if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
         command = click.option(
-            "--method", type=click.Choice(SELECT_METHODS),
-            help="Selector (same as --set select.method=...): group_effect (default), random_ensemble and forward "
-                 "(GradEx), surrogate, "
-                 "or a baseline: all, random, gradient_similarity (LESS-style), representation_similarity, dsir.",
+            "--method", type=click.Choice(selectors.METHOD_NAMES),
+            help=f"Selector (same as --set select.method=...; default group_effect); {selectors.listing()}.",
         )(command)
     return command
 

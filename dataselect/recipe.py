@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifacts import Run
+from .selectors import METHOD_NAMES
 
 
 class RecipeError(ValueError):
@@ -194,12 +195,8 @@ class Estimate(Strict):
     subset_fraction: float = Field(0.5, gt=0, lt=1, description="the fraction of the groups in each subset")
 
 
-SELECT_METHODS = ("random_ensemble", "group_effect", "surrogate", "forward", "all", "random", "gradient_similarity",
-                  "representation_similarity", "dsir")
-
-
 class Select(Strict):
-    method: Literal[SELECT_METHODS] = Field("group_effect", description=(
+    method: Literal[METHOD_NAMES] = Field("group_effect", description=(
         "how groups are scored: `group_effect` (each group's own first-order effect on the target, "
         "absolute: > 0 helps), `random_ensemble`, `surrogate`, `forward` (GradEx; their scores are relative, "
         "0 = the average group), or a baseline: `all`, `random`, `gradient_similarity`, "

@@ -41,6 +41,7 @@ from .estimate import load_pool
 from .examples import token_rows, usable
 from .meta_init import load_theta_star
 from .recipe import Recipe, Select
+from .selectors import SELECTORS
 from .sketch import stacked_sources, target_sketches
 from .tokens import load_tokenizer, pad_batch
 
@@ -208,45 +209,77 @@ def _compared(row: dict, threshold_on: str) -> float:
     return row["score"] - ci if threshold_on == "low_end" else row["score"] + ci
 
 
-def score_groups(recipe: Recipe) -> tuple[pl.DataFrame, list[str] | None]:
+Scores = tuple[pl.DataFrame, list[str] | None]  # per-group scores, and the forward set (forward only)
+
+
+def score_groups(recipe: Recipe) -> Scores:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
-    method = recipe.select.method
+    return SELECTORS[recipe.select.method].score()(recipe)
+
+
+def by_random_ensemble(recipe: Recipe) -> Scores:
     groups, subsets, loss = recipe.run.estimates.read()
-    if method == "random_ensemble":
-        return random_ensemble_scores(subsets, loss, groups), None
-    if method == "surrogate":
-        return surrogate_scores(subsets, loss, groups), None
-    if method == "group_effect":  # each group's own effect, computed once by the estimate stage
-        effects = recipe.run.estimates.group_gradients().select("group", score="per_token", ci95="ci95")
-        return effects.cast(SCORE_SCHEMA), None
-    if method in ("all", "random"):
-        rng = np.random.default_rng(recipe.seed)
-        score = None if method == "all" else rng.random(len(groups)) - 0.5
-        return pl.DataFrame({"group": groups, "score": score, "ci95": None}, schema=SCORE_SCHEMA), None
-    if method == "forward":
-        pool = load_pool(recipe)
-        n_keep = max(1, math.ceil(recipe.select.keep_fraction * len(groups)))
-        chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep,
-                                           recipe.select.min_score)
-        frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
-        return frame, [groups[i] for i in chosen]
+    return random_ensemble_scores(subsets, loss, groups), None
+
+
+def by_surrogate(recipe: Recipe) -> Scores:
+    groups, subsets, loss = recipe.run.estimates.read()
+    return surrogate_scores(subsets, loss, groups), None
+
+
+def by_group_effect(recipe: Recipe) -> Scores:
+    """Each group's own effect, computed once by the estimate stage."""
+    effects = recipe.run.estimates.group_gradients().select("group", score="per_token", ci95="ci95")
+    return effects.cast(SCORE_SCHEMA), None
+
+
+def by_all(recipe: Recipe) -> Scores:
+    groups = recipe.run.estimates.read()[0]
+    return pl.DataFrame({"group": groups, "score": None, "ci95": None}, schema=SCORE_SCHEMA), None
+
+
+def by_random(recipe: Recipe) -> Scores:
+    groups = recipe.run.estimates.read()[0]
+    score = np.random.default_rng(recipe.seed).random(len(groups)) - 0.5
+    return pl.DataFrame({"group": groups, "score": score, "ci95": None}, schema=SCORE_SCHEMA), None
+
+
+def by_forward(recipe: Recipe) -> Scores:
+    groups = recipe.run.estimates.read()[0]
+    pool = load_pool(recipe)
+    n_keep = max(1, math.ceil(recipe.select.keep_fraction * len(groups)))
+    chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep, recipe.select.min_score)
+    frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
+    return frame, [groups[i] for i in chosen]
+
+
+def by_gradient_similarity(recipe: Recipe) -> Scores:
     examples = recipe.run.ingested.examples()
-    assignments = recipe.run.estimates.assignments()
-    ids = assignments["id"].to_list()
-    if method == "gradient_similarity":
-        _, _, x, _ = stacked_sources(recipe, examples)
-        weights = [p["weight"] for p in recipe.run.sketches.settings()["points"]]
-        per_example = gradient_similarity(np.asarray(x), target_sketches(recipe)[0], weights)
-    elif method == "dsir":
-        text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
-        lookup = dict(zip(text["id"], text["text"]))
-        target = usable(examples, "validation")
-        per_example = dsir_scores([lookup[i] for i in ids],
-                                  (target["prompt"] + " " + target["response"]).to_list())
-    else:
-        per_example = representation_similarity(recipe, examples, ids)
-    per_example = per_example - per_example.mean()  # relative to the pool: 0 is an average example
-    frame = (assignments.with_columns(score=pl.Series(per_example)).group_by("group")
+    _, _, x, _ = stacked_sources(recipe, examples)
+    weights = [p["weight"] for p in recipe.run.sketches.settings()["points"]]
+    return _per_group(recipe, gradient_similarity(np.asarray(x), target_sketches(recipe)[0], weights))
+
+
+def by_dsir(recipe: Recipe) -> Scores:
+    examples = recipe.run.ingested.examples()
+    text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
+    lookup = dict(zip(text["id"], text["text"]))
+    target = usable(examples, "validation")
+    ids = recipe.run.estimates.assignments()["id"].to_list()
+    return _per_group(recipe, dsir_scores([lookup[i] for i in ids],
+                                          (target["prompt"] + " " + target["response"]).to_list()))
+
+
+def by_representation_similarity(recipe: Recipe) -> Scores:
+    ids = recipe.run.estimates.assignments()["id"].to_list()
+    return _per_group(recipe, representation_similarity(recipe, recipe.run.ingested.examples(), ids))
+
+
+def _per_group(recipe: Recipe, per_example: np.ndarray) -> Scores:
+    """Per-example scores (in the estimate stage's assignment order) centred on the pool's mean, so
+    0 is an average example, and averaged per group with a 95% interval."""
+    per_example = per_example - per_example.mean()
+    frame = (recipe.run.estimates.assignments().with_columns(score=pl.Series(per_example)).group_by("group")
              .agg(pl.col("score").mean(), ci95=1.96 * pl.col("score").std() / pl.len().sqrt()))
     return frame.select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), None
 

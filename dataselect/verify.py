@@ -30,6 +30,7 @@ from .pipeline import run
 from .progress import progress
 from .recipe import Recipe
 from .select import score_groups
+from .selectors import SELECTORS
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -109,7 +110,7 @@ def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.nd
     sizes = dict(recipe.run.estimates.assignments().group_by("group").len().iter_rows())
     weight = np.array([sizes[g] for g in groups], dtype=float)
     out = {}
-    for method in ("gradient_similarity", "representation_similarity", "dsir"):
+    for method in (name for name, selector in SELECTORS.items() if selector.kind == "similarity"):
         other = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
         frame, _ = score_groups(other)
         score = dict(zip(frame["group"], frame["score"]))

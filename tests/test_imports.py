@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import dataselect
+from dataselect.selectors import SELECTORS
 
 PACKAGE = Path(dataselect.__file__).parent
 NAME = "dataselect"
@@ -85,3 +86,9 @@ def test_find_cycle_reports_the_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
+
+def test_every_selector_names_a_scoring_function():
+    """The registry refers to its scoring functions by name (the recipe must not import torch):
+    each name resolves."""
+    for selector in SELECTORS.values():
+        assert callable(selector.score()), selector.name
