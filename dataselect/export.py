@@ -138,6 +138,14 @@ def stage(recipe: Recipe, out: Path) -> dict:
     return {"path": str(final), "rows": train.num_rows, "fingerprint": train._fingerprint, "files": files}
 
 
+def is_current(recipe: Recipe, record: dict) -> bool:
+    """The mixture lives outside the run dir: is it still the one this stage wrote? (The
+    pipeline reruns a finished export whose output was replaced or removed.)"""
+    manifest = Path(recipe.output.path) / MANIFEST
+    written = record["summary"]["fingerprint"]
+    return manifest.exists() and json.loads(manifest.read_text())["mixture"]["fingerprint"] == written
+
+
 def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, tmp: Path,
                   final: Path, copies: dict) -> list[str]:
     train = dataset["train"]

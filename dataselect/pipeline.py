@@ -1,10 +1,13 @@
-"""The pipeline: ingest → meta_init → sketch → estimate → select → export, each stage a folder.
+"""The pipeline: the stages of `STAGES`, run in order, each a folder.
 
 A stage writes into a temporary folder under the run directory and is renamed into place when it
 finishes (a stage killed half-way finds its folder again and resumes what it can, e.g. sketch
 chunks), with a `stage.json` holding the hash of every recipe setting it (and the stages before
 it) depends on. A later build reuses a stage whose hash still matches and reruns it otherwise, so
-editing `select.keep_fraction` reruns only selection and export.
+editing a setting reruns only the stage that reads it and the stages after it.
+
+The executor knows stages only through their `Stage` entry: what they read, whether they can be
+split into shard jobs, and how a finished one checks it is still current.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -22,7 +24,6 @@ from pathlib import Path
 
 from . import estimate, export, ingest, meta_init, select, sketch
 from .artifacts import Run, key_file, write_record
-from .outputs import MANIFEST
 from .recipe import Recipe, RecipeError
 from .shards import Shard, barrier, init_process_group
 
@@ -36,6 +37,12 @@ class Stage:
     run: Callable[[Recipe, Path], dict]
     about: str
     version: str = "3"  # bump when this stage's output format or meaning changes: it and later stages rerun
+    # Computes one shard of N of the stage into its unfinished folder, as an independent job; the
+    # stage's own `run` then merges the shards. None: the stage runs in one process.
+    shard: Callable[[Recipe, Path, Shard], dict] | None = None
+    # Whether a finished stage (its stage.json record given) still stands, beyond its key matching:
+    # for a stage whose output lives outside the run directory. None: the key is enough.
+    current: Callable[[Recipe, dict], bool] | None = None
 
 
 STAGES = (
@@ -45,15 +52,17 @@ STAGES = (
     Stage("meta_init", ("meta_init", "sketch_path"), meta_init.stage,
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), sketch.stage,
-          "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources"),
+          "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources",
+          shard=sketch.sketch_shard),
     Stage("estimate", ("estimate",), estimate.stage,
           "first-order target loss after fine-tuning on random subsets of groups", version="4"),
     Stage("select", ("select",), select.stage,
           "score each group from the subset estimates and apply the keep-rules"),
     Stage("export", ("output",), export.stage,
-          "write the mixture as a Hugging Face dataset with a manifest"),
+          "write the mixture as a Hugging Face dataset with a manifest", current=export.is_current),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
@@ -66,53 +75,66 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
 
 
 def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
+    """Whether `stage` finished for this key, and (where the stage checks it) still stands."""
     record = recipe.run.record(stage)
     if record is None or record.get("key") != key:
         return False
-    if stage == "export":  # the mixture lives outside the run dir: is it still the one we wrote?
-        manifest = Path(recipe.output.path) / MANIFEST
-        written = record["summary"]["fingerprint"]
-        return manifest.exists() and json.loads(manifest.read_text())["mixture"]["fingerprint"] == written
-    return True
+    current = STAGE_BY_NAME[stage].current
+    return current is None or current(recipe, record)
 
 
-def run(recipe: Recipe, until: str = "export", force: bool = False) -> dict[str, dict]:
+def sharded_stage() -> Stage:
+    """The one stage that can be split into shard jobs (`--shard`, or ranks under a launcher)."""
+    (stage,) = (s for s in STAGES if s.shard is not None)
+    return stage
+
+
+def run(recipe: Recipe, until: str = STAGE_NAMES[-1], force: bool = False) -> dict[str, dict]:
     """Run every stage up to `until`, reusing finished ones unless `force`; return their summaries.
 
-    Under torchrun / accelerate launch (WORLD_SIZE > 1), rank 0 runs the stages before sketching,
-    every rank sketches its shard, rank 0 merges and goes on; the other ranks return `{}`.
+    Under torchrun / accelerate launch (WORLD_SIZE > 1), rank 0 runs the stages before the sharded
+    one, every rank computes its shard, rank 0 merges and goes on; the other ranks return `{}`.
     """
     if until not in STAGE_NAMES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
     shard = Shard.from_env()
-    if shard.count > 1 and STAGE_NAMES.index(until) >= STAGE_NAMES.index("sketch"):
+    if shard.count > 1 and STAGE_NAMES.index(until) >= STAGE_NAMES.index(sharded_stage().name):
         return _run_distributed(recipe, until, force, shard)
     return _run_stages(recipe, until, force)
 
 
 def _run_distributed(recipe: Recipe, until: str, force: bool, shard: Shard) -> dict[str, dict]:
     init_process_group()
+    sharded = sharded_stage()
     if shard.index == 0:
-        _run_stages(recipe, "meta_init", force)
+        _run_stages(recipe, _stage_before(sharded).name, force)
     barrier()
     keys = stage_keys(recipe)
-    if force or not is_finished(recipe, "sketch", keys["sketch"]):
+    if force or not is_finished(recipe, sharded.name, keys[sharded.name]):
         run_shard(recipe, shard)
     barrier()
     return _run_stages(recipe, until, False) if shard.index == 0 else {}
 
 
+def _stage_before(stage: Stage) -> Stage:
+    return STAGES[STAGES.index(stage) - 1]
+
+
 def run_shard(recipe: Recipe, shard: Shard) -> dict:
-    """Sketch one shard of N into the unfinished sketch stage's folder (`--shard i/N`, one job
-    each); a later `build` or `sketch` without --shard merges the shards once all N finished."""
+    """Compute one shard of N of the sharded stage into its unfinished folder (`--shard i/N`, one
+    job each); a later build, or that stage's command without --shard, merges the shards once all
+    N finished."""
     keys = stage_keys(recipe)
-    for name in ("ingest", "meta_init"):
-        if not is_finished(recipe, name, keys[name]):
-            raise RecipeError(f"sketch --shard needs a finished {name} stage for this recipe: run "
-                              "`dataselect meta-init` once (one job) before the shard jobs")
+    sharded = sharded_stage()
+    before = _stage_before(sharded)
+    for stage in STAGES[: STAGES.index(sharded)]:
+        if not is_finished(recipe, stage.name, keys[stage.name]):
+            raise RecipeError(f"{sharded.name} --shard needs a finished {stage.name} stage for this recipe: run "
+                              f"`dataselect {before.name.replace('_', '-')}` once (one job) before the shard jobs")
     with run_lock(recipe.run_dir, shared=True):
-        tmp = _stage_folder(recipe, "sketch", keys["sketch"], shared=True)
-        return sketch.sketch_shard(recipe, tmp, shard)
+        tmp = _stage_folder(recipe, sharded.name, keys[sharded.name], shared=True)
+        assert sharded.shard is not None
+        return sharded.shard(recipe, tmp, shard)
 
 
 @contextlib.contextmanager
