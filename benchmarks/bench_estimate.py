@@ -1,17 +1,22 @@
 """Subset estimates: dataselect's group-level estimate against the research code's per-subset fits.
 
-    python benchmarks/bench_estimate.py [--subsets 1000 --groups 100 --examples 20000 --dim 512]
+    python benchmarks/bench_estimate.py [--subsets 1000 --groups 100 --examples 20000,200000 --dim 512]
 
 On synthetic sketches of the given size (written to a memory-mapped .npy file in a temporary
 folder, as the sketch stage stores them: group centres plus noise) it measures, in one run:
   - dataselect's estimates: one streamed pass computing each row's inner product with the target
     gradient, then two matrix-vector products over the groups for all subsets; seconds and the
     process's peak resident memory;
-  - the same estimates computed row by row for `--check` subsets (the sum over each subset's rows),
-    and the largest difference from the group-level ones;
+  - the same estimates computed the slow way for `--check` subsets (each subset's rows' gradients
+    summed in a pass over the sketches, then the inner product with the target; base loss 0, so
+    the change itself is compared), and the largest relative difference from the group-level ones;
   - the research code's estimator: per subset, labels ~ Bernoulli(0.7), feature signs flipped for
     label 0, sklearn LogisticRegression(C=1e-4, liblinear) on the first 80% of the subset's rows,
-    timed on `--sklearn-fits` subsets and scaled to all of them.
+    timed on `--sklearn-fits` subsets and scaled to all of them (only for pools up to
+    `--sklearn-max-rows`: one fit on a million rows takes minutes).
+
+`--examples 200000,1000000 --groups 1000` gives issue 14's figures: seconds and peak memory of a
+million-row pool beside a 200k one, in one run.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ def synthetic(path: Path, n_groups: int, n: int, d: int, seed: int = 0, block: i
     return np.load(path, mmap_mode="r"), group_of, tokens, target
 
 
+def row_level(x: np.ndarray, group_of: np.ndarray, tokens: np.ndarray, target: np.ndarray,
+              subsets: np.ndarray, block: int = 65536) -> np.ndarray:
+    """The estimate the slow way, as a check: each subset's rows' gradients summed first (a pass
+    over the sketches in blocks), then the inner product with the target, per subset's tokens."""
+    sums = np.zeros((len(subsets), x.shape[1]))
+    for i in range(0, len(x), block):
+        member = subsets[:, group_of[i : i + block]].astype(np.float64)
+        sums += member @ np.asarray(x[i : i + block], dtype=np.float64)
+    return -(sums @ target) / (subsets[:, group_of].astype(np.float64) @ tokens)
+
+
 def research_loop(x: np.ndarray, group_of: np.ndarray, subsets: np.ndarray, seed: int = 0) -> np.ndarray:
     """The research code's estimator, one scikit-learn fit per subset."""
     from sklearn.linear_model import LogisticRegression
@@ -63,42 +79,49 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def measure(size: int, args, tmp: Path) -> dict:
+    """One pool size: dataselect's estimates (seconds, peak RSS), checked row by row on a few subsets."""
+    path = tmp / f"sketches-{size}.npy"
+    x, group_of, tokens, target = synthetic(path, args.groups, size, args.dim)
+    subsets = sample_subsets(args.groups, args.subsets, 0.5, seed=0)
+    start = time.perf_counter()
+    pool = Pool([], [], [str(g) for g in range(args.groups)], group_of, alignments(x, target), tokens, 0.0)
+    loss = pool.evaluate(subsets)
+    seconds = time.perf_counter() - start
+    rows = row_level(x, group_of, tokens, target, subsets[: args.check])
+    difference = float(np.max(np.abs(rows - loss[: args.check]) / np.abs(rows)))  # base loss 0: the change itself
+    per_fit = None
+    if size <= args.sklearn_max_rows:
+        fit_start = time.perf_counter()
+        research_loop(x, group_of, subsets[: args.sklearn_fits])
+        per_fit = (time.perf_counter() - fit_start) / args.sklearn_fits
+    del x, pool
+    path.unlink()
+    return {"size": size, "seconds": seconds, "rss": peak_rss_gib(), "difference": difference, "per_fit": per_fit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subsets", type=int, default=1000)
     parser.add_argument("--groups", type=int, default=100)
-    parser.add_argument("--examples", type=int, default=20000)
+    parser.add_argument("--examples", default="20000", help="pool sizes, comma-separated, run smallest first")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--check", type=int, default=20)
     parser.add_argument("--sklearn-fits", type=int, default=20)
+    parser.add_argument("--sklearn-max-rows", type=int, default=20000,
+                        help="time the research code's per-subset fits only up to this pool size")
     args = parser.parse_args()
-    print(f"{args.subsets} subsets of {args.groups} groups (half each), {args.examples} examples, d = {args.dim}")
+    sizes = sorted(int(n) for n in args.examples.split(","))
+    print(f"{args.subsets} subsets of {args.groups} groups (half each), d = {args.dim}; "
+          f"peak RSS is the process's, so each size's includes the smaller ones before it (they are smaller)")
     with tempfile.TemporaryDirectory() as tmp:
-        x, group_of, tokens, target = synthetic(Path(tmp) / "sketches.npy", args.groups, args.examples, args.dim)
-        subsets = sample_subsets(args.groups, args.subsets, 0.5, seed=0)
-        before = peak_rss_gib()
-        start = time.perf_counter()
-        pool = Pool([], [], [str(g) for g in range(args.groups)], group_of, alignments(x, target), tokens, 1.0)
-        loss = pool.evaluate(subsets)
-        ours = time.perf_counter() - start
-        rss = peak_rss_gib()
-
-        rows = []
-        for member in subsets[: args.check]:
-            keep = np.flatnonzero(member[group_of])
-            rows.append(1.0 - float((np.asarray(x[keep], np.float64) @ target).sum()) / tokens[keep].sum())
-        difference = float(np.max(np.abs(np.array(rows) - loss[: args.check]) / np.abs(loss[: args.check])))
-
-        start = time.perf_counter()
-        research_loop(x, group_of, subsets[: args.sklearn_fits])
-        per_fit = (time.perf_counter() - start) / args.sklearn_fits
-    loop = per_fit * args.subsets
-    print("\n| estimator | seconds for all subsets | peak RSS (GiB) | ratio to dataselect |\n|---|---|---|---|")
-    print(f"| dataselect (group sums of row alignments) | {ours:.2f} | {rss:.2f} (before: {before:.2f}) | 1.0 |")
-    print(f"| research code: sklearn loop ({per_fit:.3f} s per fit, {args.sklearn_fits} fits timed, scaled) "
-          f"| {loop:.0f} | — | {loop / ours:.0f} |")
-    print(f"\nrow-by-row estimates of {args.check} subsets against the group-level ones: largest relative "
-          f"difference {difference:.1e}")
+        results = [measure(size, args, Path(tmp)) for size in sizes]
+    print("\n| rows | dataselect: seconds for all subsets | peak RSS (GiB) | row-by-row check: largest relative "
+          "difference of the estimated drop | research code: sklearn loop, seconds (scaled) | ratio |\n|---|---|---|---|---|---|")
+    for r in results:
+        loop = "—" if r["per_fit"] is None else f"{r['per_fit'] * args.subsets:.0f} ({r['per_fit']:.3f} s per fit)"
+        ratio = "—" if r["per_fit"] is None else f"{r['per_fit'] * args.subsets / r['seconds']:.0f}"
+        print(f"| {r['size']:,} | {r['seconds']:.2f} | {r['rss']:.2f} | {r['difference']:.1e} | {loop} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import polars as pl
 
 _RECORD = "stage.json"
 _EXAMPLES = "examples.parquet"
-_CLUSTERS = "clusters.npy"
+_CLUSTERS, _CLUSTER_SUMMARY = "clusters.npy", "clusters.json"
 _MANIFEST = "manifest.json"
-_COUNTS = ("examples", "merged_from_shards")  # the sketch manifest's keys that are not store settings
+_COUNTS = ("examples", "merged_from_shards", "clusters")  # the sketch manifest's keys that are not store settings
 _SUBSETS, _LOSS, _GROUPS = "subsets.npy", "loss.npy", "groups.json"
 _ASSIGNMENTS, _GROUP_GRADIENTS = "assignments.parquet", "group_gradients.parquet"
 _SELECTION = "groups.parquet"
@@ -108,8 +108,15 @@ class Sketches:
         path = self.source_store(source) / _CLUSTERS
         return np.load(path) if path.exists() else None
 
-    def write_clusters(self, source: str, labels: np.ndarray) -> None:
-        np.save(self.source_store(source) / _CLUSTERS, labels, allow_pickle=False)
+    def write_clusters(self, source: str, labels: np.ndarray, summary: dict) -> None:
+        """Each row's cluster, and how the clustering came out (sizes, rows near a boundary)."""
+        (self.source_store(source) / _CLUSTER_SUMMARY).write_text(json.dumps(summary, indent=2))
+        np.save(self.source_store(source) / _CLUSTERS, labels, allow_pickle=False)  # last: marks it done
+
+    def cluster_summaries(self) -> dict:
+        """Per clustered source: the summary written beside its clusters."""
+        return {p.parent.name: json.loads(p.read_text())
+                for p in sorted((self.folder / "sources").glob(f"*/{_CLUSTER_SUMMARY}"))}
 
     def manifest(self) -> dict:
         return json.loads((self.folder / _MANIFEST).read_text())
@@ -118,9 +125,10 @@ class Sketches:
         """The settings the stage ran with; every store it wrote must carry them."""
         return {k: v for k, v in self.manifest().items() if k not in _COUNTS}
 
-    def write_manifest(self, settings: dict, examples: dict, merged_from_shards: bool) -> dict:
-        """The settings, the rows (and target tokens) sketched per store, whether shards made them."""
-        manifest = {**settings, "examples": examples, "merged_from_shards": merged_from_shards}
+    def write_manifest(self, settings: dict, examples: dict, merged_from_shards: bool, clusters: dict) -> dict:
+        """The settings, the rows (and target tokens) sketched per store, whether shards made them,
+        and per clustered source how its clustering came out."""
+        manifest = {**settings, "examples": examples, "merged_from_shards": merged_from_shards, "clusters": clusters}
         (self.folder / _MANIFEST).write_text(json.dumps(manifest, indent=2))
         return manifest
 

@@ -41,12 +41,25 @@ def materialize(name: str, folder: Path, seed: int) -> Path:
     if name == DEMO_TARGET:
         path = folder / DEMO_TARGET
         path.mkdir(exist_ok=True)
-        _write_jsonl(path / "validation.jsonl", [_translation(rng, 3) for _ in range(200)])
-        _write_jsonl(path / "test.jsonl", [_translation(rng, 3) for _ in range(200)])
+        for split, rows in _target_splits(seed).items():
+            _write_jsonl(path / f"{split}.jsonl", rows)
         return path
     path = folder / f"{name}.jsonl"
-    _write_jsonl(path, _GENERATORS[name](rng))
+    taken = {r["question"] for split in _target_splits(seed).values() for r in split}
+    _write_jsonl(path, [r for r in _GENERATORS[name](rng) if r.get("question") not in taken])
     return path
+
+
+def _target_splits(seed: int) -> dict[str, list[dict]]:
+    """The target's phrases; a source row asking one of them is left out, so no source copies the
+    target (the manifest's contamination check would find it)."""
+    rng = random.Random(f"{seed}:{DEMO_TARGET}")
+    rows: dict[str, dict] = {}
+    while len(rows) < 400:  # distinct phrases, so the test split shares none with validation either
+        row = _translation(rng, 3)
+        rows.setdefault(row["question"], row)
+    phrases = list(rows.values())
+    return {"validation": phrases[:200], "test": phrases[200:]}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -53,11 +53,11 @@ STAGES = (
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), sketch.stage,
           "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources",
-          shard=sketch.sketch_shard),
+          shard=sketch.sketch_shard, version="4"),
     Stage("estimate", ("estimate",), estimate.stage,
           "first-order target loss after fine-tuning on random subsets of groups", version="4"),
     Stage("select", ("select",), select.stage,
-          "score each group from the subset estimates and apply the keep-rules"),
+          "score each group from the subset estimates and apply the keep-rules", version="4"),
     Stage("export", ("output",), export.stage,
           "write the mixture as a Hugging Face dataset with a manifest", current=export.is_current),
 )

@@ -61,6 +61,24 @@ def duplicates_section(manifest: dict) -> tuple[str, list[pl.DataFrame]] | None:
     return note, [counts] + ([examples] if examples.height else [])
 
 
+def stability_table(manifest: dict) -> pl.DataFrame | None:
+    """What could come out differently: groups kept in only some redraws of the scores within
+    their intervals, and per clustered source the rows that sit near a cluster boundary."""
+    rows = []
+    steady = manifest["stages"]["select"].get("stability")
+    if steady:
+        rows.append({"what": "kept groups under score redraws",
+                     "value": f"overlap {steady['mean_overlap']:.2f} mean, {steady['min_overlap']:.2f} min "
+                              f"over {steady['draws']} draws"})
+        rows += [{"what": f"close call: {group}", "value": f"kept in {share:.0%} of draws"}
+                 for group, share in steady["close_calls"].items()]
+    for source, found in (manifest["stages"]["sketch"].get("clusters") or {}).items():
+        rows.append({"what": f"clusters of {source}",
+                     "value": f"sizes {found['sizes']}, {found['near_boundary']} rows near a boundary "
+                              f"(smallest margin {found['min_margin']:.2g})"})
+    return pl.DataFrame(rows) if rows else None
+
+
 def verify_results(manifest: dict) -> pl.DataFrame | None:
     recipe = manifest["recipe"]
     return Run.named(recipe["name"], recipe.get("workdir")).verification.results()
@@ -172,6 +190,9 @@ def report(output_dir: Path) -> dict:
     if verified is not None:
         plots["verify.png"] = plot_verify(verified)
     tables = {"Sources": sources, "Groups": groups}
+    steady = stability_table(manifest)
+    if steady is not None:
+        tables["Stability"] = steady
     if verified is not None:
         tables["Estimates against real fine-tunes (dataselect verify)"] = verified.select(
             "subset", "groups", "examples", "estimate", "true_loss")

@@ -201,6 +201,29 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
                                pl.Series("rank", range(1, ranked.height + 1)))
 
 
+def stability(scored: pl.DataFrame, rules: Select, kept: set[str], seed: int, draws: int = 200) -> dict | None:
+    """How much the kept groups would change if the scores moved within their 95% intervals: the
+    keep-rules re-applied to `draws` redraws of every score from N(score, (ci95/1.96)²), and the
+    overlap (Jaccard) of each redrawn kept set with this one. The intervals are the scores' noise
+    over a group's examples; a group kept in some redraws and not others is a close call. None for
+    methods without intervals."""
+    if "ci95" not in scored.columns or scored["ci95"].is_null().all():
+        return None
+    rng = np.random.default_rng([seed, 0x5E1EC7])
+    score, ci = scored["score"].to_numpy(), scored["ci95"].fill_null(0.0).to_numpy()
+    counts = dict.fromkeys(scored["group"], 0)
+    overlaps = []
+    for _ in range(draws):
+        redrawn = scored.with_columns(score=pl.Series(score + rng.normal(size=len(score)) * ci / 1.96))
+        chosen = set(apply_keep_rules(redrawn, rules).filter(pl.col("selected"))["group"])
+        overlaps.append(len(chosen & kept) / max(1, len(chosen | kept)))
+        for g in chosen:
+            counts[g] += 1
+    close = {g: c / draws for g, c in counts.items() if 0.05 <= c / draws <= 0.95}
+    return {"draws": draws, "mean_overlap": float(np.mean(overlaps)), "min_overlap": float(np.min(overlaps)),
+            "close_calls": dict(sorted(close.items(), key=lambda item: abs(item[1] - 0.5))[:20])}
+
+
 def _compared(row: dict, threshold_on: str) -> float:
     """The value a threshold compares: the estimate, or an end of its 95% interval where known."""
     ci = row.get("ci95")
@@ -313,6 +336,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
         decided = apply_keep_rules(scored, rules)
     Selection(out).write(decided)
     kept = decided.filter(pl.col("selected"))
+    steady = None if forward_set is not None else stability(scored, rules, set(kept["group"]), recipe.seed)
     return {"method": rules.method, "rules": rules.model_dump(mode="json"), "groups": decided.height,
             "groups_selected": kept.height, "examples_selected": int(kept["examples"].sum()),
-            "tokens_selected": int(kept["tokens"].sum())}
+            "tokens_selected": int(kept["tokens"].sum()), "stability": steady}

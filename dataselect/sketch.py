@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .artifacts import Sketches
+from .clustering import Clusters, spherical_kmeans, unit_rows
 from .examples import token_rows, usable
 from .meta_init import load_base_model, path_weights, with_trainable
 from .progress import progress
@@ -214,18 +215,10 @@ def directions(sketches: np.ndarray, points: int) -> np.ndarray:
     return np.concatenate([p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-30) for p in parts], axis=1)
 
 
-def cluster(sketches: np.ndarray, k: int, seed: int, points: int = 1) -> np.ndarray:
-    """Spherical k-means (FAISS) on the examples' gradient directions along the path: groups of
-    examples whose gradients point the same way."""
-    import faiss  # faiss loads its own OpenMP runtime: only when a source is clustered
-
-    x = np.ascontiguousarray(directions(sketches, points), dtype=np.float32)
-    faiss.normalize_L2(x)
-    k = min(k, len(x))
-    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, max_points_per_centroid=len(x))
-    km.train(x)
-    _, labels = km.index.search(x, 1)
-    return labels[:, 0].astype(np.int64)
+def cluster(sketches: np.ndarray, k: int, seed: int, points: int = 1) -> Clusters:
+    """Groups of examples whose gradients point the same way along the path: spherical k-means
+    on their directions (each point's part at norm 1, so every point counts alike)."""
+    return spherical_kmeans(unit_rows(directions(sketches, points)), k, seed)
 
 
 def point_seed(seed: int, k: int) -> int:
@@ -337,12 +330,13 @@ def stage(recipe: Recipe, out: Path) -> dict:
                               part.name, shards)
         if part.clusters and folder.clusters(part.name) is None:
             _, sketches, _ = read_store(part.folder)
-            folder.write_clusters(part.name, cluster(sketches, part.clusters, recipe.seed, len(p.sketcher.points)))
+            found = cluster(sketches, part.clusters, recipe.seed, len(p.sketcher.points))
+            folder.write_clusters(part.name, found.labels, found.summary())
         counts[part.name] = len(part.examples)
     counts[TARGET_TOKENS] = sum(len(ids) - n_prompt for ids, n_prompt in token_rows(p.parts[-1].examples))
     if shards:
         shutil.rmtree(shards)  # merged: the stores hold every chunk now
-    return folder.write_manifest(p.settings, counts, bool(shards))
+    return folder.write_manifest(p.settings, counts, bool(shards), folder.cluster_summaries())
 
 
 TARGET_TOKENS = "target validation tokens"
