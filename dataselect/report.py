@@ -152,16 +152,20 @@ def plot_sources(sources: pl.DataFrame) -> bytes:
     return _png(fig)
 
 
-def plot_verify(results: pl.DataFrame) -> bytes:
+def plot_verify(results: pl.DataFrame, title: str | None = None) -> bytes:
+    """Estimated against true target loss per fine-tuned subset: the one plot of verify's results,
+    drawn for `dataselect verify` (scatter.png) and for the report."""
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 4))
     random = results.filter(pl.col("subset").str.starts_with("random"))
     other = results.filter(~pl.col("subset").str.starts_with("random"))
-    ax.scatter(random["estimate"], random["true_loss"], label="random subsets")
+    ax.scatter(random["estimate"], random["true_loss"], label="random subsets", color="tab:blue")
     ax.scatter(other["estimate"], other["true_loss"], marker="D", color="tab:red", label="selected / not selected")
-    ax.set_xlabel("estimated target loss")
+    ax.set_xlabel("estimated target loss after fine-tuning (nats/token)")
     ax.set_ylabel("target loss after a real fine-tune")
+    if title:
+        ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)

@@ -28,6 +28,7 @@ from .evaluate import finetune_and_score
 from .examples import token_rows, usable
 from .pipeline import run
 from .progress import progress
+from .report import plot_verify
 from .recipe import Recipe
 from .select import score_groups
 from .selectors import SELECTORS
@@ -178,7 +179,8 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
         "truth_noise": noise,
     }
     folder.write_summary(summary)
-    _scatter(results, folder.scatter, summary)
+    folder.scatter.write_bytes(plot_verify(results, f"Spearman {summary['estimate']['spearman']:.2f}, "
+                                                     f"{len(results)} subsets"))
     folder.report.write_text(_report(results, summary))
     return summary
 
@@ -190,26 +192,6 @@ def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], a
     if np.ptp(acc) == 0:
         return None
     return {"estimate": spearman(-estimate, acc), **{k: spearman(v, acc) for k, v in baselines.items()}}
-
-
-def _scatter(results: pl.DataFrame, path: Path, summary: dict) -> None:
-    import matplotlib  # matplotlib takes a second to import: only verify's plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    random = results.filter(pl.col("subset").str.starts_with("random"))
-    other = results.filter(~pl.col("subset").str.starts_with("random"))
-    ax.scatter(random["estimate"], random["true_loss"], label="random subsets", color="tab:blue")
-    ax.scatter(other["estimate"], other["true_loss"], label="selected / not selected", color="tab:red", marker="D")
-    ax.set_xlabel("estimated target loss after fine-tuning (nats/token)")
-    ax.set_ylabel("target loss after a real fine-tune")
-    ax.set_title(f"Spearman {summary['estimate']['spearman']:.2f}, {len(results)} subsets")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _report(results: pl.DataFrame, summary: dict) -> str:
