@@ -36,13 +36,13 @@ CACHE = ROOT / "runs" / "bench-cache"
 GSM8K_OVERRIDES = [
     f"sources.0.dataset={GSM8K}/train.jsonl", "sources.0.config=null", "sources.0.split=train[:2000]",
     *[f"sources.{i}.dataset={GSM8K}/example_model_solutions.jsonl" for i in range(1, 5)],
-    *[f"sources.{i}.max_rows=600" for i in range(1, 5)],
+    *[f"sources.{i}.split=train[:600]" for i in range(1, 5)],  # the first rows (max_rows would sample)
     f"target.dataset={GSM8K}/train.jsonl", "target.config=null",
     "target.validation.size=100", "target.test.size=200",
 ]
 SMOLLM2 = ["model.tiny=null", "model.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
            "meta_init={epochs: 1, lr: 2.0e-4, batch_size: 8}", "sketch.batch_size=8", "sketch.chunk_size=64",
-           "sources.0.split=train[:500]", *[f"sources.{i}.max_rows=150" for i in range(1, 5)],
+           "sources.0.split=train[:500]", *[f"sources.{i}.split=train[:150]" for i in range(1, 5)],
            "target.validation.size=50", "target.test.size=100"]
 
 # T0 targets: one dataset each, from different kinds of task.
