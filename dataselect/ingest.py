@@ -3,17 +3,22 @@
 A canonical example is (id, source, role, row, group, messages, prompt, response) plus its token
 ids (`examples.EXAMPLE_SCHEMA`). Rows that cannot be mapped stay in the table with status
 "rejected" and a reason, so every input row is accounted for from here to the manifest.
-Opening a dataset, and saying why a file does not load, is `sources`'s job.
+Opening a dataset, and saying why a file does not load, is `sources`'s job; drawing a source's
+`max_rows` sample (seeded, stratified by `group_by`, streamed for a remote source) is this one's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Hashable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 from jinja2 import TemplateError
 
@@ -22,7 +27,7 @@ from .examples import EXAMPLE_SCHEMA, reasons_by_class
 from .meta_init import build_tiny_model
 from .progress import progress
 from .recipe import Messages, Recipe, Source, Split, Target
-from .sources import SourceError, open_dataset
+from .sources import SourceError, is_remote, open_dataset, open_stream
 from .tokens import encode, load_tokenizer, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,11 +97,14 @@ def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
         raise SourceError(f"{where}: no column {', '.join(map(repr, missing))}; it has {ds.column_names}")
 
 
-def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str) -> Iterator[dict]:
+def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str,
+          numbers: Sequence[int] | None = None) -> Iterator[dict]:
+    """The examples of a dataset's rows; `numbers`: each row's number in the split it was sampled
+    from (default: its place in `ds`), which its id takes when the format names no id column."""
     _check_columns(ds, fmt, group_by, where)
     seen: dict[str, int] = {}  # id -> the row that first used it
     prefix = name if role == "source" else f"{name}/{role}"  # target splits may reuse row numbers
-    for i, row in enumerate(ds):
+    for i, row in zip(numbers if numbers is not None else range(len(ds)), ds):
         out = {"id": f"{prefix}/{i}", "source": name, "role": role, "row": i, "group": None,
                "messages": None, "prompt": None, "response": None, "status": "ok", "reason": None}
         mapped = map_row(row, fmt)
@@ -142,23 +150,165 @@ def _split_rows(target: Target, split: Split, role: str, run_dir: Path, seed: in
     return _rows(target.name, role, ds, target.format, None, f"target {role} ({target.dataset})")
 
 
-def _source_rows(source: Source, run_dir: Path, seed: int):
-    ds = _open(f"source {source.name}", source.dataset, source.config, source.split, run_dir, seed)
-    if source.max_rows is not None and source.max_rows < len(ds):
-        log.info("source %s: reading the first %d of %d rows (max_rows)", source.name, source.max_rows, len(ds))
-        ds = ds.select(range(source.max_rows))
-    return _rows(source.name, "source", ds, source.format, source.group_by, f"source {source.name} ({source.dataset})")
+STREAM_BUFFER = 1000  # rows: the least shuffle buffer of a streamed sample (datasets' default)
+
+
+def sample_seed(seed: int, name: str) -> int:
+    """The seed of a source's `max_rows` sample, from the recipe's seed and the source's name: a rerun
+    draws the same rows, and two sources of one recipe draw independently. (sha256, not `hash`,
+    which changes between processes.)"""
+    return int.from_bytes(hashlib.sha256(f"{seed}:max_rows:{name}".encode()).digest()[:8], "big") >> 1
+
+
+def allocate(counts: Sequence[int], n: int) -> list[int]:
+    """How many of `n` rows each group gets: its share n·count/total rounded down, the rows left over
+    to the largest remainders (ties: the larger group, then the earlier); then, while the budget
+    allows, every group with a row gets at least one, taken from the groups furthest above their
+    share. No group gets more rows than it has; all of them when n covers every row."""
+    total = sum(counts)
+    if n >= total:
+        return list(counts)
+    out = [n * c // total for c in counts]
+    by_remainder = sorted(range(len(counts)), key=lambda g: (-(n * counts[g] % total), -counts[g], g))
+    for g in by_remainder[: n - sum(out)]:
+        out[g] += 1  # its remainder is positive, so it stays below its count
+    if sum(c > 0 for c in counts) <= n:
+        for g in sorted((g for g, c in enumerate(counts) if c and not out[g]), key=lambda g: (-counts[g], g)):
+            donor = max((d for d in range(len(counts)) if out[d] > 1),
+                        key=lambda d: (out[d] * total - n * counts[d], -d))  # furthest above its share
+            out[donor] -= 1
+            out[g] = 1
+    return out
+
+
+def sample_indices(keys: Sequence[Hashable], n: int, rng: np.random.Generator) -> list[int]:
+    """`n` of the positions of `keys`, drawn without replacement within each key's group by
+    `allocate`, in increasing order (so the rows stay in file order)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)  # first-seen order: the draw depends only on the data and rng
+    chosen: list[int] = []
+    for members, k in zip(groups.values(), allocate([len(m) for m in groups.values()], n)):
+        chosen += rng.choice(np.asarray(members), size=k, replace=False).tolist()
+    return sorted(chosen)
+
+
+def _group_key(row: dict[str, Any], group_by: str | None) -> Hashable:
+    """A row's stratum for sampling: its `group_by` value as text (None when null or blank: such
+    rows are sampled as a stratum of their own, and rejected later)."""
+    if group_by is None:
+        return None
+    value = field(row, group_by)
+    return None if value is None or not str(value).strip() else str(value)
+
+
+def _local_sample(source: Source, ds, seed: int) -> tuple[Any, list[int] | None, dict]:
+    """A `max_rows` sample of a dataset in memory (Arrow): seeded indices from numpy's Generator,
+    stratified by `group_by`, selected in file order; each row keeps its number in the split."""
+    available = len(ds)
+    record = {"streamed": False, "stratified_by": source.group_by, "available": available, "read": available}
+    if source.max_rows is None or source.max_rows >= available:
+        return ds, None, {**record, "how": "all rows", "kept": available, "seed": None}
+    where = f"source {source.name} ({source.dataset})"
+    _check_columns(ds, source.format, source.group_by, where)  # before reading the group column
+    if source.group_by is not None:
+        top = source.group_by.split(".")[0]
+        keys = [_group_key({top: value}, source.group_by) for value in ds[top]]
+    else:
+        keys = [None] * available
+    drawn = sample_seed(seed, source.name)
+    indices = sample_indices(keys, source.max_rows, np.random.default_rng(drawn))
+    log.info("source %s: a seeded sample of %d of %d rows (max_rows%s)", source.name, len(indices), available,
+             f", stratified by {source.group_by}" if source.group_by else "")
+    return ds.select(indices), indices, {**record, "how": "seeded sample", "kept": len(indices), "seed": drawn}
+
+
+def _stream_sample(source: Source, seed: int) -> tuple[Any, dict]:
+    """A `max_rows` sample of a remote source (Hub or URL), streamed: the files are read only as far
+    as the sample needs. The stream is shuffled with the source's seed (the order of its shards, up
+    to 10 of them interleaved, and a buffer of B = max(1000, max_rows) rows). Without `group_by` the
+    sample is its first max_rows rows (at most B + max_rows rows read); with it, its first
+    W = max(B, 2·max_rows) rows form a window whose groups set each group's quota (`allocate`), and
+    the sample is drawn from the window (at most B + W rows read). Either way at most
+    3·max(1000, max_rows) rows. Groups absent from the window are not represented: a bounded read
+    cannot know them. Materialised as a `datasets.Dataset`; a row's number is its place in the
+    seeded stream."""
+    import datasets  # datasets takes seconds to import: only when a source is read
+
+    where = f"source {source.name}"
+    try:
+        stream = open_stream(source.dataset, source.config, source.split)
+    except SourceError as e:
+        raise SourceError(f"{where}: {e}") from e
+    splits = stream.info.splits or {}
+    available = splits[source.split].num_examples if source.split in splits else None
+    features = stream.features
+    if stream.num_shards < 10 and hasattr(stream, "reshard"):  # one file or a few: shuffle their parts
+        stream = stream.reshard()  # (parquet row groups; a footer read per file)
+    read, lock = [0], threading.Lock()  # datasets reads shards in threads
+
+    def count(row: dict) -> dict:
+        with lock:
+            read[0] += 1
+        return {}
+
+    drawn = sample_seed(seed, source.name)
+    n, buffer = source.max_rows, max(STREAM_BUFFER, source.max_rows)
+    shuffled = stream.map(count).shuffle(seed=drawn, buffer_size=buffer)
+    try:
+        if source.group_by is None:
+            rows = list(islice(shuffled, n))
+            exhausted = len(rows) < n
+        else:
+            size = max(buffer, 2 * n)
+            window = list(islice(shuffled, size))
+            exhausted = len(window) < size
+            keys = [_group_key(row, source.group_by) for row in window]
+            rows = [window[i] for i in sample_indices(keys, n, np.random.default_rng(drawn))]
+    except Exception as e:  # datasets raises a zoo of types while reading; keep the name and the cause
+        raise SourceError(f"{where}: {source.dataset} (split {source.split!r}): cannot stream: "
+                          f"{type(e).__name__}: {e}") from e
+    if exhausted:
+        available = read[0]  # the stream ended: every row was read
+    if not rows:
+        raise SourceError(f"{where}: {source.dataset} (split {source.split!r}) has 0 rows")
+    log.info("source %s: a streamed seeded sample of %d rows, %d read of %s (max_rows%s)", source.name, len(rows),
+             read[0], "?" if available is None else available,
+             f", stratified by {source.group_by}" if source.group_by else "")
+    ds = datasets.Dataset.from_list(rows, features=features)
+    return ds, {"how": "streamed seeded sample", "streamed": True, "stratified_by": source.group_by,
+                "available": available, "read": read[0], "kept": len(rows), "seed": drawn, "buffer": buffer}
+
+
+def _source_rows(source: Source, run_dir: Path, seed: int) -> tuple[Iterator[dict], dict]:
+    """A source's examples, and how they were sampled (for the ingest summary)."""
+    where = f"source {source.name} ({source.dataset})"
+    if source.max_rows is not None and is_remote(source.dataset):
+        ds, sampling = _stream_sample(source, seed)
+        numbers = None
+    else:
+        ds = _open(f"source {source.name}", source.dataset, source.config, source.split, run_dir, seed)
+        ds, numbers, sampling = _local_sample(source, ds, seed)
+    return _rows(source.name, "source", ds, source.format, source.group_by, where, numbers), \
+        {"max_rows": source.max_rows, **sampling}
 
 
 def read_examples(recipe: Recipe) -> pl.DataFrame:
     """Every row of every source and of the target splits, mapped or rejected."""
+    return _read_examples(recipe)[0]
+
+
+def _read_examples(recipe: Recipe) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """The examples, and per source how it was sampled."""
     rows: list[dict] = []
+    sampling: dict[str, dict] = {}
     for source in recipe.sources:
-        rows += _source_rows(source, recipe.run_dir, recipe.seed)
+        source_rows, sampling[source.name] = _source_rows(source, recipe.run_dir, recipe.seed)
+        rows += source_rows
     rows += _split_rows(recipe.target, recipe.target.validation, "validation", recipe.run_dir, recipe.seed)
     if recipe.target.test is not None:
         rows += _split_rows(recipe.target, recipe.target.test, "test", recipe.run_dir, recipe.seed)
-    return pl.DataFrame(rows, schema=EXAMPLE_SCHEMA)
+    return pl.DataFrame(rows, schema=EXAMPLE_SCHEMA), sampling
 
 def tokenize_examples(examples: pl.DataFrame, tokenizer, max_length: int, overlong: str = "truncate") -> pl.DataFrame:
     """Add token ids and prompt length; rows with no response token left are rejected, and so are rows
@@ -205,7 +355,7 @@ def ingest_summary(examples: pl.DataFrame) -> dict:
 def stage(recipe: Recipe, out: Path) -> dict:
     """Read, map and tokenize everything; for a tiny model, train its tokenizer and build it here."""
     folder = Ingested(out)
-    examples = read_examples(recipe)
+    examples, sampling = _read_examples(recipe)
     if recipe.model.tiny is not None:
         usable = examples.filter((pl.col("status") == "ok") & (pl.col("role") != "test"))
         texts = (m["content"] for turns in usable["messages"] for m in turns)
@@ -220,7 +370,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
         _require_usable(f"source {s.name} ({s.dataset})", source_rows.filter(pl.col("source") == s.name))
     _require_usable(f"target {recipe.target.name}: validation split", examples.filter(pl.col("role") == "validation"))
     folder.write_examples(examples)
-    return {"rows": ingest_summary(examples)}
+    return {"rows": ingest_summary(examples), "sampling": sampling}
 
 
 def _require_usable(what: str, part: pl.DataFrame) -> None:

@@ -1,21 +1,29 @@
 """Opening a source: one split of a Hub dataset, a local file (maybe compressed), a glob of files,
-a folder, a saved dataset, or a demo dataset; and, when a local file does not load, finding out why
-and naming the line at fault, so the user reads one sentence instead of a datasets traceback.
+a folder, a saved dataset, the data files at an http(s) URL, or a demo dataset; and, when a local
+file does not load, finding out why and naming the line at fault, so the user reads one sentence
+instead of a datasets traceback. A remote source (Hub or URL) can also be opened as a stream
+(`open_stream`), read only as far as it is iterated.
 """
 
 from __future__ import annotations
 
 import bz2
 import codecs
+import fnmatch
+import functools
 import glob
 import gzip
 import io
 import json
 import lzma
 import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
-from pathlib import Path
-from typing import BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -31,6 +39,8 @@ _BUILDERS = {**_FILE_BUILDERS, **{kind + c: builder for kind, builder in _FILE_B
 _SUPPORTED = (f"use one of {', '.join(_FILE_BUILDERS)}, or a .json, .jsonl or .csv file compressed as "
               f"{', '.join(_COMPRESSIONS[:-1])} or {_COMPRESSIONS[-1]}")
 _EMPTY = "the file is empty (0 rows)"
+_HTTP_BLOCK = 1 << 20  # bytes per Range request: a stream that stops early downloads at most this much more
+_HTTP_TIMEOUT = 60  # seconds
 
 
 class SourceError(ValueError):
@@ -39,13 +49,17 @@ class SourceError(ValueError):
 
 def open_dataset(dataset: str, config: str | None, split: str, run_dir: Path, seed: int):
     """One split of a Hub dataset, a local file (maybe compressed), a glob pattern of local files, a
-    folder, a saved dataset, or a demo dataset."""
+    folder, a saved dataset, the data files at an http(s) URL (downloaded whole), or a demo dataset."""
     import datasets  # datasets takes seconds to import: only when a source is read
 
     if dataset.startswith("demo:"):
         dataset = str(demo.materialize(dataset.removeprefix("demo:"), Run(run_dir).demo_data, seed))
     path = Path(dataset).expanduser()
     try:
+        if is_url(dataset):
+            _train_only(dataset, split, "the files at a URL have")
+            files, builder = url_files(dataset)
+            return datasets.load_dataset(builder, data_files=files, split=split)
         if path.is_file():
             builder = _BUILDERS.get(_file_type(path))
             if builder is None:
@@ -80,10 +94,7 @@ def _load_files(dataset: str, files: list[Path], builder: str, split: str, patte
     def at(file: Path) -> str:
         return f"{dataset}: {file}" if pattern else dataset
 
-    what = "the files a pattern matches have" if pattern else "a single file has"
-    if split != "train" and not split.startswith("train["):
-        raise SourceError(f"{dataset}: {what} only the 'train' split (or a slice such as "
-                          f"'train[:1000]'), not {split!r}")
+    _train_only(dataset, split, "the files a pattern matches have" if pattern else "a single file has")
     if not pattern and files[0].stat().st_size == 0:
         raise SourceError(f"{dataset}: {_EMPTY}")
     # pyarrow reads invalid UTF-8 into JSON strings unchecked; it would fail later, nameless
@@ -115,7 +126,87 @@ def _load_files(dataset: str, files: list[Path], builder: str, split: str, patte
         raise
 
 
-def _file_type(path: Path) -> str:
+def _train_only(dataset: str, split: str, what: str) -> None:
+    """Data files have one split, 'train', which may be sliced."""
+    if split != "train" and not split.startswith("train["):
+        raise SourceError(f"{dataset}: {what} only the 'train' split (or a slice such as "
+                          f"'train[:1000]'), not {split!r}")
+
+
+def is_url(dataset: str) -> bool:
+    """An http(s) URL of data files, rather than a path, a Hub id or a demo."""
+    return dataset.lower().startswith(("http://", "https://"))
+
+
+def is_remote(dataset: str) -> bool:
+    """A URL or a Hub dataset id: what `open_stream` can read, as `open_dataset` tells them apart."""
+    if is_url(dataset):
+        return True
+    if dataset.startswith("demo:") or any(c in dataset for c in "*?[") or dataset.startswith((".", "/", "~")):
+        return False
+    path = Path(dataset).expanduser()
+    return not path.exists() and path.suffix.lower() not in (*_FILE_BUILDERS, *_COMPRESSIONS)
+
+
+def open_stream(dataset: str, config: str | None, split: str):
+    """One split of a Hub dataset, or the data files at a URL, as a `datasets.IterableDataset`: nothing
+    is downloaded up front, and iterating reads the files (shard by shard, in blocks) only as far as
+    it goes, so a sample of a large remote dataset reads a small part of it."""
+    import datasets  # datasets takes seconds to import: only when a source is read
+
+    if "[" in split:
+        raise SourceError(f"{dataset}: split {split!r}: a slice cannot be streamed; a remote source with "
+                          "max_rows is streamed, so name the whole split (e.g. 'train') and let max_rows "
+                          "draw the sample")
+    try:
+        if is_url(dataset):
+            _train_only(dataset, split, "the files at a URL have")
+            files, builder = url_files(dataset)
+            return datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
+        return datasets.load_dataset(dataset, config, split=split, streaming=True)
+    except SourceError:
+        raise
+    except Exception as e:  # datasets raises a zoo of types; keep the name and the cause
+        raise SourceError(f"{dataset} (split {split!r}): cannot stream: {_cause(e)}") from e
+
+
+def url_files(url: str) -> tuple[list[str], str]:
+    """The data files a URL names and the one builder that reads them: one file, or the files of a
+    folder that the URL's last part matches (a glob such as `shard-*.jsonl.gz`; nothing after a final
+    `/`: every file of a supported type), listed from the folder's HTML index page (as
+    `python -m http.server` and most static servers serve it), in name order."""
+    _use_http_files()
+    parts = urllib.parse.urlsplit(url)
+    folder, _, name = parts.path.rpartition("/")
+    if name and not any(c in name for c in "*?["):
+        kind = _file_type(PurePosixPath(urllib.parse.unquote(name)))
+        if kind not in _BUILDERS:
+            folder_hint = "; for the files of a folder, end the URL with '/'" if not kind else ""
+            raise SourceError(f"{url}: unsupported file type {kind!r}; {_SUPPORTED}{folder_hint}")
+        return [url], _BUILDERS[kind]
+    index = urllib.parse.urlunsplit(parts._replace(path=folder + "/", query="", fragment=""))
+    try:
+        with _http_open(index, "GET", {}) as response:
+            page = response.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise SourceError(f"{url}: cannot list the folder {index}: {e}") from e
+    names = set()
+    for href in re.findall(r"""href\s*=\s*["']([^"'#?]+)["']""", page, flags=re.IGNORECASE):
+        file = urllib.parse.urljoin(index, href)
+        if file.startswith(index) and "/" not in file[len(index):] and file != index:
+            names.add(urllib.parse.unquote(file[len(index):]))
+    if name:
+        matched = sorted(n for n in names if fnmatch.fnmatchcase(n, urllib.parse.unquote(name)))
+    else:
+        matched = sorted(n for n in names if _file_type(PurePosixPath(n)) in _BUILDERS)
+    if not matched:
+        raise SourceError(f"{url}: no file {'matches this pattern' if name else 'of a supported type'} in the "
+                          f"folder's index page {index}")
+    builder = _one_builder(url, [PurePosixPath(n) for n in matched])
+    return [index + urllib.parse.quote(n) for n in matched], builder
+
+
+def _file_type(path: Path | PurePosixPath) -> str:
     """The suffix that says how to read a file: '.jsonl', or '.jsonl.gz' when compressed."""
     suffixes = [s.lower() for s in path.suffixes]
     if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSIONS:
@@ -131,7 +222,12 @@ def _matching_files(pattern: str) -> tuple[list[Path], str]:
     if not files:
         where = "" if Path(pattern).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
         raise SourceError(f"{pattern}: no file matches this pattern{where}")
-    by_type: dict[str, list[Path]] = {}
+    return files, _one_builder(pattern, files)
+
+
+def _one_builder(pattern: str, files: list[Path] | list[PurePosixPath]) -> str:
+    """The one builder that reads all the files a pattern matched, or why there is none."""
+    by_type: dict[str, list] = {}
     for file in files:
         by_type.setdefault(_file_type(file), []).append(file)
     builders = {_BUILDERS.get(kind) for kind in by_type}
@@ -143,7 +239,96 @@ def _matching_files(pattern: str) -> tuple[list[Path], str]:
     kind, group = next(iter(by_type.items()))
     if None in builders:
         raise SourceError(f"{pattern}: unsupported file type {kind!r} ({group[0]}); {_SUPPORTED}")
-    return files, builders.pop()
+    return builders.pop()
+
+
+def _use_http_files() -> None:
+    """Let datasets read http(s) URLs through fsspec: fsspec's own HTTP file system needs aiohttp,
+    which is not a dependency; without it, register a small one on the standard library."""
+    import fsspec  # fsspec takes a tenth of a second to import: only for a URL
+
+    try:
+        fsspec.get_filesystem_class("http")
+    except ImportError:
+        for protocol in ("http", "https"):
+            fsspec.register_implementation(protocol, _http_file_system(), clobber=True)
+
+
+def _http_open(url: str, method: str, headers: dict[str, str]):
+    """An HTTP response (redirects followed, proxies from the environment); 404 and 410 are
+    FileNotFoundError, as fsspec's callers expect, any other failure an OSError naming the URL."""
+    request = urllib.request.Request(url, method=method, headers={"Accept-Encoding": "identity", **headers})
+    try:
+        return urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 410):
+            raise FileNotFoundError(url) from e
+        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise OSError(f"{url}: {e.reason}") from e
+
+
+def _http_size(url: str, headers: dict[str, str]) -> int:
+    """A remote file's size: from a HEAD request, else from the total of a one-byte Range request."""
+    try:
+        with _http_open(url, "HEAD", headers) as response:
+            if response.headers.get("Content-Length") is not None:
+                return int(response.headers["Content-Length"])
+    except FileNotFoundError:
+        raise
+    except OSError:
+        pass  # some servers refuse HEAD
+    with _http_open(url, "GET", {**headers, "Range": "bytes=0-0"}) as response:
+        total = (response.headers.get("Content-Range") or "").rpartition("/")[2]
+        if response.status == 206 and total.isdigit():
+            return int(total)
+    raise OSError(f"{url}: the server tells neither the file's size nor serves a part of it (HTTP Range)")
+
+
+@functools.cache
+def _http_file_system() -> type:
+    """An fsspec file system for http(s) URLs, on urllib: a file is read in blocks of `_HTTP_BLOCK`
+    bytes by HTTP Range requests, so a stream that stops early downloads little of it, and parquet
+    files can be read by row group. Made on first use, as fsspec is imported only for a URL."""
+    from fsspec.spec import AbstractBufferedFile, AbstractFileSystem  # see _use_http_files
+
+    class HTTPFile(AbstractBufferedFile):
+        def _fetch_range(self, start: int, end: int) -> bytes:
+            headers = {**self.fs.headers, "Range": f"bytes={start}-{end - 1}"}
+            with _http_open(self.path, "GET", headers) as response:
+                if response.status == 206:
+                    return response.read()
+                return response.read(end)[start:]  # the server ignored Range and sends the whole file
+
+    class HTTPFileSystem(AbstractFileSystem):
+        protocol = ("http", "https")
+
+        def __init__(self, headers: dict[str, str] | None = None, client_kwargs: dict | None = None,
+                     **kwargs: Any) -> None:
+            super().__init__(**kwargs)  # client_kwargs: aiohttp's options, which datasets passes
+            self.headers = dict(headers or {})
+            self.sizes: dict[str, int] = {}  # datasets asks a file's size several times: ask the server once
+
+        @classmethod
+        def _strip_protocol(cls, path: str | list[str]) -> str | list[str]:  # a URL stays whole
+            return [cls._strip_protocol(p) for p in path] if isinstance(path, list) else str(path)
+
+        def info(self, path: str, **kwargs: Any) -> dict:
+            if path not in self.sizes:
+                self.sizes[path] = _http_size(path, self.headers)
+            return {"name": path, "size": self.sizes[path], "type": "file"}
+
+        def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list:
+            return [self.info(path)] if detail else [path]
+
+        def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
+                  cache_options: dict | None = None, **kwargs: Any):
+            if mode != "rb":
+                raise NotImplementedError(f"{path}: http(s) URLs are read only")
+            return HTTPFile(self, path, mode, block_size=block_size or _HTTP_BLOCK, cache_type="readahead",
+                            cache_options=cache_options)
+
+    return HTTPFileSystem
 
 
 def _open_bytes(path: Path) -> BinaryIO:
