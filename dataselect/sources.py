@@ -17,10 +17,7 @@ import io
 import json
 import lzma
 import os
-import re
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -40,7 +37,6 @@ _SUPPORTED = (f"use one of {', '.join(_FILE_BUILDERS)}, or a .json, .jsonl or .c
               f"{', '.join(_COMPRESSIONS[:-1])} or {_COMPRESSIONS[-1]}")
 _EMPTY = "the file is empty (0 rows)"
 _HTTP_BLOCK = 1 << 20  # bytes per Range request: a stream that stops early downloads at most this much more
-_HTTP_TIMEOUT = 60  # seconds
 
 
 class SourceError(ValueError):
@@ -162,7 +158,10 @@ def open_stream(dataset: str, config: str | None, split: str):
         if is_url(dataset):
             _train_only(dataset, split, "the files at a URL have")
             files, builder = url_files(dataset)
-            return datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
+            # fsspec reads in blocks of 5 MiB by default: a smaller block wastes less per shard opened
+            block = {"block_size": _HTTP_BLOCK}
+            return datasets.load_dataset(builder, data_files=files, split=split, streaming=True,
+                                         storage_options={"http": block, "https": block})
         return datasets.load_dataset(dataset, config, split=split, streaming=True)
     except SourceError:
         raise
@@ -175,6 +174,8 @@ def url_files(url: str) -> tuple[list[str], str]:
     folder that the URL's last part matches (a glob such as `shard-*.jsonl.gz`; nothing after a final
     `/`: every file of a supported type), listed from the folder's HTML index page (as
     `python -m http.server` and most static servers serve it), in name order."""
+    import fsspec  # fsspec takes a tenth of a second to import: only for a URL
+
     _use_http_files()
     parts = urllib.parse.urlsplit(url)
     folder, _, name = parts.path.rpartition("/")
@@ -185,16 +186,14 @@ def url_files(url: str) -> tuple[list[str], str]:
             raise SourceError(f"{url}: unsupported file type {kind!r}; {_SUPPORTED}{folder_hint}")
         return [url], _BUILDERS[kind]
     index = urllib.parse.urlunsplit(parts._replace(path=folder + "/", query="", fragment=""))
-    try:
-        with _http_open(index, "GET", {}) as response:
-            page = response.read().decode("utf-8", "replace")
-    except OSError as e:
-        raise SourceError(f"{url}: cannot list the folder {index}: {e}") from e
-    names = set()
-    for href in re.findall(r"""href\s*=\s*["']([^"'#?]+)["']""", page, flags=re.IGNORECASE):
-        file = urllib.parse.urljoin(index, href)
-        if file.startswith(index) and "/" not in file[len(index):] and file != index:
-            names.add(urllib.parse.unquote(file[len(index):]))
+    try:  # fsspec lists the links of the index page, as full URLs of the folder's files and subfolders
+        links = fsspec.filesystem(parts.scheme, use_listings_cache=False,
+                                  client_kwargs={"trust_env": True}).ls(index, detail=False)
+    except Exception as e:  # FileNotFoundError (HTTP 404) or one of aiohttp's errors
+        reason = "HTTP 404, not found" if isinstance(e, FileNotFoundError) else str(e) or type(e).__name__
+        raise SourceError(f"{url}: cannot list the folder {index}: {reason}") from e
+    names = {urllib.parse.unquote(link[len(index):]) for link in links if link.startswith(index)
+             and link != index and not any(c in link[len(index):] for c in "/?#")}  # no subfolder, sort link
     if name:
         matched = sorted(n for n in names if fnmatch.fnmatchcase(n, urllib.parse.unquote(name)))
     else:
@@ -243,92 +242,35 @@ def _one_builder(pattern: str, files: list[Path] | list[PurePosixPath]) -> str:
 
 
 def _use_http_files() -> None:
-    """Let datasets read http(s) URLs through fsspec: fsspec's own HTTP file system needs aiohttp,
-    which is not a dependency; without it, register a small one on the standard library."""
+    """Let datasets read http(s) URLs with fsspec's HTTP file system (on aiohttp), but asking whether
+    a file exists by HEAD: see `_http_file_system`."""
     import fsspec  # fsspec takes a tenth of a second to import: only for a URL
 
-    try:
-        fsspec.get_filesystem_class("http")
-    except ImportError:
-        for protocol in ("http", "https"):
-            fsspec.register_implementation(protocol, _http_file_system(), clobber=True)
-
-
-def _http_open(url: str, method: str, headers: dict[str, str]):
-    """An HTTP response (redirects followed, proxies from the environment); 404 and 410 are
-    FileNotFoundError, as fsspec's callers expect, any other failure an OSError naming the URL."""
-    request = urllib.request.Request(url, method=method, headers={"Accept-Encoding": "identity", **headers})
-    try:
-        return urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT)
-    except urllib.error.HTTPError as e:
-        if e.code in (404, 410):
-            raise FileNotFoundError(url) from e
-        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise OSError(f"{url}: {e.reason}") from e
-
-
-def _http_size(url: str, headers: dict[str, str]) -> int:
-    """A remote file's size: from a HEAD request, else from the total of a one-byte Range request."""
-    try:
-        with _http_open(url, "HEAD", headers) as response:
-            if response.headers.get("Content-Length") is not None:
-                return int(response.headers["Content-Length"])
-    except FileNotFoundError:
-        raise
-    except OSError:
-        pass  # some servers refuse HEAD
-    with _http_open(url, "GET", {**headers, "Range": "bytes=0-0"}) as response:
-        total = (response.headers.get("Content-Range") or "").rpartition("/")[2]
-        if response.status == 206 and total.isdigit():
-            return int(total)
-    raise OSError(f"{url}: the server tells neither the file's size nor serves a part of it (HTTP Range)")
+    for protocol in ("http", "https"):
+        fsspec.register_implementation(protocol, _http_file_system(), clobber=True)
 
 
 @functools.cache
 def _http_file_system() -> type:
-    """An fsspec file system for http(s) URLs, on urllib: a file is read in blocks of `_HTTP_BLOCK`
-    bytes by HTTP Range requests, so a stream that stops early downloads little of it, and parquet
-    files can be read by row group. Made on first use, as fsspec is imported only for a URL."""
-    from fsspec.spec import AbstractBufferedFile, AbstractFileSystem  # see _use_http_files
+    """fsspec's HTTP file system, whose `exists` sends a HEAD request instead of a GET: datasets asks
+    it of every data file named before reading any, and a GET makes the server send each file whole,
+    which a stream that reads a few shards must not cost. Made on first use, as fsspec and aiohttp
+    are imported only for a URL."""
+    from fsspec.implementations.http import HTTPFileSystem
 
-    class HTTPFile(AbstractBufferedFile):
-        def _fetch_range(self, start: int, end: int) -> bytes:
-            headers = {**self.fs.headers, "Range": f"bytes={start}-{end - 1}"}
-            with _http_open(self.path, "GET", headers) as response:
-                if response.status == 206:
-                    return response.read()
-                return response.read(end)[start:]  # the server ignored Range and sends the whole file
+    class HeadHTTPFileSystem(HTTPFileSystem):
+        async def _exists(self, path: str, strict: bool = False, **kwargs: Any) -> bool:
+            session = await self.set_session()
+            options = {"allow_redirects": True, **self.kwargs, **kwargs}
+            async with session.head(self.encode_url(path), **options) as response:
+                status = response.status
+                if strict and status not in (405, 501):
+                    self._raise_not_found_for_status(response, path)
+            if status in (405, 501):  # a server that does not answer HEAD: ask by GET, as fsspec does
+                return await super()._exists(path, strict=strict, **kwargs)
+            return status < 400  # connection errors are raised: the message says why, not "not found"
 
-    class HTTPFileSystem(AbstractFileSystem):
-        protocol = ("http", "https")
-
-        def __init__(self, headers: dict[str, str] | None = None, client_kwargs: dict | None = None,
-                     **kwargs: Any) -> None:
-            super().__init__(**kwargs)  # client_kwargs: aiohttp's options, which datasets passes
-            self.headers = dict(headers or {})
-            self.sizes: dict[str, int] = {}  # datasets asks a file's size several times: ask the server once
-
-        @classmethod
-        def _strip_protocol(cls, path: str | list[str]) -> str | list[str]:  # a URL stays whole
-            return [cls._strip_protocol(p) for p in path] if isinstance(path, list) else str(path)
-
-        def info(self, path: str, **kwargs: Any) -> dict:
-            if path not in self.sizes:
-                self.sizes[path] = _http_size(path, self.headers)
-            return {"name": path, "size": self.sizes[path], "type": "file"}
-
-        def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list:
-            return [self.info(path)] if detail else [path]
-
-        def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
-                  cache_options: dict | None = None, **kwargs: Any):
-            if mode != "rb":
-                raise NotImplementedError(f"{path}: http(s) URLs are read only")
-            return HTTPFile(self, path, mode, block_size=block_size or _HTTP_BLOCK, cache_type="readahead",
-                            cache_options=cache_options)
-
-    return HTTPFileSystem
+    return HeadHTTPFileSystem
 
 
 def _open_bytes(path: Path) -> BinaryIO:

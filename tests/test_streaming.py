@@ -2,7 +2,8 @@
 
 A local file is sampled in memory (numpy's seeded Generator, stratified by `group_by`). A URL of
 data files is streamed: here from a real HTTP server on 127.0.0.1 (`http.server` in a thread,
-with HTTP Range requests, as fsspec reads remote files in blocks) that serves shards of JSON Lines
+serving what fsspec's HTTP file system asks: HEAD for a file's size, HTTP Range requests, as it
+reads remote files in blocks, and a folder's HTML index page) that serves shards of JSON Lines
 compressed with gzip and counts every byte it sends, so the tests can say how much of the dataset
 a sample downloaded. Nothing here touches the network beyond that loopback server.
 """
@@ -277,6 +278,7 @@ def test_a_url_source_with_max_rows_is_streamed_and_reads_little(served, tmp_pat
     assert sent < total / 3, f"sent {sent} bytes of {total}: the sample downloaded most of the dataset"
     shards_read = {path for method, path, _ in requests if method == "GET" and path.endswith(".jsonl.gz")}
     assert len(shards_read) <= 11  # up to 10 interleaved, and the first for the schema
+    assert all(r for method, path, r in requests if method == "GET" and path.endswith(".jsonl.gz"))  # no whole file
     assert len({uid.split("-")[0] for uid in examples["id"].str.split("/").list.last()}) > 3  # many shards
 
     _, again = ingest(recipe, tmp_path / "rerun")
