@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -88,13 +90,18 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
         target = gradient(target_rows, 1 / tokens)
         sketched_target = point_blocks(target_x, len(weights))[k].astype(np.float64).sum(0) / tokens
         blocks = point_blocks(np.asarray(x), len(weights))[k].astype(np.float64)
-        exact, sketched = [], []
+        exact, sketched, spread = [], [], []
         for g in groups:
             rows = [i for i, n in enumerate(names) if n == g]
-            exact.append(float(gradient([by_id[ids[i]] for i in rows]) @ target))
+            summed = gradient([by_id[ids[i]] for i in rows])
+            exact.append(float(summed @ target))
             sketched.append(float(blocks[rows].sum(0) @ sketched_target) / weights[k])
+            spread.append(float(summed.norm() * target.norm()) / math.sqrt(recipe.sketch.dim))
         assert np.corrcoef(exact, sketched)[0, 1] > 0.95, (k, exact, sketched)
-        assert np.allclose(sketched, exact, rtol=0.3, atol=0.1 * np.abs(exact).max()), (k, exact, sketched)
+        # a random projection to d dimensions keeps an inner product to within about ‖a‖‖b‖/√d:
+        # a group nearly orthogonal to the target has a small product but not a small error
+        errors = np.abs(np.subtract(sketched, exact)) / np.array(spread)
+        assert errors.max() < 4, (k, exact, sketched, errors)
 
 
 def test_path_weights_share_out_meta_inits_learning_rate():
