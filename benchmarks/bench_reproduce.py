@@ -5,8 +5,9 @@ counts (float rounding differs, as on another CPU), and what each build kept.
 
 Each build runs in its own process with `OMP_NUM_THREADS` set, from scratch. Prints per build the
 kept groups, the mixture's rows and fingerprint, the clusters' sizes and rows near a cluster
-boundary, and the selection's overlap under score redraws; then whether the kept groups, the
-cluster memberships and the bytes agree.
+boundary, and the selection's overlap under score redraws; then how alike the two builds'
+sketches are, and whether the kept groups, the groups' rows and the bytes agree. `--threads 2,2`
+checks the same thread count in two work folders.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+
+from dataselect.artifacts import Run
+from dataselect.store import read_store
 
 
 def build(recipe: str, folder: Path, threads: int) -> dict:
@@ -29,7 +34,14 @@ def build(recipe: str, folder: Path, threads: int) -> dict:
                     "--set", f"workdir={folder}/run", "--set", f"output.path={folder}/out"], check=True, env=env)
     manifest = json.loads((folder / "out" / "manifest.json").read_text())
     rows = pl.read_parquet(folder / "out" / "rows.parquet")
-    return {"manifest": manifest, "groups": dict(zip(rows["id"], rows["group"]))}
+    stores = Run(folder / "run").sketches
+    sketches = {source: np.array(read_store(stores.source_store(source))[1]) for source in manifest["sources"]}
+    return {"manifest": manifest, "groups": dict(zip(rows["id"], rows["group"])), "sketches": sketches}
+
+
+def median_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """How alike two builds' sketches of the same rows are: the median over rows of their cosine."""
+    return float(np.median((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-30)))
 
 
 def main() -> None:
@@ -40,7 +52,7 @@ def main() -> None:
     builds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, threads in enumerate(int(t) for t in args.threads.split(",")):
-            name = f"threads={threads}"
+            name = f"{i + 1}: threads={threads}"
             builds[name] = build(args.recipe, Path(tmp) / f"{'zyx'[i % 3]}-{i}-work", threads)
     print("\n| build | kept groups | rows | fingerprint | clusters (sizes; rows near a boundary) | "
           "selection overlap under score redraws |\n|---|---|---|---|---|---|")
@@ -58,6 +70,9 @@ def main() -> None:
     for name in names[1:]:
         other = builds[name]
         moved = sum(first["groups"][i] != g for i, g in other["groups"].items())
+        cosines = ", ".join(f"{source} {median_cosine(x, other['sketches'][source]):.3f}"
+                            for source, x in first["sketches"].items())
+        print(f"\n{names[0]} against {name}: median cosine of a row's sketches in the two builds: {cosines}")
         print(f"\n{names[0]} against {name}: same kept groups: {kept[names[0]] == kept[name]}; "
               f"rows in another group: {moved} of {len(other['groups'])}; same bytes: "
               f"{first['manifest']['mixture']['fingerprint'] == other['manifest']['mixture']['fingerprint']}")
