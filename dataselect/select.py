@@ -42,7 +42,7 @@ from .examples import token_rows, usable
 from .meta_init import load_theta_star
 from .recipe import Recipe, Select
 from .selectors import SELECTORS
-from .sketch import stacked_sources, target_sketches
+from .sketch import directions, stacked_sources, target_sketches
 from .tokens import load_tokenizer, pad_batch
 
 SCORE_SCHEMA = {"group": pl.String, "score": pl.Float64, "ci95": pl.Float64}
@@ -117,19 +117,13 @@ def gradient_similarity(x: np.ndarray, target: np.ndarray, weights: list[float])
     target is a FAISS exact inner-product search for the single nearest target example."""
     import faiss  # faiss takes a while to import: only when an index is built
 
-    from .sketch import point_blocks
-
-    def unit(blocks: list[np.ndarray], scale: list[float]) -> np.ndarray:
-        return np.ascontiguousarray(np.concatenate(
-            [s * p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-30) for s, p in zip(scale, blocks)],
-            axis=1), dtype=np.float32)
-
-    targets = unit(point_blocks(target, len(weights)), weights)
+    points = len(weights)
+    per_dim = np.repeat(np.asarray(weights, dtype=np.float32), target.shape[1] // points)
+    targets = np.ascontiguousarray(directions(target, points) * per_dim, dtype=np.float32)
     index = faiss.IndexFlatIP(targets.shape[1])
     index.add(targets)
-    ones = [1.0] * len(weights)
-    return np.concatenate([index.search(unit(point_blocks(x[i : i + 4096], len(weights)), ones), 1)[0][:, 0]
-                           for i in range(0, len(x), 4096)])
+    return np.concatenate([index.search(np.ascontiguousarray(directions(x[i : i + 4096], points), dtype=np.float32),
+                                        1)[0][:, 0] for i in range(0, len(x), 4096)])
 
 
 def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000) -> np.ndarray:
