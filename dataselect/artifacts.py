@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 _RECORD = "stage.json"
-_EXAMPLES = "examples.parquet"
+_EXAMPLES, _DUPLICATES = "examples.parquet", "duplicates.parquet"
 _CLUSTERS, _CLUSTER_SUMMARY = "clusters.npy", "clusters.json"
 _MANIFEST = "manifest.json"
 _COUNTS = ("examples", "merged_from_shards", "clusters")  # the sketch manifest's keys that are not store settings
@@ -68,7 +68,8 @@ class FineTune:
 @dataclass(frozen=True)
 class Ingested:
     """The ingest stage's folder: every input row as a canonical example (accepted or rejected),
-    and, for `model.tiny`, the base model and tokenizer built from the recipe's text."""
+    the near-duplicate pairs among them, and, for `model.tiny`, the base model and tokenizer
+    built from the recipe's text."""
 
     folder: Path
 
@@ -82,6 +83,13 @@ class Ingested:
 
     def write_examples(self, examples: pl.DataFrame) -> None:
         examples.write_parquet(self.folder / _EXAMPLES)
+
+    def duplicates(self) -> pl.DataFrame:
+        """Near-duplicate and contaminated pairs among the examples (`duplicates.find`)."""
+        return pl.read_parquet(self.folder / _DUPLICATES)
+
+    def write_duplicates(self, pairs: pl.DataFrame) -> None:
+        pairs.write_parquet(self.folder / _DUPLICATES)
 
 
 @dataclass(frozen=True)

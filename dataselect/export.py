@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from . import duplicates
+from .duplicates import summary as duplicates_summary
 from .examples import reasons_by_class, usable
 from .outputs import MANIFEST
 from .recipe import Recipe
@@ -120,7 +120,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
     accounted = account_rows(examples, assignments, groups)
     splits = output_splits(recipe, accounted, examples)
     selected = accounted.filter(pl.col("status") == "selected")["id"]
-    copies = duplicates.summary(duplicates.find(examples), selected)  # reported only: selection stays as is
+    copies = duplicates_summary(recipe.run.ingested.duplicates(), selected)  # reported only: selection stays
     dataset = datasets.DatasetDict({name: datasets.Dataset.from_polars(t) for name, t in splits.items()})
     train = dataset["train"]
 

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 from jinja2 import TemplateError
 
+from . import duplicates
 from .artifacts import Ingested
 from .examples import EXAMPLE_SCHEMA, reasons_by_class
 from .meta_init import build_tiny_model
@@ -370,6 +371,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
         _require_usable(f"source {s.name} ({s.dataset})", source_rows.filter(pl.col("source") == s.name))
     _require_usable(f"target {recipe.target.name}: validation split", examples.filter(pl.col("role") == "validation"))
     folder.write_examples(examples)
+    folder.write_duplicates(duplicates.find(examples))  # once per pool, not at every export
     return {"rows": ingest_summary(examples), "sampling": sampling}
 
 

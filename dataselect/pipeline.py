@@ -49,7 +49,7 @@ STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
                      "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), ingest.stage,
           "read sources and target, map rows to examples, tokenize, count rejections",
-          version="4"),  # 4: max_rows is a seeded, stratified sample, no longer the first rows
+          version="5"),  # 4: max_rows a seeded, stratified sample; 5: the duplicate pairs written here
     Stage("meta_init", ("meta_init", "sketch_path"), meta_init.stage,
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), sketch.stage,
