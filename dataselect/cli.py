@@ -13,8 +13,7 @@ from pathlib import Path
 from . import build, selectors
 from .export import ExportError
 from .outputs import OutputError, read_manifest
-from .pipeline import STAGE_NAMES as STAGE_ORDER
-from .pipeline import STAGES, run, run_shard
+from .pipeline import STAGES, Stage, run, run_shard
 from .push import PushError
 from .push import push as upload
 from .recipe import RecipeError, load_recipe
@@ -57,7 +56,13 @@ def main() -> None:
     """
 
 
-def _make_command(name: str, until: str, about: str) -> click.Command:
+def _make_command(name: str, until: Stage, about: str) -> click.Command:
+    """A command that runs the stages up to `until`; its options follow from the stages it runs:
+    --shard where `until` can be sharded, --method once a stage that reads `select` runs, and
+    --overwrite and the push for the last stage, which writes the output."""
+    runs = STAGES[: STAGES.index(until) + 1]
+    writes_output = until is STAGES[-1]
+
     @click.command(name=name, help=about)
     @_options
     def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool,
@@ -70,11 +75,11 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
         try:
             loaded = load_recipe(recipe, overrides)
             if shard:
-                summaries = {until: run_shard(loaded, _parse_shard(shard))}
-            elif until == "export":
+                summaries = {until.name: run_shard(loaded, _parse_shard(shard))}
+            elif writes_output:
                 summaries = build(loaded, force=force)
             else:
-                summaries = run(loaded, until=until, force=force)
+                summaries = run(loaded, until=until.name, force=force)
             if not summaries:  # a non-zero rank under torchrun: rank 0 reports
                 return
         except USER_ERRORS as e:
@@ -82,20 +87,20 @@ def _make_command(name: str, until: str, about: str) -> click.Command:
         if as_json:
             click.echo(json.dumps(summaries, indent=2, default=str))
         else:
-            _report(until, summaries, quiet)
+            _report(until.name, summaries, quiet, writes_output)
 
-    if name == "sketch":
+    if until.shard is not None:
         command = click.option(
             "--shard", metavar="I/N",
             help="Sketch only shard I of N (0 ≤ I < N) as an independent job, e.g. a Slurm array task; "
                  "a later `build` merges the shards once all N have finished. Needs a finished meta-init.",
         )(command)
-    if until == "export":
+    if writes_output:
         command = click.option(
             "--overwrite", is_flag=True,
             help="Replace output.path even if it holds something other than an earlier dataselect output.",
         )(command)
-    if STAGE_ORDER.index(until) >= STAGE_ORDER.index("select"):
+    if any("select" in stage.settings for stage in runs):
         command = click.option(
             "--method", type=click.Choice(selectors.METHOD_NAMES),
             help=f"Selector (same as --set select.method=...; default group_effect); {selectors.listing()}.",
@@ -123,9 +128,9 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _report(until: str, summaries: dict, quiet: bool) -> None:
-    if until == "export":
-        out = summaries["export"]
+def _report(until: str, summaries: dict, quiet: bool, wrote_output: bool) -> None:
+    if wrote_output:
+        out = summaries[until]
         click.echo(f"mixture: {out['rows']} rows written to {out['path']} (fingerprint {out['fingerprint']})")
         click.echo(f"manifest: {out['path']}/manifest.json")
         if "push" in summaries:
@@ -149,9 +154,7 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
     _setup_logging(quiet or as_json)
     try:
         loaded = load_recipe(recipe, overrides)
-        if force:
-            run(loaded, until="select", force=True)
-        summary = run_verify(loaded, k_random, repeats)
+        summary = run_verify(loaded, k_random, repeats, force=force)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary, indent=2) if as_json or not quiet else f"verify: {loaded.run.verification.folder}")
@@ -201,9 +204,9 @@ def push(output: Path, repo_id: str | None, public: bool, dry_run: bool, quiet: 
         click.echo(f"pushed {len(result['files'])} files to {repo_id} ({'private' if result['private'] else 'public'})")
 
 
-main.add_command(_make_command("build", "export", "Run every stage and write the selected mixture (the usual entry point)."))
+main.add_command(_make_command("build", STAGES[-1], "Run every stage and write the selected mixture (the usual entry point)."))
 for _stage in STAGES:
-    main.add_command(_make_command(_stage.name.replace("_", "-"), _stage.name,
+    main.add_command(_make_command(_stage.name.replace("_", "-"), _stage,
                                    f"Run the stages up to {_stage.name}: {_stage.about}."))
 
 

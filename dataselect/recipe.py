@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifacts import Run
-from .selectors import METHOD_NAMES
+from .selectors import METHOD_NAMES, SELECTORS
 
 
 class RecipeError(ValueError):
@@ -203,10 +203,8 @@ class Estimate(Strict):
 
 class Select(Strict):
     method: Literal[METHOD_NAMES] = Field("group_effect", description=(
-        "how groups are scored: `group_effect` (each group's own first-order effect on the target, "
-        "absolute: > 0 helps), `random_ensemble`, `surrogate`, `forward` (GradEx; their scores are relative, "
-        "0 = the average group), or a baseline: `all`, `random`, `gradient_similarity`, "
-        "`representation_similarity`, `dsir`"))
+        "how groups are scored (the selectors of `dataselect/selectors.py`): "
+        + "; ".join(f"`{s.name}`: {s.about}" for s in SELECTORS.values())))
     keep_fraction: float = Field(1.0, gt=0, le=1, description=(
         "groups are ranked best score first; keep at most this top fraction of them"))
     min_score: float | None = Field(0.0, description=(

@@ -134,10 +134,11 @@ def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, finetunes: Path)
 
 
 def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None = None,
-           finetunes: Path | None = None) -> dict:
+           finetunes: Path | None = None, force: bool = False) -> dict:
     """`finetunes`: where real fine-tunes are kept and looked up (default `out/finetunes`); recipes
-    that share a base model and training rows (targets of one pool) share them there."""
-    run(recipe, until="select")
+    that share a base model and training rows (targets of one pool) share them there. `force`
+    reruns the stages up to the selection (the fine-tunes stay cached)."""
+    run(recipe, until="select", force=force)
     folder = Verification(out) if out else recipe.run.verification
     folder.folder.mkdir(parents=True, exist_ok=True)
     finetunes = finetunes or folder.finetunes
