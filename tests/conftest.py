@@ -15,6 +15,11 @@ DEMO = ROOT / "recipes" / "demo.yaml"
 SHARED = ROOT.parent / "shared" / "data"
 
 
+# The demo cut to 60 rows per source (a seeded sample): for tests that build their own run and
+# check bookkeeping, not the demo's figures.
+SMALL = tuple(f"sources.{i}.max_rows=60" for i in range(6))
+
+
 def demo_recipe(tmp: Path, *overrides: str):
     return load_recipe(DEMO, [f"workdir={tmp / 'run'}", f"output.path={tmp / 'out'}", *overrides])
 

@@ -19,15 +19,25 @@ from dataselect.pipeline import run, run_shard
 from dataselect.shards import Shard
 from dataselect.store import StoreMismatch
 
-from .conftest import DEMO, demo_recipe
+from .conftest import DEMO, SMALL, demo_recipe
 
 BIN = Path(sys.executable).parent
-FAST = ("meta_init.epochs=1", "meta_init.max_examples_per_source=40", "sketch.chunk_size=64")
+FAST = ("meta_init.epochs=1", "sketch.chunk_size=32", *SMALL)
+
+
+def _start(*args: str, launcher: tuple[str, ...] = (str(BIN / "dataselect"),)) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*jobs: subprocess.Popen) -> None:
+    for job in jobs:
+        out, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, out
 
 
 def _dataselect(*args: str, launcher: tuple[str, ...] = (str(BIN / "dataselect"),)) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    subprocess.run([*launcher, *args], check=True, env=env, capture_output=True, timeout=600)
+    _finish(_start(*args, launcher=launcher))
 
 
 def _sets(folder: Path) -> list[str]:
@@ -60,9 +70,8 @@ def _copy(meta_initialized, name: str) -> Path:
 
 def test_two_shard_jobs_merge_into_the_single_process_store(meta_initialized):
     folder = _copy(meta_initialized, "shards")
-    for i in range(2):
-        _dataselect("sketch", "-r", str(DEMO), "-q", "--shard", f"{i}/2", *_sets(folder))
-    _dataselect("sketch", "-r", str(DEMO), "-q", *_sets(folder))  # the merge
+    _finish(*(_start("sketch", "-r", str(DEMO), "-q", "--shard", f"{i}/2", *_sets(folder)) for i in range(2)))  # at once, as array jobs run
+    _dataselect("sketch", "-r", str(DEMO), "-q", *_sets(folder))  # the merge, and the clustering after it
     merged = _store_files(folder)
     assert merged.keys() == meta_initialized[1].keys() and len(merged) > 10
     assert merged == meta_initialized[1]

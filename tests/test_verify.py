@@ -10,7 +10,7 @@ from dataselect.evaluate import finetune_and_score, finetune_folder
 from dataselect.examples import token_rows, usable
 from dataselect.verify import kendall, leave_one_out_calibrated, spearman, verify
 
-from .conftest import demo_recipe
+from .conftest import SMALL, demo_recipe
 
 
 def test_rank_statistics_match_scipy():
@@ -30,7 +30,7 @@ def test_leave_one_out_calibration_never_uses_the_subset_itself():
 
 
 def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
-    recipe = demo_recipe(tmp_path, "meta_init.epochs=1", "estimate.subsets=40")
+    recipe = demo_recipe(tmp_path, "meta_init.epochs=1", "estimate.subsets=40", "select.keep_fraction=0.5", *SMALL)
     summary = verify(recipe, k_random=2, repeats=1)
     out = recipe.run.verification
     results = out.results()
