@@ -68,7 +68,7 @@ def main() -> None:
     ingest = summaries["ingest"]
     print(f"recipe {recipe_path} {' '.join(args.overrides)} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs")
-    print(f"\n| stage | seconds | peak RSS (GiB) | notes |\n|---|---|---|---|")
+    print("\n| stage | seconds | peak RSS (GiB) | notes |\n|---|---|---|---|")
     for stage, (seconds, rss) in measured.items():
         note = ""
         if stage == "ingest":

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dataselect import build, load_recipe
 
@@ -18,6 +19,32 @@ SHARED = ROOT.parent / "shared" / "data"
 # The demo cut to 60 rows per source (a seeded sample): for tests that build their own run and
 # check bookkeeping, not the demo's figures.
 SMALL = tuple(f"sources.{i}.max_rows=60" for i in range(6))
+
+
+TINY = {"hidden_size": 16, "layers": 1, "heads": 2, "vocab_size": 128}  # a model for bookkeeping tests
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_small_recipe(tmp: Path, name: str, sources: list[dict], target: Path, target_format: dict,
+                       max_length: int) -> Path:
+    """A recipe file over local files with a tiny model and small sketches: for tests of reading
+    and accounting for rows, which need a pipeline that runs in seconds."""
+    raw = {
+        "name": name, "workdir": str(tmp / "run"), "model": {"tiny": TINY},
+        "meta_init": {"epochs": 1, "batch_size": 8},
+        "sources": sources,
+        "target": {"name": "t", "dataset": str(target), "format": target_format, "validation": {"split": "train"}},
+        "sketch": {"dim": 8, "max_length": max_length, "batch_size": 8, "chunk_size": 64},
+        "estimate": {"subsets": 10},
+        "output": {"path": str(tmp / "out"), "files": ["jsonl"]},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def demo_recipe(tmp: Path, *overrides: str):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 from transformers import AutoTokenizer
 from click.testing import CliRunner
 
@@ -36,10 +35,9 @@ from dataselect.sources import SourceError
 from dataselect.store import SketchStore, StoreMismatch
 from dataselect.tokens import ModelError
 
-from .conftest import DEMO
+from .conftest import DEMO, write_jsonl, write_small_recipe
 
 QA = {"prompt": "q", "response": "a"}
-TINY = {"hidden_size": 16, "layers": 1, "heads": 2, "vocab_size": 128}
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -47,11 +45,6 @@ TINY = {"hidden_size": 16, "layers": 1, "heads": 2, "vocab_size": 128}
 def good_rows(n: int = 12, tag: str = "") -> list[dict]:
     return [{"q": f"what is {i} plus {i}{tag}", "a": f"it is {2 * i}", "task": "add" if i % 2 else "double"}
             for i in range(n)]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def make_recipe(tmp: Path, rows: list | None = None, *, sources: list[dict] | None = None,
@@ -67,18 +60,7 @@ def make_recipe(tmp: Path, rows: list | None = None, *, sources: list[dict] | No
             entry["dataset"] = str(write_jsonl(tmp / "s.jsonl", good_rows() if rows is None else rows))
         sources = [entry]
     target = write_jsonl(tmp / "t.jsonl", good_rows(6, " again") if target_rows is None else target_rows)
-    raw = {
-        "name": "bad", "workdir": str(tmp / "run"), "model": {"tiny": TINY},
-        "meta_init": {"epochs": 1, "batch_size": 8},
-        "sources": sources,
-        "target": {"name": "t", "dataset": str(target), "format": QA, "validation": {"split": "train"}},
-        "sketch": {"dim": 8, "max_length": 32, "batch_size": 8, "chunk_size": 64},
-        "estimate": {"subsets": 10},
-        "output": {"path": str(tmp / "out"), "files": ["jsonl"]},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return write_small_recipe(tmp, "bad", sources, target, QA, max_length=32)
 
 
 def ingest(recipe_path: Path, *overrides: str) -> tuple[dict, pl.DataFrame]:

@@ -25,7 +25,6 @@ from typing import Any
 
 import polars as pl
 import pytest
-import yaml
 import zstandard
 
 from dataselect.ingest import _source_rows, allocate, read_examples
@@ -33,8 +32,9 @@ from dataselect.pipeline import run
 from dataselect.recipe import Fields, Source, load_recipe
 from dataselect.sources import SourceError, is_remote, open_stream
 
+from .conftest import write_jsonl, write_small_recipe
+
 QA = {"prompt": "question", "response": "answer"}
-TINY = {"hidden_size": 16, "layers": 1, "heads": 2, "vocab_size": 128}
 PLANTED = {"alpha": 500, "beta": 300, "gamma": 150, "delta": 45, "epsilon": 5}  # 1,000 rows
 SHARDS, SHARD_ROWS = 50, 200  # the served dataset: 10,000 rows
 
@@ -49,26 +49,10 @@ def planted_rows(n_by_group: dict[str, int], seed: int = 0) -> list[dict]:
             for i, topic in enumerate(topics)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def make_recipe(tmp: Path, source: dict[str, Any]) -> Path:
     """A recipe with a tiny model, the one source given (name `pool`) and a small local target."""
     target = write_jsonl(tmp / "target.jsonl", [{"question": f"target {i}", "answer": f"t{i}"} for i in range(8)])
-    raw = {
-        "name": "streaming", "workdir": str(tmp / "run"), "model": {"tiny": TINY},
-        "meta_init": {"epochs": 1, "batch_size": 8},
-        "sources": [{"name": "pool", "format": QA, **source}],
-        "target": {"name": "t", "dataset": str(target), "format": QA, "validation": {"split": "train"}},
-        "sketch": {"dim": 8, "max_length": 64, "batch_size": 8, "chunk_size": 64},
-        "estimate": {"subsets": 10},
-        "output": {"path": str(tmp / "out"), "files": ["jsonl"]},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return write_small_recipe(tmp, "streaming", [{"name": "pool", "format": QA, **source}], target, QA, max_length=64)
 
 
 def ingest(recipe_path: Path, workdir: Path, *overrides: str) -> tuple[dict, pl.DataFrame]:
