@@ -58,7 +58,8 @@ STAGES = (
     Stage("estimate", ("estimate",), estimate.stage,
           "first-order target loss after fine-tuning on random subsets of groups", version="4"),
     Stage("select", ("select",), select.stage,
-          "score each group from the subset estimates and apply the keep-rules", version="4"),
+          "score each group from the subset estimates and apply the keep-rules",
+          version="5"),  # 5: confidence over all groups at once (Holm)
     Stage("export", ("output",), export.stage,
           "write the mixture as a Hugging Face dataset with a manifest", current=export.is_current),
 )

@@ -212,9 +212,11 @@ class Select(Strict):
     threshold_on: Literal["low_end", "estimate", "high_end"] = Field("high_end", description=(
         "what `min_score` is compared with, where the method gives a 95% interval: its low end (keep only "
         "groups confidently above `min_score`), the estimate itself, or its high end (drop only groups "
-        "confidently below). The default keeps every group unless its estimate says, with 95% confidence, "
-        "that it raises the target's loss: on the real T0 pool this measured best of the keep rules tried "
-        "([benchmarks](benchmarks.md)). For a narrow target, `low_end` keeps only what confidently helps"))
+        "confidently below). Confidence is over all the groups at once (Holm's step-down at 2.5% one-sided, "
+        "the level of one group's 95% interval), so among dozens of neutral groups none is dropped by "
+        "chance. The default keeps every group unless its estimate says, with that confidence, that it "
+        "raises the target's loss ([benchmarks](benchmarks.md)). For a narrow target, `low_end` keeps only "
+        "what confidently helps"))
     max_examples: int | None = Field(None, ge=1, description=(
         "an example budget: skip a group that would take the mixture past it"))
     max_tokens: int | None = Field(None, ge=1, description=(

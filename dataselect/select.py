@@ -6,7 +6,7 @@ keep-rules decide, so the methods can be compared on the same data:
 - `group_effect` (the default): each group's own estimate, L⁰ − f̂({g}), the first-order drop in
   the target's loss per step of training on it alone, with a 95% interval over its examples. It
   is absolute (> 0: estimated to help), so `min_score: 0` with `threshold_on: high_end` drops
-  exactly the groups estimated, with confidence, to hurt.
+  exactly the groups estimated, with confidence over all the groups at once (Holm), to hurt.
 - `random_ensemble` (GradEx-RE): how much lower the estimated target loss is over sampled subsets
   that contain the group than over those that do not, with a 95% confidence interval; the
   paper's T_i (mean estimate over subsets that contain it) is kept as `mean_loss_with`.
@@ -161,16 +161,46 @@ def representation_similarity(recipe: Recipe, examples: pl.DataFrame, ids: list[
     return reps @ target / (np.linalg.norm(reps, axis=1) * np.linalg.norm(target)).clip(1e-30)
 
 
+def confidently_past(groups: pl.DataFrame, min_score: float, side: str) -> set[str]:
+    """The groups whose score is, with confidence, below `min_score` (side "high_end": even the
+    interval's high end is) or above it ("low_end"), simultaneously over all the groups.
+
+    Each group's own 95% interval is a one-sided test at 2.5%; over dozens of groups some neutral
+    group would fail it by chance (36 groups: one or two). Holm's step-down keeps the chance that
+    any group is called confidently past `min_score` wrongly at 2.5%: the k-th smallest p-value
+    must be ≤ 0.025 / (m − k + 1), for it and every one before it."""
+    rows = [r for r in groups.iter_rows(named=True) if r["score"] is not None and r.get("ci95") is not None]
+    sign = -1.0 if side == "high_end" else 1.0
+
+    def p_value(row: dict) -> float:  # P(a score this far past min_score | the true score is min_score)
+        se = row["ci95"] / 1.96
+        gap = sign * (row["score"] - min_score)
+        return 0.5 * math.erfc(gap / (se * math.sqrt(2))) if se > 0 else float(gap <= 0)
+
+    past = set()
+    for k, (p, group) in enumerate(sorted((p_value(r), r["group"]) for r in rows)):
+        if p > 0.025 / (len(rows) - k):
+            break
+        past.add(group)
+    return past
+
+
 def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
     """Mark groups kept, best score first, with the reason for each decision.
 
     `groups` has columns group, score, examples, tokens (and ci95). Rules: keep the top
-    `keep_fraction` of groups, only those with score ≥ `min_score` (the low or high end of the
-    95% interval, by `threshold_on`, where the method gives one), and skip a group that would exceed
-    `max_examples` or `max_tokens`.
+    `keep_fraction` of groups, only those with score ≥ `min_score` (compared as `threshold_on`
+    says: the estimate, or, where the method gives intervals, confidence over all the groups at
+    once that a group is above it (`low_end`) or not below it (`high_end`)), and skip a group
+    that would exceed `max_examples` or `max_tokens`.
     """
     ranked = groups.sort(["score", "group"], descending=[True, False], nulls_last=True)
     n_keep = max(1, math.ceil(rules.keep_fraction * ranked.height))
+    side = rules.threshold_on
+    confident = confidently_past(ranked, rules.min_score, side) if rules.min_score is not None and side != "estimate" \
+        else set()
+    tested = ranked.filter(pl.col("score").is_not_null() & pl.col("ci95").is_not_null()).height \
+        if "ci95" in ranked.columns else 0
     kept, reasons, examples, tokens = [], [], 0, 0
     for rank, row in enumerate(ranked.iter_rows(named=True), start=1):
         where = f"rank {rank}/{ranked.height} by {rules.method}"
@@ -178,10 +208,14 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
             keep, why = False, "no score: the group was in too few or too many sampled subsets"
         elif rank > n_keep:
             keep, why = False, f"{where}, outside the top {rules.keep_fraction:.0%} of groups"
-        elif rules.min_score is not None and _compared(row, rules.threshold_on) < rules.min_score:
-            margin = f" ± {row['ci95']:.2g}" if rules.threshold_on != "estimate" and row.get("ci95") is not None else ""
-            keep, why = False, (f"{where}, score {row['score']:.4g}{margin}: {rules.threshold_on.replace('_', ' ')} "
-                                f"below min_score {rules.min_score}")
+        elif rules.min_score is not None and _below_threshold(row, rules, confident):
+            if side == "estimate" or row.get("ci95") is None:
+                test = f"below min_score {rules.min_score}"
+            else:
+                test = (f"{'not confidently above' if side == 'low_end' else 'confidently below'} min_score "
+                        f"{rules.min_score} (95% over all {tested} groups, Holm)")
+            margin = f" ± {row['ci95']:.2g}" if row.get("ci95") is not None else ""
+            keep, why = False, f"{where}, score {row['score']:.4g}{margin}: {test}"
         elif rules.max_examples is not None and examples + row["examples"] > rules.max_examples:
             keep, why = False, f"{where}, would exceed max_examples={rules.max_examples}"
         elif rules.max_tokens is not None and tokens + row["tokens"] > rules.max_tokens:
@@ -218,12 +252,12 @@ def stability(scored: pl.DataFrame, rules: Select, kept: set[str], seed: int, dr
             "close_calls": dict(sorted(close.items(), key=lambda item: abs(item[1] - 0.5))[:20])}
 
 
-def _compared(row: dict, threshold_on: str) -> float:
-    """The value a threshold compares: the estimate, or an end of its 95% interval where known."""
-    ci = row.get("ci95")
-    if ci is None or threshold_on == "estimate":
-        return row["score"]
-    return row["score"] - ci if threshold_on == "low_end" else row["score"] + ci
+def _below_threshold(row: dict, rules: Select, confident: set[str]) -> bool:
+    """Whether the group fails `min_score`: by its estimate, or where it has an interval, by the
+    simultaneous test of `confidently_past` (low_end: not confidently above; high_end: confidently below)."""
+    if rules.threshold_on == "estimate" or row.get("ci95") is None:
+        return row["score"] < rules.min_score
+    return row["group"] not in confident if rules.threshold_on == "low_end" else row["group"] in confident
 
 
 Scores = tuple[pl.DataFrame, list[str] | None]  # per-group scores, and the forward set (forward only)

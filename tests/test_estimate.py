@@ -7,7 +7,7 @@ import torch
 
 from dataselect.estimate import Pool, sample_subsets
 from dataselect.recipe import Select
-from dataselect.select import apply_keep_rules, random_ensemble_scores
+from dataselect.select import apply_keep_rules, confidently_past, random_ensemble_scores
 
 
 def _pool(alignment, tokens, group_of, base=2.0) -> Pool:
@@ -131,7 +131,8 @@ def test_keep_rules_give_reasons():
     intervals = groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None]))
     unsure = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="low_end"))
     assert unsure.filter("selected")["group"].to_list() == ["a"]  # c: 0.2 ± 0.25 may be below 0
-    assert "0.2 ± 0.25: low end below min_score" in unsure.filter(pl.col("group") == "c")["reason"][0]
+    assert "0.2 ± 0.25: not confidently above min_score 0.0 (95% over all 3 groups, Holm)" in \
+        unsure.filter(pl.col("group") == "c")["reason"][0]
     loose = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="estimate"))
     assert loose.filter("selected")["group"].to_list() == ["a", "c"]
     doubt = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="high_end"))
@@ -141,6 +142,30 @@ def test_keep_rules_give_reasons():
     tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=None, max_tokens=350))
     assert tokens.filter("selected")["group"].to_list() == ["a", "c"]
     assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
+
+
+def test_confidence_is_over_all_groups_at_once_by_holms_step_down():
+    """One-sided p-values 0.001, 0.011 and 0.3 of being below 0: each of the first two groups'
+    own 95% interval lies below 0, and Holm's step-down (0.001 ≤ 0.025/3, 0.011 ≤ 0.025/2) calls
+    both confidently harmful; Bonferroni (0.025/3 for all) would spare the second. Among 36 groups,
+    one whose own interval just excludes 0 is not called harmful: 1 in 40 neutral groups is."""
+    from scipy.stats import norm
+
+    def frame(p_values):
+        z = norm.isf(np.asarray(p_values))  # the score's distance below 0, in standard errors
+        return pl.DataFrame({"group": [f"g{i}" for i in range(len(z))], "score": -z * 0.1 / 1.96, "ci95": 0.1,
+                             "examples": 1, "tokens": 1})
+
+    assert confidently_past(frame([0.001, 0.011, 0.3]), 0.0, "high_end") == {"g0", "g1"}
+    assert confidently_past(frame([0.001, 0.013, 0.3]), 0.0, "high_end") == {"g0"}
+    many = frame([0.02] + [0.5] * 35)
+    assert many["score"][0] + many["ci95"][0] < 0  # its own interval lies below 0 ...
+    kept = apply_keep_rules(many, Select(keep_fraction=1.0, min_score=0.0, threshold_on="high_end"))
+    assert kept["selected"].all()  # ... but over 36 groups that is not confidence
+    assert not apply_keep_rules(frame([1e-5] + [0.5] * 35), Select(min_score=0.0))["selected"][-1]
+    helpful = frame([0.02] + [0.5] * 35).with_columns(score=-pl.col("score"))
+    assert confidently_past(helpful, 0.0, "low_end") == set()
+    assert confidently_past(helpful, 0.0, "high_end") == set()
 
 
 def _additive(effects):
