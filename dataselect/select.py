@@ -169,7 +169,7 @@ def confidently_past(groups: pl.DataFrame, min_score: float, side: str) -> set[s
     group would fail it by chance (36 groups: one or two). Holm's step-down keeps the chance that
     any group is called confidently past `min_score` wrongly at 2.5%: the k-th smallest p-value
     must be ≤ 0.025 / (m − k + 1), for it and every one before it."""
-    rows = [r for r in groups.iter_rows(named=True) if r["score"] is not None and r.get("ci95") is not None]
+    rows = _with_interval(groups)
     sign = -1.0 if side == "high_end" else 1.0
 
     def p_value(row: dict) -> float:  # P(a score this far past min_score | the true score is min_score)
@@ -183,6 +183,11 @@ def confidently_past(groups: pl.DataFrame, min_score: float, side: str) -> set[s
             break
         past.add(group)
     return past
+
+
+def _with_interval(groups: pl.DataFrame) -> list[dict]:
+    """The groups a simultaneous test covers: those with a score and an interval."""
+    return [r for r in groups.iter_rows(named=True) if r["score"] is not None and r.get("ci95") is not None]
 
 
 def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
@@ -199,8 +204,7 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
     side = rules.threshold_on
     confident = confidently_past(ranked, rules.min_score, side) if rules.min_score is not None and side != "estimate" \
         else set()
-    tested = ranked.filter(pl.col("score").is_not_null() & pl.col("ci95").is_not_null()).height \
-        if "ci95" in ranked.columns else 0
+    tested = len(_with_interval(ranked))
     kept, reasons, examples, tokens = [], [], 0, 0
     for rank, row in enumerate(ranked.iter_rows(named=True), start=1):
         where = f"rank {rank}/{ranked.height} by {rules.method}"
