@@ -96,7 +96,7 @@ def sketch_rows(recipe, model, rows, function) -> tuple[np.ndarray, np.ndarray]:
     modules = sketched_modules(model, recipe.sketch.modules)
     projector = KroneckerProjector({n: tuple(m.weight.shape) for n, m in modules.items()}, recipe.sketch.dim,
                                    recipe.seed)
-    sketcher, pad = Sketcher(model, modules, projector, function), load_tokenizer(recipe).pad_token_id
+    sketcher, pad = Sketcher(model, modules, projector, function), load_tokenizer(recipe, recipe.run.ingested).pad_token_id
     order = length_order(rows)
     x, v = np.zeros((len(rows), recipe.sketch.dim), np.float32), np.zeros(len(rows), np.float32)
     for start in range(0, len(order), recipe.sketch.batch_size):
@@ -144,14 +144,15 @@ class Views:
         steps = training_steps(self.recipe.meta_init, len(self.train_rows))
         if not all(FineTune(folder).snapshot(f, steps).exists() for f in FRACTIONS):
             folder.mkdir(exist_ok=True)
-            meta_init(self.recipe, self.train_rows, folder, load_tokenizer(self.recipe).pad_token_id, FRACTIONS)
+            meta_init(self.recipe, self.recipe.run.ingested, self.train_rows, folder,
+                      load_tokenizer(self.recipe, self.recipe.run.ingested).pad_token_id, FRACTIONS)
         return folder, steps
 
     def model(self, fraction: float):
         from dataselect.meta_init import load_theta_star
 
         folder, steps = self.path()
-        return load_theta_star(self.recipe, FineTune(folder).snapshot(fraction, steps))
+        return load_theta_star(self.recipe, self.recipe.run.ingested, FineTune(folder).snapshot(fraction, steps))
 
     def sources(self, function: str, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         fn = {"logodds": mean_log_odds, "ce": mean_loss}[function]
@@ -177,9 +178,9 @@ class Views:
                 folder = self.folder / f"crossfit-{k}"
                 folder.mkdir(exist_ok=True)
                 if not FineTune(folder).theta.exists():
-                    meta_init(self.recipe, [r for r, f in zip(self.rows, fold) if f != k], folder,
-                              load_tokenizer(self.recipe).pad_token_id)
-                model = load_theta_star(self.recipe, FineTune(folder).theta)
+                    meta_init(self.recipe, self.recipe.run.ingested, [r for r, f in zip(self.rows, fold) if f != k],
+                              folder, load_tokenizer(self.recipe, self.recipe.run.ingested).pad_token_id)
+                model = load_theta_star(self.recipe, self.recipe.run.ingested, FineTune(folder).theta)
                 values[fold == k] = sketch_rows(self.recipe, model, [r for r, f in zip(self.rows, fold) if f == k],
                                                 mean_log_odds)[1]
             return np.zeros((1, 1)), values

@@ -170,11 +170,11 @@ def tiny_setup(run_dir: Path, batch_size: int, n_batches: int):
     """The demo's tiny model at θ* (every weight trainable, as at meta-init) and demo rows."""
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [f"workdir={run_dir}", f"output.path={run_dir}/out"])
     run(recipe, until="meta_init")
-    model = load_theta_star(recipe)
+    model = load_theta_star(recipe, recipe.run.ingested, recipe.run.meta_init.theta)
     for prm in model.parameters():
         prm.requires_grad_(True)
     rows = token_rows(usable(recipe.run.ingested.examples(), "source"))[: batch_size * n_batches]
-    pad = load_tokenizer(recipe).pad_token_id
+    pad = load_tokenizer(recipe, recipe.run.ingested).pad_token_id
     return model, [pad_batch(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 
 

@@ -36,7 +36,8 @@ def main() -> None:
         run(recipe, until="meta_init")
         examples = recipe.run.ingested.examples()
         rows = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).height
-        scores = score(recipe, load_theta_star(recipe), load_tokenizer(recipe), ("validation", "test"), ("test",))
+        scores = score(recipe, load_theta_star(recipe, recipe.run.ingested, recipe.run.meta_init.theta),
+                       load_tokenizer(recipe, recipe.run.ingested), ("validation", "test"), ("test",))
         val, tst = scores["validation"]["loss"], scores["test"]["loss"]
         em = f"{scores['test']['exact_match']:.3f}" if recipe.target.answer else "—"
     print("| method | rows | validation loss | test loss | test exact match |\n|---|---|---|---|---|")

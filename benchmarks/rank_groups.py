@@ -17,7 +17,7 @@ from pathlib import Path
 from settings import CACHE, setting
 
 from dataselect import run
-from dataselect.select import score_groups
+from dataselect.select import Inputs, score_groups
 from dataselect.selectors import METHOD_NAMES
 
 GSM8K_MODEL_SOURCES = ("gptj_finetuned", "gptj_verifier", "gpt3_finetuned", "gpt3_verifier")
@@ -36,7 +36,7 @@ def main() -> None:
     overrides = [f"select.method={args.method}"] if args.method else []
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}", *overrides)
     run(recipe, until="estimate")  # brings a folder built by older code up to date; a no-op otherwise
-    scores = score_groups(recipe)[0].sort(["score", "group"], descending=[True, False], nulls_last=True)
+    scores = score_groups(recipe, Inputs.of(recipe.run))[0].sort(["score", "group"], descending=[True, False], nulls_last=True)
     print(f"{recipe.select.method}\n\n| rank | group | score ± 95% |\n|---|---|---|")
     rank = {}
     for i, row in enumerate(scores.iter_rows(named=True), start=1):

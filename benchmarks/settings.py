@@ -237,8 +237,8 @@ def t0_base(cache: Path, epochs: float = 1.0) -> Path:
     rows = [(enc[0], 1) for enc in (encode(tokenizer, c, 128, "cut_prompt") for c in chats) if isinstance(enc, tuple)]
     random.Random(T0_SEED).shuffle(rows)
     (work / "train").mkdir(parents=True)
-    meta_init(based, rows, work / "train", tokenizer.pad_token_id)
-    model = load_theta_star(based, work / "train" / "theta.safetensors")
+    meta_init(based, based.run.ingested, rows, work / "train", tokenizer.pad_token_id)  # a model.base: no tiny model
+    model = load_theta_star(based, based.run.ingested, work / "train" / "theta.safetensors")
     model.save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")
     (work / "base" / "pretraining.json").write_text(json.dumps({"rows": len(rows), "epochs": epochs, "lr": 2e-3}))

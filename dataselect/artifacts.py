@@ -1,11 +1,12 @@
 """A run folder's files: where each stage's outputs live, with their readers and writers.
 
 Every file name of a run is written here and nowhere else, so a stage finds another's outputs by
-asking for them (`recipe.run.estimates.assignments()`), never by building a path. A stage writes
-into an unfinished folder that the pipeline renames into place when it finishes, so each stage's
-files are a small class over a folder: `Run` hands out the finished ones, and a stage wraps the
-folder it is given (`Estimates(out).write(...)`). `FineTune` is the folder any fine-tune writes:
-meta-init's θ* and its snapshots, and the real fine-tunes of verify and the benchmarks.
+asking for them (`estimates.assignments()`), never by building a path. A stage writes into an
+unfinished folder that the pipeline renames into place when it finishes, so each stage's files are
+a small class over a folder: the pipeline hands a stage the finished ones it reads
+(`Run.output`), and the stage wraps the folder it is given (`Estimates(out).write(...)`).
+`FineTune` is the folder any fine-tune writes: meta-init's θ* and its snapshots, and the real
+fine-tunes of verify and the benchmarks.
 
 Imports nothing from dataselect, so every module (the recipe included) can use it.
 """
@@ -41,11 +42,20 @@ def key_file(folder: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class FineTune:
-    """A fine-tune's folder: the trained parameters, snapshots along the way, the checkpoint a
-    killed run resumes from, the training losses."""
+class StageOutput:
+    """A folder one stage wrote; when the pipeline ran it, its record (key, seconds, summary) is inside."""
 
     folder: Path
+
+    def summary(self) -> dict:
+        """The summary the stage returned (for the manifest's account of every stage)."""
+        return json.loads((self.folder / _RECORD).read_text())["summary"]
+
+
+@dataclass(frozen=True)
+class FineTune(StageOutput):
+    """A fine-tune's folder: the trained parameters, snapshots along the way, the checkpoint a
+    killed run resumes from, the training losses."""
 
     @property
     def theta(self) -> Path:
@@ -66,12 +76,10 @@ class FineTune:
 
 
 @dataclass(frozen=True)
-class Ingested:
+class Ingested(StageOutput):
     """The ingest stage's folder: every input row as a canonical example (accepted or rejected),
     the near-duplicate pairs among them, and, for `model.tiny`, the base model and tokenizer
     built from the recipe's text."""
-
-    folder: Path
 
     @property
     def base(self) -> Path:
@@ -93,12 +101,10 @@ class Ingested:
 
 
 @dataclass(frozen=True)
-class Sketches:
+class Sketches(StageOutput):
     """The sketch stage's folder: one store (store.py's format) per source and one for the
     target's validation split, the clusters of clustered sources, shard jobs' chunks until they
     are merged, and a manifest of the settings every store carries and the rows sketched."""
-
-    folder: Path
 
     def source_store(self, source: str) -> Path:
         return self.folder / "sources" / source
@@ -142,11 +148,9 @@ class Sketches:
 
 
 @dataclass(frozen=True)
-class Estimates:
+class Estimates(StageOutput):
     """The estimate stage's folder: random subsets of groups with their estimated target loss,
     each source example's group, and per group its alignment with the target's gradient."""
-
-    folder: Path
 
     def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(groups, membership of each subset: subsets × groups, each subset's estimated loss)."""
@@ -172,10 +176,8 @@ class Estimates:
 
 
 @dataclass(frozen=True)
-class Selection:
+class Selection(StageOutput):
     """The select stage's folder: per group its score, interval, rank, decision and reason."""
-
-    folder: Path
 
     def read(self) -> pl.DataFrame:
         return pl.read_parquet(self.folder / _SELECTION)
@@ -263,6 +265,10 @@ class Run:
         """Where `demo:` datasets are generated."""
         return self.root / "demo_data"
 
+    def output(self, stage: str) -> StageOutput:
+        """A finished stage's folder, typed: what the pipeline hands each stage that reads it."""
+        return _OUTPUTS[stage](self.stage_dir(stage))
+
     @property
     def ingested(self) -> Ingested:
         return Ingested(self.stage_dir("ingest"))
@@ -287,3 +293,7 @@ class Run:
     @property
     def verification(self) -> Verification:
         return Verification(self.stage_dir("verify"))
+
+
+_OUTPUTS: dict[str, type[StageOutput]] = {"ingest": Ingested, "meta_init": FineTune, "sketch": Sketches,
+                                          "estimate": Estimates, "select": Selection}

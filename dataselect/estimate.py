@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .artifacts import Estimates
+from .artifacts import Estimates, Ingested, Sketches
 from .recipe import Recipe
 from .sketch import stacked_sources, target_gradient
 
@@ -82,11 +82,11 @@ class Pool:
         return self.base_loss - (member @ alignment) / np.maximum(member @ tokens, 1.0)
 
 
-def load_pool(recipe: Recipe) -> Pool:
+def load_pool(recipe: Recipe, ingested: Ingested, sketches: Sketches) -> Pool:
     """Every source example's alignment with the target's gradient and its tokens, by group."""
-    examples = recipe.run.ingested.examples()
-    ids, names, x, _ = stacked_sources(recipe, examples)
-    target, base_loss = target_gradient(recipe)
+    examples = ingested.examples()
+    ids, names, x, _ = stacked_sources(recipe, examples, sketches)
+    target, base_loss = target_gradient(sketches)
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}
     lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
@@ -94,9 +94,9 @@ def load_pool(recipe: Recipe) -> Pool:
                 np.array([lengths[i] for i in ids], dtype=np.float64), base_loss)
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
+def stage(recipe: Recipe, out: Path, ingested: Ingested, sketches: Sketches) -> dict:
     """Sample subsets of groups, estimate each, and keep everything selection needs as files."""
-    pool = load_pool(recipe)
+    pool = load_pool(recipe, ingested, sketches)
     spec = recipe.estimate
     subsets = sample_subsets(len(pool.groups), spec.subsets, spec.subset_fraction, recipe.seed)
     start = time.perf_counter()

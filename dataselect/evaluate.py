@@ -122,13 +122,13 @@ def finetuned(recipe: Recipe, rows: Rows, finetunes: Path, pad_id: int):
     theta = FineTune(folder).theta
     if not theta.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        meta_init(recipe, rows, folder, pad_id)
-    return load_theta_star(recipe, theta)
+        meta_init(recipe, recipe.run.ingested, rows, folder, pad_id)
+    return load_theta_star(recipe, recipe.run.ingested, theta)
 
 
 def finetune_and_score(recipe: Recipe, rows: Rows, finetunes: Path, splits: Sequence[str] = ("validation",),
                        exact_on: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Fine-tune the base model on `rows` (or reuse that fine-tune) and `score` it on the target:
     the one measure of "what training on these rows really does" that verify and the benchmarks share."""
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe, recipe.run.ingested)
     return score(recipe, finetuned(recipe, rows, finetunes, tokenizer.pad_token_id), tokenizer, splits, exact_on)

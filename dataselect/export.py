@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .artifacts import Estimates, FineTune, Ingested, Selection, Sketches
 from .duplicates import summary as duplicates_summary
 from .examples import reasons_by_class, usable
 from .outputs import MANIFEST
@@ -69,9 +70,9 @@ def split_table(rows: pl.DataFrame, fmt: str, provenance: bool, chat_template) -
     return pl.concat([text, rows.select(pl.col(PROVENANCE[:3]), pl.col("score").cast(pl.Float64))], how="horizontal")
 
 
-def output_splits(recipe: Recipe, accounted: pl.DataFrame, examples: pl.DataFrame) -> dict[str, pl.DataFrame]:
+def output_splits(recipe: Recipe, accounted: pl.DataFrame, examples: pl.DataFrame,
+                  tokenizer) -> dict[str, pl.DataFrame]:
     """`train` is the mixture; `validation`, when asked, the target's validation split."""
-    tokenizer = load_tokenizer(recipe)
     template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
     spec = recipe.output
     splits = {"train": accounted.filter(pl.col("status") == "selected")}
@@ -111,16 +112,18 @@ def write_files(dataset_dict, files: list[str], folder: Path) -> list[str]:
     return written
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
+def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketches: Sketches, estimates: Estimates,
+          selection: Selection) -> dict:
+    """The mixture and its manifest, which accounts for every stage (the summaries of all it reads)."""
     import datasets  # datasets takes seconds to import: only when a mixture is written
 
-    examples = recipe.run.ingested.examples()
-    assignments = recipe.run.estimates.assignments()
-    groups = recipe.run.selection.read()
+    examples = ingested.examples()
+    assignments = estimates.assignments()
+    groups = selection.read()
     accounted = account_rows(examples, assignments, groups)
-    splits = output_splits(recipe, accounted, examples)
+    splits = output_splits(recipe, accounted, examples, load_tokenizer(recipe, ingested))
     selected = accounted.filter(pl.col("status") == "selected")["id"]
-    copies = duplicates_summary(recipe.run.ingested.duplicates(), selected)  # reported only: selection stays
+    copies = duplicates_summary(ingested.duplicates(), selected)  # reported only: selection stays
     dataset = datasets.DatasetDict({name: datasets.Dataset.from_polars(t) for name, t in splits.items()})
     train = dataset["train"]
 
@@ -130,7 +133,9 @@ def stage(recipe: Recipe, out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        files = _write_output(recipe, dataset, accounted, groups, tmp, final, copies)
+        stages = {"ingest": ingested, "meta_init": meta, "sketch": sketches, "estimate": estimates, "select": selection}
+        files = _write_output(recipe, dataset, accounted, groups, tmp, final, copies,
+                              {name: output.summary() for name, output in stages.items()})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed export (a full disk, say) leaves nothing behind
         raise
@@ -147,7 +152,7 @@ def is_current(recipe: Recipe, record: dict) -> bool:
 
 
 def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, tmp: Path,
-                  final: Path, copies: dict) -> list[str]:
+                  final: Path, copies: dict, stages: dict) -> list[str]:
     train = dataset["train"]
     dataset.save_to_disk(str(tmp))
     files = write_files(dataset, recipe.output.files, tmp)
@@ -155,7 +160,7 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
     manifest = {
         "tool": "dataselect", "version": version("dataselect"), "recipe": recipe.model_dump(mode="json"),
         "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "peft", "traker")},
-        "stages": _stage_summaries(recipe), "sources": per_source_counts(accounted),
+        "stages": stages, "sources": per_source_counts(accounted),
         "groups": groups.to_dicts(),
         "mixture": {"rows": train.num_rows, "columns": train.column_names, "fingerprint": train._fingerprint,
                     "splits": {k: v.num_rows for k, v in dataset.items()}, "files": files},
@@ -164,10 +169,6 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     (tmp / "USAGE.md").write_text(usage_markdown(final, recipe.output, train.column_names, files))
     return files
-
-
-def _stage_summaries(recipe: Recipe) -> dict:
-    return {name: recipe.run.summary(name) for name in ("ingest", "meta_init", "sketch", "estimate", "select")}
 
 
 def _check_replaceable(final: Path, overwrite: bool) -> None:

@@ -364,7 +364,7 @@ def stage(recipe: Recipe, out: Path) -> dict:
         tokenizer.save_pretrained(folder.base)
         build_tiny_model(recipe, tokenizer).save_pretrained(folder.base)
     else:
-        tokenizer = load_tokenizer(recipe)
+        tokenizer = load_tokenizer(recipe, folder)
     examples = tokenize_examples(examples, tokenizer, recipe.sketch.max_length, recipe.sketch.overlong)
     source_rows = examples.filter(pl.col("role") == "source")
     for s in recipe.sources:

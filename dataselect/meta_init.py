@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .artifacts import FineTune
+from .artifacts import FineTune, Ingested
 from .examples import token_rows, usable
 from .progress import progress
 from .recipe import MetaInit, Recipe
@@ -47,12 +47,12 @@ def build_tiny_model(recipe: Recipe, tokenizer):
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(config)
 
-def load_base_model(recipe: Recipe):
-    """The pretrained (or freshly built tiny) model, float32, eager attention for per-example grads."""
+def load_base_model(recipe: Recipe, ingested: Ingested):
+    """The pretrained model (or the tiny one `ingested` holds), float32, eager attention for per-example grads."""
     from transformers import AutoModelForCausalLM  # transformers takes seconds to import: only when used
 
     if recipe.model.tiny is not None:
-        path, kwargs = recipe.run.ingested.base, {}
+        path, kwargs = ingested.base, {}
     else:
         path, kwargs = pretrained_args(recipe.model)
     try:
@@ -154,7 +154,7 @@ def path_weights(spec: MetaInit, steps: int, fractions: Sequence[float]) -> list
     return [spec.lr * sum(lr_factor(spec, steps, s) for s in range(lo, hi)) for lo, hi in zip(edges, edges[1:])]
 
 
-def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, pad_id: int,
+def meta_init(recipe: Recipe, ingested: Ingested, rows: list[tuple[list[int], int]], out_dir: Path, pad_id: int,
               snapshots: Sequence[float] = ()) -> dict:
     """Fine-tune the base on `rows` (token CE on response tokens) and save θ* as safetensors.
 
@@ -164,7 +164,7 @@ def meta_init(recipe: Recipe, rows: list[tuple[list[int], int]], out_dir: Path, 
     along the path from the base to θ*.
     """
     spec = recipe.meta_init
-    model = with_trainable(load_base_model(recipe), recipe)
+    model = with_trainable(load_base_model(recipe, ingested), recipe)
     model.train()
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -223,11 +223,10 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs))
 
 
-def load_theta_star(recipe: Recipe, path: Path | None = None):
-    """The base model with the trainable parameters set to θ* (or to a fine-tune saved the same
-    way at `path`), in eval mode."""
-    model = with_trainable(load_base_model(recipe), recipe)
-    path = path or recipe.run.meta_init.theta
+def load_theta_star(recipe: Recipe, ingested: Ingested, path: Path):
+    """The base model with the trainable parameters set to θ* (or another fine-tune saved the same
+    way) at `path`, in eval mode."""
+    model = with_trainable(load_base_model(recipe, ingested), recipe)
     state = load_file(path)
     params = trainable_parameters(model)
     if set(state) != set(params):
@@ -238,9 +237,9 @@ def load_theta_star(recipe: Recipe, path: Path | None = None):
     return model.eval()
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
+def stage(recipe: Recipe, out: Path, ingested: Ingested) -> dict:
     """θ* from every source's usable rows, and the snapshots at the points of `sketch.path`."""
-    examples = recipe.run.ingested.examples()
+    examples = ingested.examples()
     by_source = {s.name: token_rows(usable(examples, "source", s.name)) for s in recipe.sources}
     rows = meta_train_rows(recipe, by_source)
-    return meta_init(recipe, rows, out, load_tokenizer(recipe).pad_token_id, recipe.sketch_path)
+    return meta_init(recipe, ingested, rows, out, load_tokenizer(recipe, ingested).pad_token_id, recipe.sketch_path)

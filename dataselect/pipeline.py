@@ -6,8 +6,10 @@ chunks), with a `stage.json` holding the hash of every recipe setting it (and th
 it) depends on. A later build reuses a stage whose hash still matches and reruns it otherwise, so
 editing a setting reruns only the stage that reads it and the stages after it.
 
-The executor knows stages only through their `Stage` entry: what they read, whether they can be
-split into shard jobs, and how a finished one checks it is still current.
+The executor knows stages only through their `Stage` entry: the recipe settings and the earlier
+stages' outputs they read (it hands those outputs in, typed: a stage never looks for another's
+folder), whether they can be split into shard jobs, and how a finished one checks it is still
+current.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import estimate, export, ingest, meta_init, select, sketch
-from .artifacts import Run, key_file, write_record
+from .artifacts import Run, StageOutput, key_file, write_record
 from .recipe import Recipe, RecipeError
 from .shards import Shard, barrier, init_process_group
 
@@ -34,12 +36,13 @@ log = logging.getLogger(__name__)
 class Stage:
     name: str
     settings: tuple[str, ...]  # recipe settings this stage reads
-    run: Callable[[Recipe, Path], dict]
+    reads: tuple[str, ...]  # earlier stages whose outputs it receives, in its parameters' order
+    run: Callable[..., dict]  # (recipe, its unfinished folder, *the outputs it reads) -> its summary
     about: str
     version: str = "3"  # bump when this stage's output format or meaning changes: it and later stages rerun
     # Computes one shard of N of the stage into its unfinished folder, as an independent job; the
     # stage's own `run` then merges the shards. None: the stage runs in one process.
-    shard: Callable[[Recipe, Path, Shard], dict] | None = None
+    shard: Callable[..., dict] | None = None  # (recipe, folder, shard, *the outputs it reads) -> summary
     # Whether a finished stage (its stage.json record given) still stands, beyond its key matching:
     # for a stage whose output lives outside the run directory. None: the key is enough.
     current: Callable[[Recipe, dict], bool] | None = None
@@ -47,20 +50,20 @@ class Stage:
 
 STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
-                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), ingest.stage,
+                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), (), ingest.stage,
           "read sources and target, map rows to examples, tokenize, count rejections",
           version="5"),  # 4: max_rows a seeded, stratified sample; 5: the duplicate pairs written here
-    Stage("meta_init", ("meta_init", "sketch_path"), meta_init.stage,
+    Stage("meta_init", ("meta_init", "sketch_path"), ("ingest",), meta_init.stage,
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
-    Stage("sketch", ("sketch",), sketch.stage,
+    Stage("sketch", ("sketch",), ("ingest", "meta_init"), sketch.stage,
           "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources",
           shard=sketch.sketch_shard, version="4"),
-    Stage("estimate", ("estimate",), estimate.stage,
+    Stage("estimate", ("estimate",), ("ingest", "sketch"), estimate.stage,
           "first-order target loss after fine-tuning on random subsets of groups", version="4"),
-    Stage("select", ("select",), select.stage,
+    Stage("select", ("select",), ("ingest", "meta_init", "sketch", "estimate"), select.stage,
           "score each group from the subset estimates and apply the keep-rules",
           version="5"),  # 5: confidence over all groups at once (Holm)
-    Stage("export", ("output",), export.stage,
+    Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select"), export.stage,
           "write the mixture as a Hugging Face dataset with a manifest", current=export.is_current),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -83,6 +86,11 @@ def is_finished(recipe: Recipe, stage: str, key: str) -> bool:
         return False
     current = STAGE_BY_NAME[stage].current
     return current is None or current(recipe, record)
+
+
+def inputs(recipe: Recipe, stage: Stage) -> list[StageOutput]:
+    """The finished outputs `stage` reads, in the order of its `reads`."""
+    return [recipe.run.output(name) for name in stage.reads]
 
 
 def sharded_stage() -> Stage:
@@ -136,7 +144,7 @@ def run_shard(recipe: Recipe, shard: Shard) -> dict:
     with run_lock(recipe.run_dir, shared=True):
         tmp = _stage_folder(recipe, sharded.name, keys[sharded.name], shared=True)
         assert sharded.shard is not None
-        return sharded.shard(recipe, tmp, shard)
+        return sharded.shard(recipe, tmp, shard, *inputs(recipe, sharded))
 
 
 @contextlib.contextmanager
@@ -191,7 +199,7 @@ def _run_stage(recipe: Recipe, stage: Stage, key: str) -> dict:
     done = recipe.run.stage_dir(stage.name)
     tmp = _stage_folder(recipe, stage.name, key)
     start = time.perf_counter()
-    summary = stage.run(recipe, tmp)
+    summary = stage.run(recipe, tmp, *inputs(recipe, stage))
     record = {"stage": stage.name, "key": key, "seconds": round(time.perf_counter() - start, 2), "summary": summary}
     write_record(tmp, record)
     shutil.rmtree(done, ignore_errors=True)

@@ -30,13 +30,14 @@ import math
 import re
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
-from .artifacts import Selection
+from .artifacts import Estimates, FineTune, Ingested, Run, Selection, Sketches
 from .estimate import load_pool
 from .examples import token_rows, usable
 from .meta_init import load_theta_star
@@ -139,10 +140,11 @@ def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000
     return (raw @ weights) / raw.sum(1).clip(1)
 
 
-def representation_similarity(recipe: Recipe, examples: pl.DataFrame, ids: list[str]) -> np.ndarray:
+def representation_similarity(recipe: Recipe, ingested: Ingested, theta: Path, ids: list[str]) -> np.ndarray:
     """Per example: cosine of its mean-pooled last hidden state at θ* to the target's mean."""
-    model = load_theta_star(recipe)
-    pad = load_tokenizer(recipe).pad_token_id
+    model = load_theta_star(recipe, ingested, theta)
+    pad = load_tokenizer(recipe, ingested).pad_token_id
+    examples = ingested.examples()
 
     def pooled(rows):
         out = []
@@ -267,85 +269,101 @@ def _below_threshold(row: dict, rules: Select, confident: set[str]) -> bool:
 Scores = tuple[pl.DataFrame, list[str] | None]  # per-group scores, and the forward set (forward only)
 
 
-def score_groups(recipe: Recipe) -> Scores:
+@dataclass(frozen=True)
+class Inputs:
+    """What selection reads: the examples, θ* (for representations), the sketches and the estimates."""
+
+    ingested: Ingested
+    meta: FineTune
+    sketches: Sketches
+    estimates: Estimates
+
+    @classmethod
+    def of(cls, run: Run) -> Inputs:
+        """A finished run's, for scoring it again by another method (verify's baselines)."""
+        return cls(run.ingested, run.meta_init, run.sketches, run.estimates)
+
+
+def score_groups(recipe: Recipe, inputs: Inputs) -> Scores:
     """Per-group scores by the recipe's method, and the forward set when the method is `forward`."""
-    return SELECTORS[recipe.select.method].score()(recipe)
+    return SELECTORS[recipe.select.method].score()(recipe, inputs)
 
 
-def by_random_ensemble(recipe: Recipe) -> Scores:
-    groups, subsets, loss = recipe.run.estimates.read()
+def by_random_ensemble(recipe: Recipe, inputs: Inputs) -> Scores:
+    groups, subsets, loss = inputs.estimates.read()
     return random_ensemble_scores(subsets, loss, groups), None
 
 
-def by_surrogate(recipe: Recipe) -> Scores:
-    groups, subsets, loss = recipe.run.estimates.read()
+def by_surrogate(recipe: Recipe, inputs: Inputs) -> Scores:
+    groups, subsets, loss = inputs.estimates.read()
     return surrogate_scores(subsets, loss, groups), None
 
 
-def by_group_effect(recipe: Recipe) -> Scores:
+def by_group_effect(recipe: Recipe, inputs: Inputs) -> Scores:
     """Each group's own effect, computed once by the estimate stage."""
-    effects = recipe.run.estimates.group_gradients().select("group", score="per_token", ci95="ci95")
+    effects = inputs.estimates.group_gradients().select("group", score="per_token", ci95="ci95")
     return effects.cast(SCORE_SCHEMA), None
 
 
-def by_all(recipe: Recipe) -> Scores:
-    groups = recipe.run.estimates.read()[0]
+def by_all(recipe: Recipe, inputs: Inputs) -> Scores:
+    groups = inputs.estimates.read()[0]
     return pl.DataFrame({"group": groups, "score": None, "ci95": None}, schema=SCORE_SCHEMA), None
 
 
-def by_random(recipe: Recipe) -> Scores:
-    groups = recipe.run.estimates.read()[0]
+def by_random(recipe: Recipe, inputs: Inputs) -> Scores:
+    groups = inputs.estimates.read()[0]
     score = np.random.default_rng(recipe.seed).random(len(groups)) - 0.5
     return pl.DataFrame({"group": groups, "score": score, "ci95": None}, schema=SCORE_SCHEMA), None
 
 
-def by_forward(recipe: Recipe) -> Scores:
-    groups = recipe.run.estimates.read()[0]
-    pool = load_pool(recipe)
+def by_forward(recipe: Recipe, inputs: Inputs) -> Scores:
+    groups = inputs.estimates.read()[0]
+    pool = load_pool(recipe, inputs.ingested, inputs.sketches)
     n_keep = max(1, math.ceil(recipe.select.keep_fraction * len(groups)))
     chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep, recipe.select.min_score)
     frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
     return frame, [groups[i] for i in chosen]
 
 
-def by_gradient_similarity(recipe: Recipe) -> Scores:
-    examples = recipe.run.ingested.examples()
-    _, _, x, _ = stacked_sources(recipe, examples)
-    weights = [p["weight"] for p in recipe.run.sketches.settings()["points"]]
-    return _per_group(recipe, gradient_similarity(np.asarray(x), target_sketches(recipe)[0], weights))
+def by_gradient_similarity(recipe: Recipe, inputs: Inputs) -> Scores:
+    _, _, x, _ = stacked_sources(recipe, inputs.ingested.examples(), inputs.sketches)
+    weights = [p["weight"] for p in inputs.sketches.settings()["points"]]
+    return _per_group(inputs, gradient_similarity(np.asarray(x), target_sketches(inputs.sketches)[0], weights))
 
 
-def by_dsir(recipe: Recipe) -> Scores:
-    examples = recipe.run.ingested.examples()
+def by_dsir(recipe: Recipe, inputs: Inputs) -> Scores:
+    examples = inputs.ingested.examples()
     text = examples.select("id", text=pl.col("prompt") + " " + pl.col("response"))
     lookup = dict(zip(text["id"], text["text"]))
     target = usable(examples, "validation")
-    ids = recipe.run.estimates.assignments()["id"].to_list()
-    return _per_group(recipe, dsir_scores([lookup[i] for i in ids],
+    ids = inputs.estimates.assignments()["id"].to_list()
+    return _per_group(inputs, dsir_scores([lookup[i] for i in ids],
                                           (target["prompt"] + " " + target["response"]).to_list()))
 
 
-def by_representation_similarity(recipe: Recipe) -> Scores:
-    ids = recipe.run.estimates.assignments()["id"].to_list()
-    return _per_group(recipe, representation_similarity(recipe, recipe.run.ingested.examples(), ids))
+def by_representation_similarity(recipe: Recipe, inputs: Inputs) -> Scores:
+    ids = inputs.estimates.assignments()["id"].to_list()
+    return _per_group(inputs, representation_similarity(recipe, inputs.ingested, inputs.meta.theta, ids))
 
 
-def _per_group(recipe: Recipe, per_example: np.ndarray) -> Scores:
+def _per_group(inputs: Inputs, per_example: np.ndarray) -> Scores:
     """Per-example scores (in the estimate stage's assignment order) centred on the pool's mean, so
     0 is an average example, and averaged per group with a 95% interval."""
     per_example = per_example - per_example.mean()
-    frame = (recipe.run.estimates.assignments().with_columns(score=pl.Series(per_example)).group_by("group")
+    frame = (inputs.estimates.assignments().with_columns(score=pl.Series(per_example)).group_by("group")
              .agg(pl.col("score").mean(), ci95=1.96 * pl.col("score").std() / pl.len().sqrt()))
     return frame.select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), None
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
+def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketches: Sketches,
+          estimates: Estimates) -> dict:
     """Per-group scores joined with sizes, then the keep decision and its reason."""
-    assignments = recipe.run.estimates.assignments()
-    sizes = (recipe.run.ingested.examples().select("id", "source", "n_tokens")
+    inputs = Inputs(ingested, meta, sketches, estimates)
+    assignments = estimates.assignments()
+    sizes = (ingested.examples().select("id", "source", "n_tokens")
              .join(assignments, on="id", how="inner")
              .group_by("group").agg(pl.col("source").first(), examples=pl.len(), tokens=pl.col("n_tokens").sum()))
-    scores, forward_set = score_groups(recipe)
+    scores, forward_set = score_groups(recipe, inputs)
     scored = scores.join(sizes, on="group", how="left")
     rules = recipe.select
     if rules.method == "all":

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .artifacts import Sketches
+from .artifacts import FineTune, Ingested, Sketches
 from .clustering import Clusters, spherical_kmeans, unit_rows
 from .examples import token_rows, usable
 from .meta_init import load_base_model, path_weights, with_trainable
@@ -226,15 +226,15 @@ def point_seed(seed: int, k: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:point:{k}".encode()).digest()[:4], "little") & ((1 << 31) - 1)
 
 
-def path_sketcher(recipe: Recipe) -> PathSketcher:
+def path_sketcher(recipe: Recipe, ingested: Ingested, meta: FineTune) -> PathSketcher:
     """The base model with its trainable layers, and meta-init's points with their weights and
     projections: the space every later stage measures in."""
-    model = with_trainable(load_base_model(recipe), recipe).eval()
+    model = with_trainable(load_base_model(recipe, ingested), recipe).eval()
     modules = sketched_modules(model, recipe.sketch.modules)
-    steps = recipe.run.summary("meta_init")["steps"]
+    steps = meta.summary()["steps"]
     weights = path_weights(recipe.meta_init, steps, recipe.sketch_path)
     layers = {n: tuple(m.weight.shape) for n, m in modules.items()}
-    points = [Point(f, recipe.run.meta_init.snapshot(f, steps), w,
+    points = [Point(f, meta.snapshot(f, steps), w,
                     KroneckerProjector(layers, recipe.sketch.dim, point_seed(recipe.seed, k)))
               for k, (f, w) in enumerate(zip(recipe.sketch_path, weights))]
     return PathSketcher(model, modules, points)
@@ -283,21 +283,22 @@ class Plan:
         return [(p.name, c) for p in self.parts for c in range(-(-len(p.examples) // self.chunk_rows))]
 
 
-def plan(recipe: Recipe, out: Path) -> Plan:
-    examples = recipe.run.ingested.examples()
-    sketcher = path_sketcher(recipe)
+def plan(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune) -> Plan:
+    examples = ingested.examples()
+    sketcher = path_sketcher(recipe, ingested, meta)
     chunk_rows = -(-recipe.sketch.chunk_size // recipe.sketch.batch_size) * recipe.sketch.batch_size
     folder = Sketches(out)
     parts = [Part(s.name, usable(examples, "source", s.name), folder.source_store(s.name), s.clusters)
              for s in recipe.sources]
     parts.append(Part("target validation", usable(examples, "validation"), folder.target_store, None))
-    return Plan(sketcher, store_settings(recipe, sketcher), load_tokenizer(recipe).pad_token_id, chunk_rows, parts)
+    return Plan(sketcher, store_settings(recipe, sketcher), load_tokenizer(recipe, ingested).pad_token_id, chunk_rows,
+                parts)
 
 
-def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
+def sketch_shard(recipe: Recipe, out: Path, shard: Shard, ingested: Ingested, meta: FineTune) -> dict:
     """Compute this shard's chunks into the stage's shards folder (skipping those already there) and
     mark it done."""
-    p = plan(recipe, out)
+    p = plan(recipe, out, ingested, meta)
     folder = Sketches(out).shards
     mine = [u for i, u in enumerate(p.units()) if shard.owns(i)]
     parts = {part.name: part for part in p.parts}
@@ -316,9 +317,9 @@ def sketch_shard(recipe: Recipe, out: Path, shard: Shard) -> dict:
     return {"shard": shard.index, "count": shard.count, "chunks": len(mine), "of": len(p.units())}
 
 
-def stage(recipe: Recipe, out: Path) -> dict:
+def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune) -> dict:
     """Fill the stores (from finished shards when there are any) and cluster the sources asked to be."""
-    p = plan(recipe, out)
+    p = plan(recipe, out, ingested, meta)
     folder = Sketches(out)
     shards = folder.shards if check_complete(folder.shards, p.settings, p.units()) else None
     counts = {}
@@ -342,26 +343,25 @@ def stage(recipe: Recipe, out: Path) -> dict:
 TARGET_TOKENS = "target validation tokens"
 
 
-def target_sketches(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
+def target_sketches(sketches: Sketches) -> tuple[np.ndarray, np.ndarray]:
     """Per target validation example: its loss gradient's sketch and its loss at the base model."""
-    sketches = recipe.run.sketches
     _, x, loss = read_store(sketches.target_store, sketches.settings())
     return np.asarray(x), loss
 
 
-def target_gradient(recipe: Recipe) -> tuple[np.ndarray, float]:
+def target_gradient(sketches: Sketches) -> tuple[np.ndarray, float]:
     """The target's validation loss at the base model (mean token cross-entropy of the responses)
     and the sketch of its gradient along the path: fine-tuning on S changes that loss, to first
     order, by minus the inner product of this with S's gradient."""
-    tokens = recipe.run.sketches.manifest()["examples"][TARGET_TOKENS]
-    x, loss = target_sketches(recipe)
+    tokens = sketches.manifest()["examples"][TARGET_TOKENS]
+    x, loss = target_sketches(sketches)
     return np.asarray(x, dtype=np.float64).sum(0) / tokens, float(np.sum(loss, dtype=np.float64) / tokens)
 
 
-def stacked_sources(recipe: Recipe, examples) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+def stacked_sources(recipe: Recipe, examples, sketches: Sketches) -> tuple[list[str], list[str], np.ndarray,
+                                                                          np.ndarray]:
     """All source stores stacked: ids, each row's group (task value, cluster or source), sketches,
     each row's loss at the base model."""
-    sketches = recipe.run.sketches
     settings = sketches.settings()
     all_ids, names, xs, f0s = [], [], [], []
     for s in recipe.sources:

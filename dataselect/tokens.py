@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .artifacts import Ingested
 from .recipe import Model, Recipe
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,12 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
     return fast
 
 
-def load_tokenizer(recipe: Recipe):
-    """The tiny model's tokenizer ingest trained, or the base model's, with a pad token and a chat template."""
+def load_tokenizer(recipe: Recipe, ingested: Ingested):
+    """The tiny model's tokenizer `ingested` holds, or the base model's, with a pad token and a chat template."""
     from transformers import AutoTokenizer  # transformers takes seconds to import: only when used
 
     if recipe.model.tiny is not None:
-        return AutoTokenizer.from_pretrained(recipe.run.ingested.base)
+        return AutoTokenizer.from_pretrained(ingested.base)
     name, kwargs = pretrained_args(recipe.model)
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)

@@ -30,7 +30,7 @@ from .pipeline import run
 from .progress import progress
 from .report import plot_verify
 from .recipe import Recipe
-from .select import score_groups
+from .select import Inputs, score_groups
 from .selectors import SELECTORS
 
 
@@ -113,7 +113,7 @@ def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.nd
     out = {}
     for method in (name for name, selector in SELECTORS.items() if selector.kind == "similarity"):
         other = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
-        frame, _ = score_groups(other)
+        frame, _ = score_groups(other, Inputs.of(recipe.run))
         score = dict(zip(frame["group"], frame["score"]))
         per_group = np.array([score[g] for g in groups])
         out[method] = (memberships * weight * per_group).sum(1) / (memberships * weight).sum(1)
@@ -142,7 +142,7 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
     folder = Verification(out) if out else recipe.run.verification
     folder.folder.mkdir(parents=True, exist_ok=True)
     finetunes = finetunes or folder.finetunes
-    pool = load_pool(recipe)
+    pool = load_pool(recipe, recipe.run.ingested, recipe.run.sketches)
     ids, groups = pool.ids, pool.groups
     chosen = choose_subsets(recipe, groups, k_random)
     memberships = np.stack([m for _, m in chosen])

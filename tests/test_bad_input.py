@@ -619,7 +619,7 @@ def test_loading_the_weights_of_a_broken_gguf_names_the_file(tmp_path):
     model = _bad_model(tmp_path, "truncated.gguf")
     recipe = load_recipe(make_recipe(tmp_path), ["model.tiny=null", f"model.base={model}"])
     with pytest.raises(ModelError, match=re.escape(str(model))):
-        load_base_model(recipe)
+        load_base_model(recipe, recipe.run.ingested)
 
 
 # --- a sketch store from another model -------------------------------------------------------

@@ -64,10 +64,10 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
 
     recipe, _, _ = demo_build
     examples = recipe.run.ingested.examples()
-    ids, names, x, _ = stacked_sources(recipe, examples)
-    target_x, _ = target_sketches(recipe)
-    sketcher = path_sketcher(recipe)
-    pad = load_tokenizer(recipe).pad_token_id
+    ids, names, x, _ = stacked_sources(recipe, examples, recipe.run.sketches)
+    target_x, _ = target_sketches(recipe.run.sketches)
+    sketcher = path_sketcher(recipe, recipe.run.ingested, recipe.run.meta_init)
+    pad = load_tokenizer(recipe, recipe.run.ingested).pad_token_id
     weights = [p.weight for p in sketcher.points]
     by_id = dict(zip(examples["id"], token_rows(examples)))
     groups = sorted(set(names))[:6]

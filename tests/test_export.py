@@ -9,6 +9,7 @@ import pytest
 
 from dataselect import export
 from dataselect.examples import usable
+from dataselect.pipeline import STAGE_BY_NAME, inputs
 from dataselect.tokens import load_tokenizer
 
 TEXT_COLUMNS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"], "text": ["text"]}
@@ -18,7 +19,7 @@ def _export(recipe, tmp_path, fmt, *, provenance=True, validation=True, files=("
     out = recipe.output.model_copy(update={"path": tmp_path / fmt, "format": fmt, "provenance": provenance,
                                            "validation": validation, "files": list(files)})
     changed = recipe.model_copy(update={"output": out})
-    export.stage(changed, tmp_path / "stage")
+    export.stage(changed, tmp_path / "stage", *inputs(changed, STAGE_BY_NAME["export"]))
     return changed
 
 
@@ -44,7 +45,7 @@ def test_each_format_loads_with_datasets_and_trains_a_step_in_trl(demo_build, tm
     assert set(parquet["validation"]["source"]) == {recipe.target.name}
 
     # The call USAGE.md shows: SFTTrainer on the mixture with provenance columns removed.
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe, recipe.run.ingested)
     model = AutoModelForCausalLM.from_pretrained(recipe.run.ingested.base)
     train = parquet["train"].remove_columns(["source", "group", "id", "score"])
     args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=4, report_to=[],
@@ -61,7 +62,7 @@ def test_text_format_renders_the_chat_template_and_prompt_completion_splits_the_
     messages = datasets.load_from_disk(str(_export(recipe, tmp_path, "messages").output.path))["train"][0]
     text = datasets.load_from_disk(str(_export(recipe, tmp_path, "text").output.path))["train"][0]
     pc = datasets.load_from_disk(str(_export(recipe, tmp_path, "prompt_completion").output.path))["train"][0]
-    assert text["text"] == load_tokenizer(recipe).apply_chat_template(messages["messages"], tokenize=False)
+    assert text["text"] == load_tokenizer(recipe, recipe.run.ingested).apply_chat_template(messages["messages"], tokenize=False)
     assert pc["prompt"] == messages["messages"][0]["content"] and pc["completion"] == messages["messages"][-1]["content"]
     assert messages["id"] == text["id"] == pc["id"]
 

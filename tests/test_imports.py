@@ -92,3 +92,19 @@ def test_every_selector_names_a_scoring_function():
     each name resolves."""
     for selector in SELECTORS.values():
         assert callable(selector.score()), selector.name
+
+
+def test_a_stage_receives_what_it_reads_and_looks_for_no_other_folder():
+    """Each stage's function takes the outputs its `reads` names, all from earlier stages, and no
+    stage module opens a run folder itself (`recipe.run`): what a stage reads is in its signature."""
+    import inspect
+
+    from dataselect.pipeline import STAGE_NAMES, STAGES
+
+    for index, stage in enumerate(STAGES):
+        assert set(stage.reads) <= set(STAGE_NAMES[:index]), stage.name
+        for function, fixed in ((stage.run, 2), (stage.shard, 3)):
+            if function is not None:
+                assert len(inspect.signature(function).parameters) == fixed + len(stage.reads), function
+        source = (PACKAGE / f"{stage.run.__module__.rsplit('.', 1)[1]}.py").read_text(encoding="utf-8")
+        assert "recipe.run." not in source and ".run_dir /" not in source, stage.name
