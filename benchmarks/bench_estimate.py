@@ -5,8 +5,9 @@
 On synthetic sketches of the given size (written to a memory-mapped .npy file in a temporary
 folder, as the sketch stage stores them: group centres plus noise) it measures, in one run:
   - dataselect's estimates: one streamed pass computing each row's inner product with the target
-    gradient, then two matrix-vector products over the groups for all subsets; seconds and the
-    process's peak resident memory;
+    gradient and each group's summed sketch, then two matrix-vector products over the groups for
+    all subsets, and every group's own effect with its interval (over the group's rows and over
+    200 target rows); seconds and the process's peak resident memory;
   - the same estimates computed the slow way for `--check` subsets (each subset's rows' gradients
     summed in a pass over the sketches, then the inner product with the target; base loss 0, so
     the change itself is compared), and the largest relative difference from the group-level ones;
@@ -44,8 +45,9 @@ def synthetic(path: Path, n_groups: int, n: int, d: int, seed: int = 0, block: i
     x.flush()
     del x
     tokens = rng.integers(1, 200, n).astype(np.float64)
-    target = (centres[rng.integers(0, n_groups, 200)].mean(0) * 0.1).astype(np.float64)
-    return np.load(path, mmap_mode="r"), group_of, tokens, target
+    target_rows = (centres[rng.integers(0, n_groups, 200)] * 0.1).astype(np.float64)  # 200 validation rows
+    target_tokens = rng.integers(1, 50, 200).astype(np.float64)
+    return np.load(path, mmap_mode="r"), group_of, tokens, target_rows, target_tokens
 
 
 def row_level(x: np.ndarray, group_of: np.ndarray, tokens: np.ndarray, target: np.ndarray,
@@ -82,11 +84,15 @@ def peak_rss_gib() -> float:
 def measure(size: int, args, tmp: Path) -> dict:
     """One pool size: dataselect's estimates (seconds, peak RSS), checked row by row on a few subsets."""
     path = tmp / f"sketches-{size}.npy"
-    x, group_of, tokens, target = synthetic(path, args.groups, size, args.dim)
+    x, group_of, tokens, target_rows, target_tokens = synthetic(path, args.groups, size, args.dim)
+    target = target_rows.sum(0) / target_tokens.sum()
     subsets = sample_subsets(args.groups, args.subsets, 0.5, seed=0)
     start = time.perf_counter()
-    pool = Pool([], [], [str(g) for g in range(args.groups)], group_of, alignments(x, target), tokens, 0.0)
+    alignment, group_sketches = alignments(x, target, group_of, args.groups)
+    pool = Pool([], [], [str(g) for g in range(args.groups)], group_of, alignment, tokens, 0.0,
+                group_sketches @ target_rows.T, target_tokens)
     loss = pool.evaluate(subsets)
+    pool.group_effects()
     seconds = time.perf_counter() - start
     rows = row_level(x, group_of, tokens, target, subsets[: args.check])
     difference = float(np.max(np.abs(rows - loss[: args.check]) / np.abs(rows)))  # base loss 0: the change itself

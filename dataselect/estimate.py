@@ -24,7 +24,7 @@ import polars as pl
 
 from .artifacts import Estimates, Ingested, Sketches
 from .recipe import Recipe
-from .sketch import stacked_sources, target_gradient
+from .sketch import stacked_sources, target_gradient, target_sketches
 
 
 def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndarray:
@@ -37,15 +37,26 @@ def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndar
     return members
 
 
-def alignments(x: np.ndarray, target: np.ndarray, block: int = 65536) -> np.ndarray:
-    """Each row's inner product with the target gradient, streamed over a memory-mapped array."""
-    return np.concatenate([np.asarray(x[i : i + block], dtype=np.float64) @ target for i in range(0, len(x), block)])
+def alignments(x: np.ndarray, target: np.ndarray, group_of: np.ndarray, n_groups: int,
+               block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """One streamed pass over a (memory-mapped) sketch array: each row's inner product with the
+    target gradient, and each group's summed sketch (groups × d), which is all the target side
+    of a group's interval needs."""
+    inner, sums = [], np.zeros((n_groups, x.shape[1]))
+    for i in range(0, len(x), block):
+        rows, groups = np.asarray(x[i : i + block], dtype=np.float64), group_of[i : i + block]
+        inner.append(rows @ target)
+        order = np.argsort(groups, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
+        sums[groups[order][starts]] += np.add.reduceat(rows[order], starts, axis=0)
+    return (np.concatenate(inner) if inner else np.zeros(0)), sums
 
 
 @dataclass
 class Pool:
     """What the estimate of any subset of groups needs: per group, the summed inner product of its
-    examples' gradients with the target's, and its response tokens; the target's loss at the base."""
+    examples' gradients with the target's, and its response tokens; the target's loss at the base.
+    For the groups' intervals, also each group's inner product with every target example."""
 
     ids: list[str]
     names: list[str]  # each example's group
@@ -54,6 +65,8 @@ class Pool:
     alignment: np.ndarray  # per example: ⟨g_j, ḡ_target⟩
     tokens: np.ndarray  # per example: response tokens
     base_loss: float
+    per_target: np.ndarray  # groups × target examples: ⟨Σ_{j∈g} g_j, h_t⟩, h_t target example t's summed-loss gradient
+    target_tokens: np.ndarray  # per target example: response tokens
 
     def group_sums(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.groups)
@@ -63,17 +76,24 @@ class Pool:
     def group_effects(self) -> pl.DataFrame:
         """Per group: its summed alignment, tokens, and its own first-order effect L⁰ − f̂({g})
         (alignment per token: the drop in target loss per step of training on it alone) with the
-        95% interval of that ratio over its examples. Written once here, so selection reads a few
-        numbers per group instead of every example's sketch."""
+        95% interval of that ratio. Both sides are samples: the group's examples of its source,
+        and the validation examples of the target task. The interval adds the two ratio
+        estimators' variances (over the group's examples, and over the target's); that counts
+        their interaction twice, so it errs wide by a term of order 1/(examples × target rows).
+        Written once here, so selection reads a few numbers per group instead of every sketch."""
         n = len(self.groups)
         count = np.bincount(self.group_of, minlength=n).astype(np.float64)
         alignment, tokens = self.group_sums()
         per_token = alignment / np.maximum(tokens, 1.0)
         resid = self.alignment - per_token[self.group_of] * self.tokens
-        spread = np.bincount(self.group_of, weights=resid**2, minlength=n) / np.maximum(count - 1, 1)
-        se = np.sqrt(spread / np.maximum(count, 1)) / np.maximum(tokens / np.maximum(count, 1), 1e-30)
-        return pl.DataFrame({"group": self.groups, "alignment": alignment, "tokens": tokens,
-                             "per_token": per_token, "ci95": 1.96 * se})
+        se_examples = _ratio_se(np.bincount(self.group_of, weights=resid**2, minlength=n), count, tokens)
+        m = len(self.target_tokens)
+        by_target = self.per_target / np.maximum(tokens, 1.0)[:, None]  # per pool token, with each h_t
+        resid_t = by_target - per_token[:, None] * self.target_tokens[None, :]
+        se_target = _ratio_se((resid_t**2).sum(1), np.full(n, float(m)), np.full(n, self.target_tokens.sum()))
+        return pl.DataFrame({"group": self.groups, "alignment": alignment, "tokens": tokens, "per_token": per_token,
+                             "ci95": 1.96 * np.hypot(se_examples, se_target),
+                             "ci95_examples": 1.96 * se_examples, "ci95_target": 1.96 * se_target})
 
     def evaluate(self, membership: np.ndarray) -> np.ndarray:
         """f̂(S) for each row of `membership` (subsets × groups): the estimated target loss."""
@@ -82,16 +102,27 @@ class Pool:
         return self.base_loss - (member @ alignment) / np.maximum(member @ tokens, 1.0)
 
 
+def _ratio_se(squared_residuals: np.ndarray, count: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The standard error of a ratio estimator Σa/Σt over `count` samples (the delta method), from
+    its summed squared residuals a − ratio·t."""
+    spread = squared_residuals / np.maximum(count - 1, 1)
+    return np.sqrt(spread / np.maximum(count, 1)) / np.maximum(tokens / np.maximum(count, 1), 1e-30)
+
+
 def load_pool(recipe: Recipe, ingested: Ingested, sketches: Sketches) -> Pool:
     """Every source example's alignment with the target's gradient and its tokens, by group."""
     examples = ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples, sketches)
     target, base_loss = target_gradient(sketches)
+    target_ids, target_x, _ = target_sketches(sketches)
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}
+    group_of = np.array([index[n] for n in names], dtype=np.int64)
     lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
-    return Pool(ids, names, groups, np.array([index[n] for n in names], dtype=np.int64), alignments(x, target),
-                np.array([lengths[i] for i in ids], dtype=np.float64), base_loss)
+    alignment, group_sketches = alignments(x, target, group_of, len(groups))
+    return Pool(ids, names, groups, group_of, alignment, np.array([lengths[i] for i in ids], dtype=np.float64),
+                base_loss, group_sketches @ np.asarray(target_x, dtype=np.float64).T,
+                np.array([lengths[i] for i in target_ids], dtype=np.float64))
 
 
 def stage(recipe: Recipe, out: Path, ingested: Ingested, sketches: Sketches) -> dict:

@@ -328,7 +328,7 @@ def by_forward(recipe: Recipe, inputs: Inputs) -> Scores:
 def by_gradient_similarity(recipe: Recipe, inputs: Inputs) -> Scores:
     _, _, x, _ = stacked_sources(recipe, inputs.ingested.examples(), inputs.sketches)
     weights = [p["weight"] for p in inputs.sketches.settings()["points"]]
-    return _per_group(inputs, gradient_similarity(np.asarray(x), target_sketches(inputs.sketches)[0], weights))
+    return _per_group(inputs, gradient_similarity(np.asarray(x), target_sketches(inputs.sketches)[1], weights))
 
 
 def by_dsir(recipe: Recipe, inputs: Inputs) -> Scores:

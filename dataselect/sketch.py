@@ -343,10 +343,10 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune) -> dict
 TARGET_TOKENS = "target validation tokens"
 
 
-def target_sketches(sketches: Sketches) -> tuple[np.ndarray, np.ndarray]:
-    """Per target validation example: its loss gradient's sketch and its loss at the base model."""
-    _, x, loss = read_store(sketches.target_store, sketches.settings())
-    return np.asarray(x), loss
+def target_sketches(sketches: Sketches) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per target validation example: its id, its loss gradient's sketch and its loss at the base model."""
+    ids, x, loss = read_store(sketches.target_store, sketches.settings())
+    return ids, np.asarray(x), loss
 
 
 def target_gradient(sketches: Sketches) -> tuple[np.ndarray, float]:
@@ -354,7 +354,7 @@ def target_gradient(sketches: Sketches) -> tuple[np.ndarray, float]:
     and the sketch of its gradient along the path: fine-tuning on S changes that loss, to first
     order, by minus the inner product of this with S's gradient."""
     tokens = sketches.manifest()["examples"][TARGET_TOKENS]
-    x, loss = target_sketches(sketches)
+    _, x, loss = target_sketches(sketches)
     return np.asarray(x, dtype=np.float64).sum(0) / tokens, float(np.sum(loss, dtype=np.float64) / tokens)
 
 

@@ -10,10 +10,14 @@ from dataselect.recipe import Select
 from dataselect.select import apply_keep_rules, confidently_past, random_ensemble_scores
 
 
-def _pool(alignment, tokens, group_of, base=2.0) -> Pool:
-    n = len(alignment)
+def _pool(alignment, tokens, group_of, base=2.0, per_target=None, target_tokens=(1.0,)) -> Pool:
+    """A pool whose target is one example of one token unless `per_target` (groups × target
+    examples) says otherwise."""
+    n, group_of = len(alignment), np.asarray(group_of)
+    sums = np.bincount(group_of, weights=np.asarray(alignment, float))
     return Pool([str(i) for i in range(n)], [f"g{g}" for g in group_of], [f"g{g}" for g in range(max(group_of) + 1)],
-                np.asarray(group_of), np.asarray(alignment, float), np.asarray(tokens, float), base)
+                group_of, np.asarray(alignment, float), np.asarray(tokens, float), base,
+                sums[:, None] if per_target is None else np.asarray(per_target, float), np.asarray(target_tokens, float))
 
 
 def test_a_subsets_estimate_is_the_base_loss_minus_its_per_token_alignment():
@@ -36,6 +40,27 @@ def test_a_groups_effect_is_its_own_estimate_with_an_interval_that_shrinks_with_
     assert np.allclose(scores["per_token"].to_numpy(), pool.base_loss - singles)  # L⁰ − f̂({g})
     ci = scores["ci95"].to_numpy()
     assert ci[0] > 5 * ci[1] and scores["per_token"][1] - ci[1] > 0 and scores["per_token"][2] + ci[2] < 0
+
+
+def test_a_groups_interval_counts_the_targets_sampling_noise():
+    """Two groups with the same examples and the same mean alignment: one agrees with every target
+    example, the other helps half the target's examples and hurts the other half. Only the second's
+    effect is uncertain, however many examples the group has."""
+    rng = np.random.default_rng(0)
+    alignment = np.concatenate([rng.normal(-0.5, 0.1, 500)] * 2)
+    group_of = np.repeat([0, 1], 500)
+    total = np.bincount(group_of, weights=alignment)  # each group's ⟨Σg_j, ḡ⟩, ḡ the target's mean over 40 rows
+    split = np.r_[np.full(20, 11.0), np.full(20, -9.0)]  # mean 1: the target rows disagree about group 1
+    per_target = np.stack([np.full(40, total[0]), total[1] * split])  # Σ_t h_t = 40·ḡ (one token each)
+    effects = _pool(alignment, np.ones(1000), group_of, per_target=per_target, target_tokens=np.ones(40)).group_effects()
+    assert np.allclose(effects["per_token"], total / 500)
+    consistent, split_target = effects.rows(named=True)
+    assert consistent["ci95_target"] == pytest.approx(0.0, abs=1e-12)
+    assert split_target["ci95_target"] > 5 * split_target["ci95_examples"]
+    assert split_target["ci95"] == pytest.approx(math.hypot(split_target["ci95_examples"], split_target["ci95_target"]))
+    assert consistent["ci95"] == pytest.approx(consistent["ci95_examples"])
+    harmful = confidently_past(effects.select("group", score="per_token", ci95="ci95"), 0.0, "high_end")
+    assert harmful == {"g0"}  # g1's harm rests on half the target: not confident
 
 
 def test_subsets_are_seeded_and_sized():
@@ -65,7 +90,7 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
     recipe, _, _ = demo_build
     examples = recipe.run.ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples, recipe.run.sketches)
-    target_x, _ = target_sketches(recipe.run.sketches)
+    _, target_x, _ = target_sketches(recipe.run.sketches)
     sketcher = path_sketcher(recipe, recipe.run.ingested, recipe.run.meta_init)
     pad = load_tokenizer(recipe, recipe.run.ingested).pad_token_id
     weights = [p.weight for p in sketcher.points]
