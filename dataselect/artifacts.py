@@ -163,7 +163,8 @@ class Estimates(StageOutput):
 
     def group_gradients(self) -> pl.DataFrame:
         """Per group: its summed alignment with the target's gradient, tokens, their ratio (the
-        group's own effect) and that ratio's 95% interval."""
+        group's own effect) and that ratio's 95% interval, with its two parts (the noise over the
+        group's examples, and over the target's validation examples)."""
         return pl.read_parquet(self.folder / _GROUP_GRADIENTS)
 
     def write(self, groups: list[str], subsets: np.ndarray, loss: np.ndarray, assignments: pl.DataFrame,
@@ -227,6 +228,11 @@ class Verification:
         (self.folder / _SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
+# The one link from a stage's name to the class of what it writes.
+_OUTPUTS: dict[str, type[StageOutput]] = {"ingest": Ingested, "meta_init": FineTune, "sketch": Sketches,
+                                          "estimate": Estimates, "select": Selection}
+
+
 @dataclass(frozen=True)
 class Run:
     """A run folder: one folder per finished stage (`.<stage>.tmp` while it runs), the demo data
@@ -254,7 +260,7 @@ class Run:
 
     def summary(self, stage: str) -> dict:
         """A finished stage's summary, as the stage returned it."""
-        return json.loads((self.stage_dir(stage) / _RECORD).read_text())["summary"]
+        return self.record(stage)["summary"]
 
     @property
     def lock(self) -> Path:
@@ -271,29 +277,26 @@ class Run:
 
     @property
     def ingested(self) -> Ingested:
-        return Ingested(self.stage_dir("ingest"))
+        return self.output("ingest")
 
     @property
     def meta_init(self) -> FineTune:
         """θ* and the snapshots along meta-init's path."""
-        return FineTune(self.stage_dir("meta_init"))
+        return self.output("meta_init")
 
     @property
     def sketches(self) -> Sketches:
-        return Sketches(self.stage_dir("sketch"))
+        return self.output("sketch")
 
     @property
     def estimates(self) -> Estimates:
-        return Estimates(self.stage_dir("estimate"))
+        return self.output("estimate")
 
     @property
     def selection(self) -> Selection:
-        return Selection(self.stage_dir("select"))
+        return self.output("select")
 
     @property
     def verification(self) -> Verification:
         return Verification(self.stage_dir("verify"))
 
-
-_OUTPUTS: dict[str, type[StageOutput]] = {"ingest": Ingested, "meta_init": FineTune, "sketch": Sketches,
-                                          "estimate": Estimates, "select": Selection}
