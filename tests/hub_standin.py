@@ -11,9 +11,18 @@ It serves, on 127.0.0.1, just the endpoints huggingface_hub 2.4.0 calls for
     GET  /api/{type}s/{ns}/{name}                   repo info (dataset_info); dataselect reads `private`
                                                     to refuse pushing a private mixture into a public repo
 
+and, for reading a repo's files as `datasets.load_dataset(repo_id, streaming=True)` does
+(huggingface_hub's HfFileSystem):
+
+    GET  /api/{type}s/{ns}/{name}/revision/{rev}    repo info at a revision (`main` or the repo's sha)
+    GET  /api/{type}s/{ns}/{name}/tree/{rev}[/{path}]      the files and folders below a path
+    POST /api/{type}s/{ns}/{name}/paths-info/{rev}  the entries of the paths asked for
+    HEAD, GET /{type}s/{ns}/{name}/resolve/{rev}/{path}   a file's bytes, whole or a `Range` of them
+
 and records what arrived: `repos` (repo id -> type and private flag), `files` (repo id -> path ->
-bytes), `commits` and every `requests` entry (method, path, headers). Anything else is a 404, so a
-client that starts needing another endpoint fails loudly instead of passing by accident.
+bytes), `commits` and every `requests` entry (method, path, headers), and `bytes_served` (repo id
+-> file bytes sent by `resolve`). Anything else is a 404, so a client that starts needing another
+endpoint fails loudly instead of passing by accident.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import base64
 import hashlib
 import json
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -49,6 +59,7 @@ class HubStandIn:
         self.files: dict[str, dict[str, bytes]] = {}
         self.commits: list[dict[str, Any]] = []
         self.requests: list[Request] = []
+        self.bytes_served: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -81,28 +92,45 @@ class HubStandIn:
 
     # --- the endpoints, each returning (status, JSON body) ---
 
-    def handle(self, request: Request) -> tuple[int, dict]:
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> None:
+        """A dataset repo that already holds `files` (path -> bytes), as if pushed before."""
+        self.repos[repo_id] = {"type": "dataset", "private": private}
+        self.files[repo_id] = dict(files)
+
+    def handle(self, request: Request) -> tuple[int, dict | bytes, dict[str, str]]:
+        """(status, a JSON body or raw bytes, extra headers)."""
         with self._lock:
             self.requests.append(request)
-            parts = request.path.split("?")[0].strip("/").split("/")
-            if parts[:1] != ["api"]:
-                return self._not_served(request)
-            if request.method == "POST" and parts[1:] == ["repos", "create"]:
-                return self._create_repo(json.loads(request.body))
-            if request.method == "POST" and parts[1:] == ["validate-yaml"]:
-                return self._validate_yaml(json.loads(request.body))
-            if len(parts) < 4 or parts[1] not in ("models", "datasets", "spaces"):
-                return self._not_served(request)
-            repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
-            if repo_id not in self.repos or self.repos[repo_id]["type"] != parts[1][:-1]:
-                return 404, {"error": f"Repository not found: {repo_id}"}
-            if request.method == "GET" and rest in ([], ["revision", "main"]):
-                return 200, self._repo_info(repo_id)
-            if request.method == "POST" and len(rest) == 2 and rest[0] == "preupload":
-                return self._preupload(json.loads(request.body))
-            if request.method == "POST" and len(rest) == 2 and rest[0] == "commit":
-                return self._commit(repo_id, request.body)
+            parts = [urllib.parse.unquote(p) for p in request.path.split("?")[0].strip("/").split("/")]
+            if len(parts) > 4 and parts[0] in ("datasets", "spaces") and parts[3] == "resolve":
+                return self._resolve(request, f"{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:]))
+            status, body = self._api(request, parts)
+            return status, body, {}
+
+    def _api(self, request: Request, parts: list[str]) -> tuple[int, dict | list]:
+        if parts[:1] != ["api"]:
             return self._not_served(request)
+        if request.method == "POST" and parts[1:] == ["repos", "create"]:
+            return self._create_repo(json.loads(request.body))
+        if request.method == "POST" and parts[1:] == ["validate-yaml"]:
+            return self._validate_yaml(json.loads(request.body))
+        if len(parts) < 4 or parts[1] not in ("models", "datasets", "spaces"):
+            return self._not_served(request)
+        repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
+        if repo_id not in self.repos or self.repos[repo_id]["type"] != parts[1][:-1]:
+            return 404, {"error": f"Repository not found: {repo_id}"}
+        if request.method == "GET" and (rest == [] or rest[:1] == ["revision"] and self._known(repo_id, rest[1])):
+            return 200, self._repo_info(repo_id)
+        if request.method == "GET" and len(rest) >= 2 and rest[0] == "tree" and self._known(repo_id, rest[1]):
+            return self._tree(repo_id, "/".join(rest[2:]), "recursive=true" in request.path.lower())
+        if request.method == "POST" and len(rest) == 2 and rest[0] == "paths-info":
+            asked = urllib.parse.parse_qs(request.body.decode()).get("paths", [])
+            return 200, [e for e in self._entries(repo_id, "", True) if e["path"] in asked]
+        if request.method == "POST" and len(rest) == 2 and rest[0] == "preupload":
+            return self._preupload(json.loads(request.body))
+        if request.method == "POST" and len(rest) == 2 and rest[0] == "commit":
+            return self._commit(repo_id, request.body)
+        return self._not_served(request)
 
     @staticmethod
     def _not_served(request: Request) -> tuple[int, dict]:
@@ -118,8 +146,59 @@ class HubStandIn:
         self.files[repo_id] = {}
         return 200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]}
 
+    def _sha(self, repo_id: str) -> str:
+        """The repo's revision: its last commit's oid, else a hash of what it holds."""
+        last = next((c["oid"] for c in reversed(self.commits) if c["repo_id"] == repo_id), None)
+        return last or hashlib.sha1(repr(sorted(self.files[repo_id].items())).encode()).hexdigest()
+
+    def _known(self, repo_id: str, revision: str) -> bool:
+        return revision in ("main", self._sha(repo_id))
+
+    def _entries(self, repo_id: str, folder: str, recursive: bool) -> list[dict]:
+        """The files (and folders) below `folder`, as the Hub's tree API lists them."""
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        entries: dict[str, dict] = {}
+        for path, data in sorted(self.files[repo_id].items()):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix):].split("/")
+            for depth in range(1, len(parts) if recursive else min(len(parts), 1)):
+                sub = prefix + "/".join(parts[:depth])
+                entries.setdefault(sub, {"type": "directory", "path": sub, "oid": hashlib.sha1(sub.encode()).hexdigest()})
+            if recursive or len(parts) == 1:
+                entries[path] = {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            else:
+                sub = prefix + parts[0]
+                entries.setdefault(sub, {"type": "directory", "path": sub, "oid": hashlib.sha1(sub.encode()).hexdigest()})
+        return list(entries.values())
+
+    def _tree(self, repo_id: str, folder: str, recursive: bool) -> tuple[int, dict | list]:
+        entries = self._entries(repo_id, folder, recursive)
+        if folder and not entries:
+            return 404, {"error": f"Entry not found: {folder}"}
+        return 200, entries
+
+    def _resolve(self, request: Request, repo_id: str, revision: str, path: str) -> tuple[int, dict | bytes, dict]:
+        if repo_id not in self.repos or not self._known(repo_id, revision):
+            return 404, {"error": f"Repository not found: {repo_id}"}, {}
+        if path not in self.files[repo_id]:
+            return 404, {"error": f"Entry not found: {path}"}, {}
+        data = self.files[repo_id][path]
+        headers = {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": self._sha(repo_id),
+                   "Accept-Ranges": "bytes"}
+        status, body = 200, data
+        if (ranged := request.headers.get("range", "")).startswith("bytes="):
+            first, _, last = ranged[len("bytes="):].partition("-")
+            start = int(first) if first else max(0, len(data) - int(last))
+            end = min(len(data) - 1, int(last)) if first and last else len(data) - 1
+            status, body = 206, data[start : end + 1]
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        if request.method == "GET":
+            self.bytes_served[repo_id] = self.bytes_served.get(repo_id, 0) + len(body)
+        return status, body, headers
+
     def _repo_info(self, repo_id: str) -> dict:
-        sha = next((c["oid"] for c in reversed(self.commits) if c["repo_id"] == repo_id), None)
+        sha = self._sha(repo_id)
         siblings = [{"rfilename": path} for path in sorted(self.files[repo_id])]
         return {"id": repo_id, "author": repo_id.split("/")[0], "private": self.repos[repo_id]["private"],
                 "sha": sha, "siblings": siblings}
@@ -176,11 +255,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
         request = Request(self.command, self.path, headers, self._read_body())
-        status, payload = self.hub.handle(request)
-        data = json.dumps(payload).encode()
+        status, payload, extra = self.hub.handle(request)
+        raw = isinstance(payload, bytes)
+        data = payload if raw else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in extra.items():
+            self.send_header(name, value)
         if status == 404:
             self.send_header("X-Error-Code", "RepoNotFound" if "Repository" in payload["error"] else "EntryNotFound")
         self.end_headers()

@@ -5,7 +5,8 @@ data files is streamed: here from a real HTTP server on 127.0.0.1 (`http.server`
 serving what fsspec's HTTP file system asks: HEAD for a file's size, HTTP Range requests, as it
 reads remote files in blocks, and a folder's HTML index page) that serves shards of JSON Lines
 compressed with gzip and counts every byte it sends, so the tests can say how much of the dataset
-a sample downloaded. Nothing here touches the network beyond that loopback server.
+a sample downloaded. A Hub id is streamed from the Hub stand-in (tests/hub_standin.py), through
+datasets' own Hub loader. Nothing here touches the network beyond those loopback servers.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataselect.recipe import Fields, Source, load_recipe
 from dataselect.sources import SourceError, is_remote, open_stream
 
 from .conftest import write_jsonl, write_small_recipe
+from .hub_standin import HubStandIn
 
 QA = {"prompt": "question", "response": "answer"}
 PLANTED = {"alpha": 500, "beta": 300, "gamma": 150, "delta": 45, "epsilon": 5}  # 1,000 rows
@@ -212,14 +214,9 @@ class FileServer(ThreadingHTTPServer):
         pass
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
-    """SHARDS gzip JSON Lines shards of SHARD_ROWS rows each, served in a folder at `server.data`:
-    (server, each shard's size). The folder's name is new each session: datasets caches a downloaded
-    URL by its name alone, and a later session may get the same port."""
-    root = tmp_path_factory.mktemp("served")
-    folder = root / f"data-{uuid.uuid4().hex[:12]}"
-    folder.mkdir()
+def write_shards(folder: Path) -> list[Path]:
+    """SHARDS gzip JSON Lines shards of SHARD_ROWS rows each, with a topic column and some bulk."""
+    folder.mkdir(parents=True)
     rnd = random.Random(0)
     for s in range(SHARDS):
         with gzip.open(folder / f"shard-{s:02d}.jsonl.gz", "wt") as f:
@@ -228,6 +225,17 @@ def served(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
                 f.write(json.dumps({"uid": f"{s}-{i}", "question": f"shard {s} row {i}: {words}?",
                                     "answer": f"{rnd.random():.6f}", "topic": rnd.choice("xyz"),
                                     "notes": rnd.randbytes(150).hex()}) + "\n")  # bulk, as real rows have
+    return sorted(folder.glob("*.jsonl.gz"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
+    """SHARDS gzip JSON Lines shards of SHARD_ROWS rows each, served in a folder at `server.data`:
+    (server, each shard's size). The folder's name is new each session: datasets caches a downloaded
+    URL by its name alone, and a later session may get the same port."""
+    root = tmp_path_factory.mktemp("served")
+    folder = root / f"data-{uuid.uuid4().hex[:12]}"
+    write_shards(folder)
     (folder / "README.md").write_text("not data")
     sizes = {p.name: p.stat().st_size for p in folder.glob("*.jsonl.gz")}
     single = [{"uid": f"u{i}", "question": f"question {i}", "answer": f"answer {i}", "topic": "xyz"[i % 3]}
@@ -325,3 +333,46 @@ def test_remote_errors_name_the_url(served, tmp_path):
     missing = Source(name="pool", dataset=f"{server.data}/missing.jsonl.gz", format=Fields(**QA), max_rows=5)
     with pytest.raises(SourceError, match=r"source pool: .*missing\.jsonl\.gz"):
         _source_rows(missing, tmp_path, 0)
+
+
+@pytest.fixture
+def hub_pool(tmp_path, monkeypatch) -> Iterator[tuple[HubStandIn, int]]:
+    """The same shards as a dataset repo `alice/pool` on the Hub stand-in (tests/hub_standin.py),
+    with huggingface_hub and datasets pointed at it: (the stand-in, the shards' total bytes)."""
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import HfFileSystem
+
+    files = {f"data/train-{i:05d}-of-{SHARDS:05d}.jsonl.gz": path.read_bytes()
+             for i, path in enumerate(write_shards(tmp_path / "shards"))}
+    with HubStandIn() as hub:
+        hub.add_dataset("alice/pool", files)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.url)
+        HfFileSystem.clear_instance_cache()  # an instance keeps the endpoint it was made with
+        yield hub, sum(len(data) for data in files.values())
+        HfFileSystem.clear_instance_cache()
+
+
+def test_a_hub_dataset_with_max_rows_is_streamed_and_reads_little(hub_pool, tmp_path):
+    """A Hub id goes through datasets' Hub loader (repo info, tree listing, Range reads of the
+    shards), as for a real Hub dataset; the sample reads a small part of the repo's bytes, and a
+    rerun draws the same rows."""
+    hub, total = hub_pool
+    assert is_remote("alice/pool")
+    recipe = make_recipe(tmp_path, {"dataset": "alice/pool", "max_rows": 50, "format": {**QA, "id": "uid"}})
+    summary, examples = ingest(recipe, tmp_path / "run")
+    assert examples.height == 50 and (examples["status"] == "ok").all()
+    sampling = summary["sampling"]["pool"]
+    assert sampling["streamed"] and sampling["kept"] == 50
+    assert 50 < sampling["read"] <= sampling["buffer"] + 50 + 2 * 10
+    sent = hub.bytes_served["alice/pool"]
+    assert 0 < sent < total / 3, f"sent {sent} bytes of {total}: the sample downloaded most of the dataset"
+    reads = [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(".jsonl.gz")]
+    assert reads and all(r.headers.get("range", "").startswith("bytes=") for r in reads)  # no whole file
+    assert len({uid.split("-")[0] for uid in examples["id"].str.split("/").list.last()}) > 3  # many shards
+
+    _, again = ingest(recipe, tmp_path / "rerun")
+    assert again["id"].to_list() == examples["id"].to_list()
