@@ -5,7 +5,8 @@
 
 Reads the estimates in `<cache>/runs/<name>-<model>` (run bench_selection.py with the same
 arguments first; stages that older code wrote are brought up to date) and prints each group's score by `--method` (the recipe's selector by default)
-with its 95% interval, best first. For GSM8K it
+with its 95% interval, best first (for group_effect, also the interval's two parts: over the
+group's rows and over the target's validation rows). For GSM8K it
 also says, per model-written source, whether its correct group outranks its incorrect one.
 """
 
@@ -37,12 +38,18 @@ def main() -> None:
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}", *overrides)
     run(recipe, until="estimate")  # brings a folder built by older code up to date; a no-op otherwise
     scores = score_groups(recipe, Inputs.of(recipe.run))[0].sort(["score", "group"], descending=[True, False], nulls_last=True)
-    print(f"{recipe.select.method}\n\n| rank | group | score ± 95% |\n|---|---|---|")
+    parts = {}  # group_effect's interval, split: the noise over the group's rows, and over the target's
+    if recipe.select.method == "group_effect":
+        effects = recipe.run.estimates.group_gradients()
+        parts = {r["group"]: (r["ci95_examples"], r["ci95_target"]) for r in effects.iter_rows(named=True)}
+    print(f"{recipe.select.method}\n\n| rank | group | score ± 95% |{' ± group rows | ± target rows |' if parts else ''}\n"
+          f"|---|---|---|{'---|---|' if parts else ''}")
     rank = {}
     for i, row in enumerate(scores.iter_rows(named=True), start=1):
         rank[row["group"]] = i
         ci = "" if row["ci95"] is None else f" ± {row['ci95']:.1e}"
-        print(f"| {i} | {row['group']} | {row['score']:+.3e}{ci} |")
+        split = f" {parts[row['group']][0]:.1e} | {parts[row['group']][1]:.1e} |" if parts else ""
+        print(f"| {i} | {row['group']} | {row['score']:+.3e}{ci} |{split}")
     if args.setting == "gsm8k":
         print()
         for source in GSM8K_MODEL_SOURCES:
