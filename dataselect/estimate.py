@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from .artifacts import Estimates, Ingested, Sketches
 from .recipe import Recipe
@@ -42,14 +43,12 @@ def alignments(x: np.ndarray, target: np.ndarray, group_of: np.ndarray, n_groups
     """One streamed pass over a (memory-mapped) sketch array: each row's inner product with the
     target gradient, and each group's summed sketch (groups × d), which is all the target side
     of a group's interval needs."""
-    inner, sums = [], np.zeros((n_groups, x.shape[1]))
+    inner, sums = [], torch.zeros((n_groups, x.shape[1]), dtype=torch.float64)
     for i in range(0, len(x), block):
-        rows, groups = np.asarray(x[i : i + block], dtype=np.float64), group_of[i : i + block]
+        rows = np.asarray(x[i : i + block], dtype=np.float64)
         inner.append(rows @ target)
-        order = np.argsort(groups, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
-        sums[groups[order][starts]] += np.add.reduceat(rows[order], starts, axis=0)
-    return (np.concatenate(inner) if inner else np.zeros(0)), sums
+        sums.index_add_(0, torch.from_numpy(np.asarray(group_of[i : i + block], dtype=np.int64)), torch.from_numpy(rows))
+    return (np.concatenate(inner) if inner else np.zeros(0)), sums.numpy()
 
 
 @dataclass

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import torch
 
-from dataselect.estimate import Pool, sample_subsets
+from dataselect.estimate import Pool, alignments, sample_subsets
 from dataselect.recipe import Select
 from dataselect.select import apply_keep_rules, confidently_past, random_ensemble_scores
 
@@ -61,6 +61,17 @@ def test_a_groups_interval_counts_the_targets_sampling_noise():
     assert consistent["ci95"] == pytest.approx(consistent["ci95_examples"])
     harmful = confidently_past(effects.select("group", score="per_token", ci95="ci95"), 0.0, "high_end")
     assert harmful == {"g0"}  # g1's harm rests on half the target: not confident
+
+
+def test_one_streamed_pass_gives_each_rows_alignment_and_each_groups_summed_sketch(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    group_of, target = rng.integers(0, 7, 1000), rng.normal(size=16)
+    inner, sums = alignments(np.load(tmp_path / "x.npy", mmap_mode="r"), target, group_of, 9, block=128)
+    assert np.allclose(inner, x.astype(np.float64) @ target)
+    expected = np.stack([x[group_of == g].astype(np.float64).sum(0) for g in range(9)])
+    assert np.allclose(sums, expected) and not sums[7:].any()  # groups 7 and 8 have no rows
 
 
 def test_subsets_are_seeded_and_sized():
