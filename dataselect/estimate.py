@@ -25,7 +25,7 @@ import torch
 
 from .artifacts import Estimates, Ingested, Sketches
 from .recipe import Recipe
-from .sketch import stacked_sources, target_gradient, target_sketches
+from .sketch import stacked_sources, target_sketches
 
 
 def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndarray:
@@ -109,19 +109,25 @@ def _ratio_se(squared_residuals: np.ndarray, count: np.ndarray, tokens: np.ndarr
 
 
 def load_pool(recipe: Recipe, ingested: Ingested, sketches: Sketches) -> Pool:
-    """Every source example's alignment with the target's gradient and its tokens, by group."""
+    """Every source example's alignment with the target's gradient and its tokens, by group.
+
+    The target's loss is its validation loss at the base model (mean token cross-entropy of the
+    responses), and its gradient the sketch of that loss's gradient along the path: fine-tuning on
+    S changes the loss, to first order, by minus the inner product of this with S's gradient."""
     examples = ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples, sketches)
-    target, base_loss = target_gradient(sketches)
-    target_ids, target_x, _ = target_sketches(sketches)
+    target_ids, target_x, target_loss = target_sketches(sketches)
+    lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
+    target_tokens = np.array([lengths[i] for i in target_ids], dtype=np.float64)
+    target_x = np.asarray(target_x, dtype=np.float64)
+    target = target_x.sum(0) / target_tokens.sum()
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}
     group_of = np.array([index[n] for n in names], dtype=np.int64)
-    lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
     alignment, group_sketches = alignments(x, target, group_of, len(groups))
     return Pool(ids, names, groups, group_of, alignment, np.array([lengths[i] for i in ids], dtype=np.float64),
-                base_loss, group_sketches @ np.asarray(target_x, dtype=np.float64).T,
-                np.array([lengths[i] for i in target_ids], dtype=np.float64))
+                float(np.sum(target_loss, dtype=np.float64) / target_tokens.sum()), group_sketches @ target_x.T,
+                target_tokens)
 
 
 def stage(recipe: Recipe, out: Path, ingested: Ingested, sketches: Sketches) -> dict:

@@ -349,15 +349,6 @@ def target_sketches(sketches: Sketches) -> tuple[list[str], np.ndarray, np.ndarr
     return ids, np.asarray(x), loss
 
 
-def target_gradient(sketches: Sketches) -> tuple[np.ndarray, float]:
-    """The target's validation loss at the base model (mean token cross-entropy of the responses)
-    and the sketch of its gradient along the path: fine-tuning on S changes that loss, to first
-    order, by minus the inner product of this with S's gradient."""
-    tokens = sketches.manifest()["examples"][TARGET_TOKENS]
-    _, x, loss = target_sketches(sketches)
-    return np.asarray(x, dtype=np.float64).sum(0) / tokens, float(np.sum(loss, dtype=np.float64) / tokens)
-
-
 def stacked_sources(recipe: Recipe, examples, sketches: Sketches) -> tuple[list[str], list[str], np.ndarray,
                                                                           np.ndarray]:
     """All source stores stacked: ids, each row's group (task value, cluster or source), sketches,
