@@ -155,21 +155,19 @@ class HubStandIn:
         return revision in ("main", self._sha(repo_id))
 
     def _entries(self, repo_id: str, folder: str, recursive: bool) -> list[dict]:
-        """The files (and folders) below `folder`, as the Hub's tree API lists them."""
+        """The files (and folders) below `folder`, as the Hub's tree API lists them: every file and
+        folder under it when `recursive`, else its own files and subfolders."""
         prefix = folder.strip("/") + "/" if folder.strip("/") else ""
         entries: dict[str, dict] = {}
         for path, data in sorted(self.files[repo_id].items()):
             if not path.startswith(prefix):
                 continue
             parts = path[len(prefix):].split("/")
-            for depth in range(1, len(parts) if recursive else min(len(parts), 1)):
-                sub = prefix + "/".join(parts[:depth])
+            folders = [prefix + "/".join(parts[:depth]) for depth in range(1, len(parts))]
+            for sub in folders if recursive else folders[:1]:
                 entries.setdefault(sub, {"type": "directory", "path": sub, "oid": hashlib.sha1(sub.encode()).hexdigest()})
             if recursive or len(parts) == 1:
                 entries[path] = {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-            else:
-                sub = prefix + parts[0]
-                entries.setdefault(sub, {"type": "directory", "path": sub, "oid": hashlib.sha1(sub.encode()).hexdigest()})
         return list(entries.values())
 
     def _tree(self, repo_id: str, folder: str, recursive: bool) -> tuple[int, dict | list]:
