@@ -1,0 +1,66 @@
+"""What the estimate misses, group by group: reads the real fine-tunes `bench_fidelity.py` made.
+
+    python benchmarks/fidelity_marginals.py [--targets xsum,samsum] [--regime pretrained] [--seed 0]
+
+For each target, over the verified random subsets (each holds half the groups): per group, the mean
+true target loss of the subsets that hold it minus that of the subsets that do not, beside the same
+difference of the estimates, and its own per-token effect and response tokens; then the Spearman
+correlation of the two differences over the groups, and of a subset's total response tokens with
+its true loss and with its estimate. Run bench_fidelity.py for the same targets first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from settings import CACHE, setting
+
+from dataselect.verify import spearman
+
+
+def marginals(recipe) -> None:
+    """Print one target's per-group table and its three correlations."""
+    results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
+    if results is None or members is None:
+        raise SystemExit(f"{recipe.name}: no verified subsets; run bench_fidelity.py for this target first")
+    random = results["subset"].str.starts_with("random").to_numpy()
+    truth, estimate, members = results["true_loss"].to_numpy()[random], results["estimate"].to_numpy()[random], \
+        members[random].astype(bool)
+    groups = recipe.run.estimates.read()[0]
+    effects = recipe.run.estimates.group_gradients()
+    per_token, tokens = dict(zip(effects["group"], effects["per_token"])), dict(zip(effects["group"], effects["tokens"]))
+    rows = []
+    for j, group in enumerate(groups):
+        held = members[:, j]
+        if held.all() or not held.any():
+            continue
+        rows.append((group, truth[held].mean() - truth[~held].mean(), estimate[held].mean() - estimate[~held].mean(),
+                     per_token[group], tokens[group]))
+    rows.sort(key=lambda r: r[1])
+    print(f"\n{recipe.name}: {random.sum()} random subsets\n\n| group | true loss with − without | estimate with − "
+          "without | per-token effect | response tokens |\n|---|---|---|---|---|")
+    for group, true_gap, est_gap, effect, n in rows:
+        print(f"| {group} | {true_gap:+.3f} | {est_gap:+.4f} | {effect:+.3f} | {n:.0f} |")
+    subset_tokens = members.astype(np.float64) @ np.array([tokens[g] for g in groups])
+    print(f"\nSpearman over groups, true against estimated difference: "
+          f"{spearman(np.array([r[1] for r in rows]), np.array([r[2] for r in rows])):.2f}")
+    print(f"Spearman over subsets, response tokens against the true loss: {spearman(subset_tokens, truth):.2f}, "
+          f"against the estimate: {spearman(subset_tokens, estimate):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="xsum,samsum")
+    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args()
+    for target in args.targets.split(","):
+        chosen = setting("t0", target=target, regime=args.regime, cache=args.cache)
+        marginals(chosen.load(args.cache / "runs" / f"{chosen.name}-seed{args.seed}", f"seed={args.seed}"))
+
+
+if __name__ == "__main__":
+    main()
