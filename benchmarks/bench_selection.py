@@ -48,35 +48,46 @@ def harmful_rows(mixture: pl.DataFrame, demo_data: Path) -> int:
     return wrong
 
 
-def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path) -> list[dict]:
-    """Per method: its mixture fine-tuned from the base for every seed, scored on the target."""
-    from dataselect import run
+def source_rows(recipe) -> pl.DataFrame:
+    """Every usable source row with the group the estimate stage put it in."""
+    examples = recipe.run.ingested.examples()
+    sources = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).drop("group")
+    return sources.join(recipe.run.estimates.assignments(), on="id")
+
+
+def evaluate_mixture(recipe, sources: pl.DataFrame, kept: set[str], seeds: list[int], budget: str,
+                     finetunes: Path) -> dict:
+    """The rows of the `kept` groups fine-tuned from the base for every seed, scored on the target."""
     from dataselect.evaluate import finetune_and_score
     from dataselect.examples import token_rows
 
-    examples = recipe.run.ingested.examples()
-    assignments = recipe.run.estimates.assignments()
-    sources = examples.filter((pl.col("role") == "source") & (pl.col("status") == "ok")).drop("group")
-    sources = sources.join(assignments, on="id")
+    mixture = sources.filter(pl.col("group").is_in(list(kept)))
+    rows = token_rows(mixture)
+    epochs = recipe.meta_init.epochs * (len(sources) / len(rows) if budget == "steps" else 1)
+    val, tst, em = [], [], []
+    for seed in seeds:
+        trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
+            update={"epochs": epochs})})
+        scores = finetune_and_score(trained, rows, finetunes, ("validation", "test"), exact_on=("test",))
+        val.append(scores["validation"]["loss"])
+        tst.append(scores["test"]["loss"])
+        if recipe.target.answer:
+            em.append(scores["test"]["exact_match"])
+    return {"groups": len(kept), "rows": len(rows), "harmful": harmful_rows(mixture, recipe.run.demo_data),
+            "val": val, "test": tst, "em": em}
+
+
+def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path) -> list[dict]:
+    """Per method: its mixture fine-tuned from the base for every seed, scored on the target."""
+    from dataselect import run
+
+    sources = source_rows(recipe)
     out = []
     for method in methods:
         chosen = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
         run(chosen, until="select")
         kept = set(chosen.run.selection.read().filter(pl.col("selected"))["group"])
-        mixture = sources.filter(pl.col("group").is_in(list(kept)))
-        rows = token_rows(mixture)
-        epochs = recipe.meta_init.epochs * (len(sources) / len(rows) if budget == "steps" else 1)
-        val, tst, em = [], [], []
-        for seed in seeds:
-            trained = recipe.model_copy(update={"seed": seed, "meta_init": recipe.meta_init.model_copy(
-                update={"epochs": epochs})})
-            scores = finetune_and_score(trained, rows, finetunes, ("validation", "test"), exact_on=("test",))
-            val.append(scores["validation"]["loss"])
-            tst.append(scores["test"]["loss"])
-            if recipe.target.answer:
-                em.append(scores["test"]["exact_match"])
-        out.append({"method": method, "groups": len(kept), "rows": len(rows),
-                    "harmful": harmful_rows(mixture, recipe.run.demo_data), "val": val, "test": tst, "em": em})
+        out.append({"method": method, **evaluate_mixture(recipe, sources, kept, seeds, budget, finetunes)})
     return out
 
 
