@@ -1,0 +1,84 @@
+"""Does a subset's step length carry information? The estimate with S's gradient as it is, or scaled
+to the whole pool's length (AdamW, which the fine-tunes use, takes steps of about the same length
+whatever the gradient's size).
+
+    python benchmarks/ablate_step_length.py [--targets samsum,xsum,...] [--gsm8k]
+
+Reads the stored sketches and, per T0 target, the subsets `bench_fidelity.py` fine-tuned for real
+(run it first); prints the Spearman correlation of each form with the true target loss. With
+`--gsm8k`, also the ranking each form gives GSM8K's groups (from `bench_selection.py --setting
+gsm8k`'s run): whether every model-written source's correct solutions rank above its incorrect ones.
+Validation data only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
+
+from dataselect.estimate import alignments
+from dataselect.sketch import stacked_sources, target_sketches
+from dataselect.verify import spearman
+
+
+def group_gradients(recipe) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Groups, their summed sketches (groups × d), response tokens, and the target's per-token gradient."""
+    examples = recipe.run.ingested.examples()
+    ids, names, x, _ = stacked_sources(recipe, examples, recipe.run.sketches)
+    target_ids, target_x, _ = target_sketches(recipe.run.sketches)
+    lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
+    target = np.asarray(target_x, np.float64).sum(0) / sum(lengths[i] for i in target_ids)
+    groups = sorted(set(names))
+    index = {g: i for i, g in enumerate(groups)}
+    group_of = np.array([index[n] for n in names])
+    _, sums = alignments(x, target, group_of, len(groups))
+    tokens = np.bincount(group_of, weights=np.array([lengths[i] for i in ids], np.float64), minlength=len(groups))
+    return groups, sums, tokens, target
+
+
+def drops(membership: np.ndarray, sums: np.ndarray, tokens: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """Per subset, the first-order drop of the target's loss under each form of the step."""
+    gradient = (membership @ sums) / (membership @ tokens)[:, None]  # S's per-token gradient
+    pool = np.linalg.norm(sums.sum(0) / tokens.sum())
+    return {"as is (default)": gradient @ target,
+            "scaled to the pool's length": pool * (gradient @ target) / np.linalg.norm(gradient, axis=1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default=",".join(T0_IN_POOL[:3] + T0_TRANSFER))
+    parser.add_argument("--gsm8k", action="store_true")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args()
+    rhos: dict[str, dict[str, float]] = {}
+    for target in args.targets.split(","):
+        chosen = setting("t0", target=target, cache=args.cache)
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
+        results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
+        if results is None or members is None:
+            raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} first")
+        groups, sums, tokens, gradient = group_gradients(recipe)
+        for form, drop in drops(members.astype(np.float64), sums, tokens, gradient).items():
+            rhos.setdefault(form, {})[target] = spearman(-drop, results["true_loss"].to_numpy())
+    targets = args.targets.split(",")
+    print("Spearman(estimate, true target loss) over each target's verified subsets\n\n| step | "
+          + " | ".join(targets) + " | median |\n|---|" + "---|" * (len(targets) + 1))
+    for form, by_target in rhos.items():
+        print(f"| {form} | " + " | ".join(f"{by_target[t]:.3f}" for t in targets)
+              + f" | {np.median(list(by_target.values())):.3f} |")
+    if args.gsm8k:
+        recipe = setting("gsm8k").load(args.cache / "runs" / "gsm8k-tiny")
+        groups, sums, tokens, gradient = group_gradients(recipe)
+        for form, drop in drops(np.eye(len(groups)), sums, tokens, gradient).items():
+            rank = {groups[i]: r + 1 for r, i in enumerate(np.argsort(-drop))}
+            sources = sorted({g.split("/")[0] for g in groups if g.endswith("/True")})
+            above = [s for s in sources if rank[f"{s}/True"] < rank[f"{s}/False"]]
+            print(f"\ngsm8k, {form}: correct above incorrect for {len(above)} of {len(sources)} sources ("
+                  + ", ".join(f"{s} {rank[f'{s}/True']} vs {rank[f'{s}/False']}" for s in sources) + ")")
+
+
+if __name__ == "__main__":
+    main()
