@@ -109,22 +109,32 @@ def forward_selection(evaluate: Callable[[np.ndarray], np.ndarray], n_groups: in
     return chosen, scores
 
 
-def gradient_similarity(x: np.ndarray, target: np.ndarray, weights: list[float]) -> np.ndarray:
+def gradient_similarity(x: np.ndarray, target: np.ndarray, weights: list[float], group_of: np.ndarray,
+                        n_groups: int, seed: int, draws: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Per example: max over target examples of Σ_k w_k cos(g_k, g_target,k), the cosine of the
-    two loss gradients at each point of the path weighted by the learning rate there (LESS).
+    two loss gradients at each point of the path weighted by the learning rate there (LESS). Per
+    group: the standard error of its centred mean score from the target's side. The target's
+    validation rows are a sample too, and a max over them moves when they are redrawn: the
+    bootstrap over them, `draws` times, gives it (as the default's interval counts the target).
 
     Each point's block is scaled to norm 1 and the target's blocks also by their weight, so one
-    inner product of the concatenated blocks is the weighted sum of cosines: the max over the
-    target is a FAISS exact inner-product search for the single nearest target example."""
-    import faiss  # faiss takes a while to import: only when an index is built
-
+    inner product of the concatenated blocks is the weighted sum of cosines."""
     points = len(weights)
     per_dim = np.repeat(np.asarray(weights, dtype=np.float32), target.shape[1] // points)
-    targets = np.ascontiguousarray(directions(target, points) * per_dim, dtype=np.float32)
-    index = faiss.IndexFlatIP(targets.shape[1])
-    index.add(targets)
-    return np.concatenate([index.search(np.ascontiguousarray(directions(x[i : i + 4096], points), dtype=np.float32),
-                                        1)[0][:, 0] for i in range(0, len(x), 4096)])
+    targets = np.asarray(directions(target, points) * per_dim, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    redraws = [np.unique(rng.integers(0, len(targets), len(targets))) for _ in range(draws)]
+    best = np.empty(len(x), dtype=np.float32)
+    redrawn = np.zeros((draws, n_groups))  # per redraw of the target, each group's summed score
+    for i in range(0, len(x), 4096):
+        sims = np.asarray(directions(x[i : i + 4096], points), dtype=np.float32) @ targets.T
+        best[i : i + len(sims)] = sims.max(1)
+        groups = group_of[i : i + len(sims)]
+        for b, picks in enumerate(redraws):
+            redrawn[b] += np.bincount(groups, weights=sims[:, picks].max(1), minlength=n_groups)
+    means = redrawn / np.maximum(np.bincount(group_of, minlength=n_groups), 1)
+    centred = means - redrawn.sum(1, keepdims=True) / max(len(x), 1)
+    return best, centred.std(0, ddof=1)
 
 
 def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000) -> np.ndarray:
@@ -328,7 +338,12 @@ def by_forward(recipe: Recipe, inputs: Inputs) -> Scores:
 def by_gradient_similarity(recipe: Recipe, inputs: Inputs) -> Scores:
     _, _, x, _ = stacked_sources(recipe, inputs.ingested.examples(), inputs.sketches)
     weights = [p["weight"] for p in inputs.sketches.settings()["points"]]
-    return _per_group(inputs, gradient_similarity(np.asarray(x), target_sketches(inputs.sketches)[1], weights))
+    groups = inputs.estimates.read()[0]
+    index = {g: i for i, g in enumerate(groups)}
+    group_of = np.array([index[g] for g in inputs.estimates.assignments()["group"]], dtype=np.int64)
+    per_example, target_se = gradient_similarity(np.asarray(x), target_sketches(inputs.sketches)[1], weights,
+                                                 group_of, len(groups), recipe.seed)
+    return _per_group(inputs, per_example, pl.DataFrame({"group": groups, "se_target": target_se}))
 
 
 def by_dsir(recipe: Recipe, inputs: Inputs) -> Scores:
@@ -346,13 +361,16 @@ def by_representation_similarity(recipe: Recipe, inputs: Inputs) -> Scores:
     return _per_group(inputs, representation_similarity(recipe, inputs.ingested, inputs.meta.theta, ids))
 
 
-def _per_group(inputs: Inputs, per_example: np.ndarray) -> Scores:
+def _per_group(inputs: Inputs, per_example: np.ndarray, target_side: pl.DataFrame | None = None) -> Scores:
     """Per-example scores (in the estimate stage's assignment order) centred on the pool's mean, so
-    0 is an average example, and averaged per group with a 95% interval."""
+    0 is an average example, and averaged per group with a 95% interval over the group's examples
+    and, where `target_side` gives each group's `se_target`, over the target's too."""
     per_example = per_example - per_example.mean()
     frame = (inputs.estimates.assignments().with_columns(score=pl.Series(per_example)).group_by("group")
-             .agg(pl.col("score").mean(), ci95=1.96 * pl.col("score").std() / pl.len().sqrt()))
-    return frame.select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), None
+             .agg(pl.col("score").mean(), se=pl.col("score").std() / pl.len().sqrt()))
+    if target_side is not None:
+        frame = frame.join(target_side, on="group").with_columns(se=(pl.col("se") ** 2 + pl.col("se_target") ** 2).sqrt())
+    return frame.with_columns(ci95=1.96 * pl.col("se")).select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), None
 
 
 def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketches: Sketches,

@@ -1,4 +1,4 @@
-"""The LESS baseline's FAISS search against a plain numpy computation of its definition."""
+"""The LESS baseline against a plain numpy computation of its definition, and its interval's target side."""
 
 import numpy as np
 
@@ -17,15 +17,30 @@ def _plain(x: np.ndarray, target: np.ndarray, weights: list[float]) -> np.ndarra
     return total.max(1)
 
 
-def test_faiss_max_over_the_target_equals_the_weighted_sum_of_cosines():
+def test_blocked_max_over_the_target_equals_the_weighted_sum_of_cosines():
     rng = np.random.default_rng(0)
     weights = [0.5, 0.3, 0.2]
     x = rng.normal(size=(5000, 3 * 16)).astype(np.float32) * rng.uniform(0.1, 10, size=(5000, 1)).astype(np.float32)
     target = rng.normal(size=(37, 3 * 16)).astype(np.float32)
     x[:3, 16:32] = 0  # a point where the gradient vanishes counts as cosine 0, as before
     x[10] = 4 * target[5]  # the same direction as a target example: the largest possible score
-    got = gradient_similarity(x, target, weights)
+    got, se = gradient_similarity(x, target, weights, np.arange(5000) % 7, 7, seed=0)
     want = _plain(x, target, weights)
     assert got.shape == (5000,) and got.dtype == np.float32  # more than one block of 4096 queries
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert abs(got[10] - sum(weights)) < 1e-5
+    assert se.shape == (7,) and (se >= 0).all()
+
+
+def test_a_group_that_matches_one_target_example_is_uncertain_on_the_targets_side():
+    """Group 0's rows all point at target example 0, so its score rises and falls with whether a
+    redraw of the target holds that example; group 1's rows are near no target example in
+    particular, so redrawing the target barely moves their max (nor the pool's mean, which centres
+    every score)."""
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(50, 32)).astype(np.float32)
+    near_one = target[0] + 0.1 * rng.normal(size=(50, 32)).astype(np.float32)
+    anywhere = rng.normal(size=(800, 32)).astype(np.float32)  # groups 1 to 4: most of the pool, whose mean centres
+    x = np.concatenate([near_one, anywhere])
+    _, se = gradient_similarity(x, target, [1.0], np.repeat([0, 1, 2, 3, 4], [50, 200, 200, 200, 200]), 5, seed=0)
+    assert se[0] > 5 * se[1:].max()
