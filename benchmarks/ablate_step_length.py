@@ -2,13 +2,15 @@
 to the whole pool's length (AdamW, which the fine-tunes use, takes steps of about the same length
 whatever the gradient's size).
 
-    python benchmarks/ablate_step_length.py [--targets samsum,xsum,...] [--gsm8k]
+    python benchmarks/ablate_step_length.py [--targets samsum,xsum,...] [--gsm8k] [--smollm2]
 
 Reads the stored sketches and, per T0 target, the subsets `bench_fidelity.py` fine-tuned for real
 (run it first); prints the Spearman correlation of each form with the true target loss. With
 `--gsm8k`, also the ranking each form gives GSM8K's groups (from `bench_selection.py --setting
 gsm8k`'s run): whether every model-written source's correct solutions rank above its incorrect ones.
-Validation data only.
+With `--smollm2`, the rank each form gives samsum's own data among the T0 groups with
+SmolLM2-135M-Instruct and LoRA (from `bench_selection.py --setting t0 --model smollm2 --targets
+samsum`'s run). Validation data only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default=",".join(T0_IN_POOL[:3] + T0_TRANSFER))
     parser.add_argument("--gsm8k", action="store_true")
+    parser.add_argument("--smollm2", action="store_true")
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     rhos: dict[str, dict[str, float]] = {}
@@ -78,6 +81,13 @@ def main() -> None:
             above = [s for s in sources if rank[f"{s}/True"] < rank[f"{s}/False"]]
             print(f"\ngsm8k, {form}: correct above incorrect for {len(above)} of {len(sources)} sources ("
                   + ", ".join(f"{s} {rank[f'{s}/True']} vs {rank[f'{s}/False']}" for s in sources) + ")")
+    if args.smollm2:
+        chosen = setting("t0", model="smollm2", target="samsum", cache=args.cache)
+        groups, sums, tokens, gradient = group_gradients(chosen.load(args.cache / "runs" / f"{chosen.name}-smollm2"))
+        for form, drop in drops(np.eye(len(groups)), sums, tokens, gradient).items():
+            order = [groups[i] for i in np.argsort(-drop)]
+            print(f"\nt0 samsum, SmolLM2-135M-Instruct + LoRA, {form}: samsum ranked {order.index('t0/samsum') + 1} "
+                  f"of {len(groups)}; first: {', '.join(order[:3])}")
 
 
 if __name__ == "__main__":
