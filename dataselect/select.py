@@ -4,7 +4,7 @@ Every method produces one score per group (positive = estimated to help the targ
 keep-rules decide, so the methods can be compared on the same data:
 
 - `group_effect` (the default): each group's own estimate, L⁰ − f̂({g}), the first-order drop in
-  the target's loss per step of training on it alone, with a 95% interval over its examples. It
+  the target's loss per step of training on it alone, with a 95% interval over its examples and the target's. It
   is absolute (> 0: estimated to help), so `min_score: 0` with `threshold_on: high_end` drops
   exactly the groups estimated, with confidence over all the groups at once (Holm), to hurt.
 - `random_ensemble` (GradEx-RE): how much lower the estimated target loss is over sampled subsets
