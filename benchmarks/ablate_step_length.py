@@ -6,7 +6,8 @@ batch noise (as Adam's second moment does, in one number for all coordinates).
     python benchmarks/ablate_step_length.py [--targets samsum,xsum,...] [--gsm8k] [--smollm2]
 
 Reads the stored sketches and, per T0 target, the subsets `bench_fidelity.py` fine-tuned for real
-(run it first); prints the Spearman correlation of each form with the true target loss. With
+(run it first); prints the Spearman correlation of each form with the true target loss, and
+the rank each gives an in-pool target's own dataset. With
 `--gsm8k`, also the ranking each form gives GSM8K's groups (from `bench_selection.py --setting
 gsm8k`'s run): whether every model-written source's correct solutions rank above its incorrect ones.
 With `--smollm2`, the rank each form gives samsum's own data among the T0 groups with
@@ -86,21 +87,31 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     rhos: dict[str, dict[str, float]] = {}
+    own: dict[str, dict[str, int]] = {}  # in-pool targets: the rank of the target's own dataset
     for target in args.targets.split(","):
         chosen = setting("t0", target=target, cache=args.cache)
         recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
         results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
         if results is None or members is None:
             raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} first")
-        for form, drop in drops(members.astype(np.float64), group_gradients(recipe),
-                                recipe.meta_init.batch_size).items():
+        g = group_gradients(recipe)
+        for form, drop in drops(members.astype(np.float64), g, recipe.meta_init.batch_size).items():
             rhos.setdefault(form, {})[target] = spearman(-drop, results["true_loss"].to_numpy())
+        if chosen.own_group:
+            for form, drop in drops(np.eye(len(g.names)), g, recipe.meta_init.batch_size).items():
+                order = [g.names[i] for i in np.argsort(-drop)]
+                own.setdefault(form, {})[target] = order.index(chosen.own_group) + 1
     targets = args.targets.split(",")
     print("Spearman(estimate, true target loss) over each target's verified subsets\n\n| step | "
           + " | ".join(targets) + " | median |\n|---|" + "---|" * (len(targets) + 1))
     for form, by_target in rhos.items():
         print(f"| {form} | " + " | ".join(f"{by_target[t]:.3f}" for t in targets)
               + f" | {np.median(list(by_target.values())):.3f} |")
+    if own:
+        print("\nthe rank each form gives an in-pool target's own dataset among the groups\n\n| step | "
+              + " | ".join(own[next(iter(own))]) + " |\n|---|" + "---|" * len(own[next(iter(own))]))
+        for form, by_target in own.items():
+            print(f"| {form} | " + " | ".join(str(r) for r in by_target.values()) + " |")
     if args.gsm8k:
         recipe = setting("gsm8k").load(args.cache / "runs" / "gsm8k-tiny")
         g = group_gradients(recipe)
