@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
 
+from dataselect.examples import response_tokens
 from dataselect.sketch import stacked_sources, target_sketches
 from dataselect.verify import spearman
 
@@ -48,7 +49,7 @@ def group_gradients(recipe) -> Groups:
     examples = recipe.run.ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples, recipe.run.sketches)
     target_ids, target_x, _ = target_sketches(recipe.run.sketches)
-    lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
+    lengths = response_tokens(examples)
     target = np.asarray(target_x, np.float64).sum(0) / sum(lengths[i] for i in target_ids)
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}

@@ -48,6 +48,17 @@ def harmful_rows(mixture: pl.DataFrame, demo_data: Path) -> int:
     return wrong
 
 
+def fresh_estimates(recipe) -> None:
+    """θ*, sketches reused from the cache; estimates, selections and exports made again (cheap,
+    and what the benchmarks compare, so never left from older code)."""
+    from dataselect import run
+
+    run(recipe, until="sketch")
+    for stage in ("estimate", "select", "export"):
+        shutil.rmtree(recipe.run.stage_dir(stage), ignore_errors=True)
+    run(recipe, until="estimate")
+
+
 def source_rows(recipe) -> pl.DataFrame:
     """Every usable source row with the group the estimate stage put it in."""
     examples = recipe.run.ingested.examples()
@@ -134,7 +145,6 @@ def main() -> None:
                              "touch are reused)")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
-    from dataselect import run
 
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
@@ -147,10 +157,7 @@ def main() -> None:
         print(f"\nsetting {chosen.name}, model {args.model}: recipe {chosen.recipe.name} with "
               f"{' '.join(chosen.overrides) or 'no overrides'}; seeds {seeds}; fine-tunes from the base with "
               f"meta-init's settings, {args.budget} as in meta-init", flush=True)
-        run(recipe, until="sketch")
-        for stage in ("estimate", "select", "export"):  # cheap, and what this benchmark compares: never reused
-            shutil.rmtree(recipe.run.stage_dir(stage), ignore_errors=True)
-        run(recipe, until="estimate")
+        fresh_estimates(recipe)
         label = target + (" (in-pool)" if target in T0_IN_POOL else " (transfer)") if target else chosen.name
         per_target[label] = evaluate_methods(recipe, args.methods.split(","), seeds, args.budget,
                                              args.cache / "finetunes")

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_selection import _ms, evaluate_mixture, source_rows
+from bench_selection import _ms, evaluate_mixture, fresh_estimates, source_rows
 from settings import CACHE, setting
 
 
@@ -55,15 +54,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
-    from dataselect import run
-
     start, seeds = time.perf_counter(), [int(s) for s in args.seeds.split(",")]
     print(f"command: python benchmarks/leave_out.py {' '.join(sys.argv[1:])}")
     chosen = setting(args.setting, target=args.targets, regime=args.regime, cache=args.cache)
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-tiny")
-    run(recipe, until="sketch")
-    shutil.rmtree(recipe.run.stage_dir("estimate"), ignore_errors=True)  # as bench_selection: always recomputed
-    run(recipe, until="estimate")
+    fresh_estimates(recipe)
     sources, effects = source_rows(recipe), recipe.run.estimates.group_gradients()
     groups = set(sources["group"])
     finetunes = args.cache / "finetunes"

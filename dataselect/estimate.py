@@ -24,6 +24,7 @@ import polars as pl
 import torch
 
 from .artifacts import Estimates, Ingested, Sketches
+from .examples import response_tokens
 from .recipe import Recipe
 from .sketch import stacked_sources, target_sketches
 
@@ -117,7 +118,7 @@ def load_pool(recipe: Recipe, ingested: Ingested, sketches: Sketches) -> Pool:
     examples = ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples, sketches)
     target_ids, target_x, target_loss = target_sketches(sketches)
-    lengths = dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
+    lengths = response_tokens(examples)
     target_tokens = np.array([lengths[i] for i in target_ids], dtype=np.float64)
     target_x = np.asarray(target_x, dtype=np.float64)
     target = target_x.sum(0) / target_tokens.sum()

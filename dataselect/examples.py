@@ -33,6 +33,11 @@ def token_rows(examples: pl.DataFrame) -> list[tuple[list[int], int]]:
     return list(zip(examples["input_ids"].to_list(), examples["n_prompt_tokens"].to_list()))
 
 
+def response_tokens(examples: pl.DataFrame) -> dict[str, int]:
+    """Each example's response tokens by id: what the training loss averages over."""
+    return dict(zip(examples["id"], (examples["n_tokens"] - examples["n_prompt_tokens"]).to_list()))
+
+
 def reason_class(reason: str) -> str:
     """A rejection reason without its per-row detail ("prompt alone is N tokens", "duplicate id"),
     so a manifest counts a few classes, not one key per token count; rows.parquet keeps the detail."""
