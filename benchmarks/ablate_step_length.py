@@ -3,7 +3,8 @@ to the whole pool's length (AdamW, which the fine-tunes use, takes steps of abou
 whatever the gradient's size), or scaled by the root of its mean square over a batch, signal plus
 batch noise (as Adam's second moment does, in one number for all coordinates).
 
-    python benchmarks/ablate_step_length.py [--targets samsum,xsum,...] [--gsm8k] [--smollm2]
+    python benchmarks/ablate_step_length.py [--targets samsum,xsum,...] [--regime pretrained|scratch]
+        [--gsm8k] [--smollm2]
 
 Reads the stored sketches and, per T0 target, the subsets `bench_fidelity.py` fine-tuned for real
 (run it first); prints the Spearman correlation of each form with the true target loss, and
@@ -83,6 +84,7 @@ def drops(membership: np.ndarray, g: Groups, batch: int) -> dict[str, np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default=",".join(T0_IN_POOL[:3] + T0_TRANSFER))
+    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
     parser.add_argument("--gsm8k", action="store_true")
     parser.add_argument("--smollm2", action="store_true")
     parser.add_argument("--cache", type=Path, default=CACHE)
@@ -90,11 +92,12 @@ def main() -> None:
     rhos: dict[str, dict[str, float]] = {}
     own: dict[str, dict[str, int]] = {}  # in-pool targets: the rank of the target's own dataset
     for target in args.targets.split(","):
-        chosen = setting("t0", target=target, cache=args.cache)
+        chosen = setting("t0", target=target, regime=args.regime, cache=args.cache)
         recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
         results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
         if results is None or members is None:
-            raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} first")
+            raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} "
+                             f"--regime {args.regime} first")
         g = group_gradients(recipe)
         for form, drop in drops(members.astype(np.float64), g, recipe.meta_init.batch_size).items():
             rhos.setdefault(form, {})[target] = spearman(-drop, results["true_loss"].to_numpy())
