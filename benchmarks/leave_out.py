@@ -27,6 +27,8 @@ import numpy as np
 from bench_selection import _ms, evaluate_mixture, fresh_estimates, source_rows
 from settings import CACHE, setting
 
+from dataselect.estimate import subset_losses
+
 
 def dropped_score(effects, dropped: list[str]) -> str:
     """The dropped groups' own effect per response token (token-weighted over several groups)."""
@@ -43,8 +45,8 @@ def estimated_change(effects, kept: set[str]) -> float:
     token-weighted mean of the groups' own effects, so at equal steps dropping below-average
     groups is predicted to help)."""
     alignment, tokens = effects["alignment"].to_numpy(), effects["tokens"].to_numpy()
-    inside = effects["group"].is_in(list(kept)).to_numpy()
-    return float(alignment.sum() / tokens.sum() - alignment[inside].sum() / tokens[inside].sum())
+    mixture = effects["group"].is_in(list(kept)).to_numpy()
+    return float(np.diff(subset_losses(np.vstack([np.ones_like(mixture), mixture]), alignment, tokens, 0.0))[0])
 
 
 def paired(values: list[float], base: list[float]) -> str:

@@ -97,9 +97,14 @@ class Pool:
 
     def evaluate(self, membership: np.ndarray) -> np.ndarray:
         """f̂(S) for each row of `membership` (subsets × groups): the estimated target loss."""
-        alignment, tokens = self.group_sums()
-        member = membership.astype(np.float64)
-        return self.base_loss - (member @ alignment) / np.maximum(member @ tokens, 1.0)
+        return subset_losses(membership, *self.group_sums(), self.base_loss)
+
+
+def subset_losses(membership: np.ndarray, alignment: np.ndarray, tokens: np.ndarray, base_loss: float) -> np.ndarray:
+    """f̂(S) = L⁰ − Σ_{g∈S} alignment_g / Σ_{g∈S} tokens_g for each row of `membership` (subsets ×
+    groups), from each group's summed alignment and response tokens (`group_gradients.parquet`)."""
+    member = np.atleast_2d(membership).astype(np.float64)
+    return base_loss - (member @ alignment) / np.maximum(member @ tokens, 1.0)
 
 
 def _ratio_se(squared_residuals: np.ndarray, count: np.ndarray, tokens: np.ndarray) -> np.ndarray:
