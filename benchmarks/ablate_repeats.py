@@ -26,7 +26,7 @@ from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
 
 def passes(effects: pl.DataFrame, budget: int, e0: float) -> dict[str, int]:
     """Passes per group, greedily by marginal worth per token, within `budget` tokens (+2%)."""
-    worth, tokens = dict(zip(effects["group"], effects["per_token"])), dict(zip(effects["group"], effects["tokens"]))
+    worth, tokens = dict(zip(effects["group"], effects["effect"])), dict(zip(effects["group"], effects["tokens"]))
     counts, used = dict.fromkeys(worth, 0), 0
     while True:
         gains = {g: a * (math.exp(-counts[g] / e0) - math.exp(-(counts[g] + 1) / e0))

@@ -5,12 +5,13 @@
 On synthetic sketches of the given size (written to a memory-mapped .npy file in a temporary
 folder, as the sketch stage stores them: group centres plus noise) it measures, in one run:
   - dataselect's estimates: one streamed pass computing each row's inner product with the target
-    gradient and each group's summed sketch, then two matrix-vector products over the groups for
-    all subsets, and every group's own effect with its interval (over the group's rows and over
-    200 target rows); seconds and the process's peak resident memory;
-  - the same estimates computed the slow way for `--check` subsets (each subset's rows' gradients
-    summed in a pass over the sketches, then the inner product with the target; base loss 0, so
-    the change itself is compared), and the largest relative difference from the group-level ones;
+    gradient and each group's summed sketches, then a few products over the groups for all
+    subsets, and every group's own effect with its interval (over the group's rows and over 200
+    target rows); seconds and the process's peak resident memory;
+  - the same estimates computed the slow way for `--check` subsets (each subset's rows' gradients,
+    token-weighted gradients and squares summed in a pass over the sketches, then the step scale
+    and the inner product with the target; base loss 0, so the change itself is compared), and
+    the largest relative difference from the group-level ones;
   - the research code's estimator: per subset, labels ~ Bernoulli(0.7), feature signs flipped for
     label 0, sklearn LogisticRegression(C=1e-4, liblinear) on the first 80% of the subset's rows,
     timed on `--sklearn-fits` subsets and scaled to all of them (only for pools up to
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dataselect.estimate import Pool, alignments, sample_subsets
+from dataselect.estimate import pool_of, sample_subsets
+
+BATCH = 8  # the fine-tune's examples per step (meta-init's default)
 
 
 def synthetic(path: Path, n_groups: int, n: int, d: int, seed: int = 0, block: int = 50_000):
@@ -51,14 +54,26 @@ def synthetic(path: Path, n_groups: int, n: int, d: int, seed: int = 0, block: i
 
 
 def row_level(x: np.ndarray, group_of: np.ndarray, tokens: np.ndarray, target: np.ndarray,
-              subsets: np.ndarray, block: int = 65536) -> np.ndarray:
-    """The estimate the slow way, as a check: each subset's rows' gradients summed first (a pass
-    over the sketches in blocks), then the inner product with the target, per subset's tokens."""
-    sums = np.zeros((len(subsets), x.shape[1]))
+              subsets: np.ndarray, batch: int, block: int = 65536) -> np.ndarray:
+    """The estimate the slow way, as a check: each subset's rows' sums (of g, T·g, ‖g‖², over a
+    pass over the sketches in blocks), then its per-token gradient, the spread of a batch's mean
+    about it, and the step scale against the whole pool's."""
+    subsets = np.vstack([subsets, np.ones(subsets.shape[1], dtype=bool)])  # the last: the whole pool
+    sums, weighted, squares = np.zeros((len(subsets), x.shape[1])), np.zeros((len(subsets), x.shape[1])), 0.0
     for i in range(0, len(x), block):
         member = subsets[:, group_of[i : i + block]].astype(np.float64)
-        sums += member @ np.asarray(x[i : i + block], dtype=np.float64)
-    return -(sums @ target) / (subsets[:, group_of].astype(np.float64) @ tokens)
+        rows = np.asarray(x[i : i + block], dtype=np.float64)
+        sums += member @ rows
+        weighted += member @ (rows * tokens[i : i + block, None])
+        squares = squares + member @ (rows * rows).sum(1)
+    member = subsets[:, group_of].astype(np.float64)
+    total, count = member @ tokens, member.sum(1)
+    gradient = sums / total[:, None]
+    signal = (gradient * gradient).sum(1)
+    spread = (squares - 2 * (weighted * gradient).sum(1) + (member @ tokens**2) * signal) / count
+    mean_square = signal + spread / (batch * (total / count) ** 2)
+    drop = np.sqrt(mean_square[-1] / mean_square[:-1]) * (gradient[:-1] @ target)
+    return -drop
 
 
 def research_loop(x: np.ndarray, group_of: np.ndarray, subsets: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -88,13 +103,13 @@ def measure(size: int, args, tmp: Path) -> dict:
     target = target_rows.sum(0) / target_tokens.sum()
     subsets = sample_subsets(args.groups, args.subsets, 0.5, seed=0)
     start = time.perf_counter()
-    alignment, group_sketches = alignments(x, target, group_of, args.groups)
-    pool = Pool([], [], [str(g) for g in range(args.groups)], group_of, alignment, tokens, 0.0,
-                group_sketches @ target_rows.T, target_tokens)
+    labels = [f"g{g:05d}" for g in range(args.groups)]  # sorted as numbered, so the subsets' columns match
+    pool = pool_of([], [labels[g] for g in group_of], x, tokens, target_rows, target_tokens,
+                   np.zeros(len(target_tokens)), BATCH)
     loss = pool.evaluate(subsets)
     pool.group_effects()
     seconds = time.perf_counter() - start
-    rows = row_level(x, group_of, tokens, target, subsets[: args.check])
+    rows = row_level(x, group_of, tokens, target, subsets[: args.check], BATCH)
     difference = float(np.max(np.abs(rows - loss[: args.check]) / np.abs(rows)))  # base loss 0: the change itself
     per_fit = None
     if size <= args.sklearn_max_rows:

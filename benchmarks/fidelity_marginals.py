@@ -4,7 +4,7 @@
 
 For each target, over the verified random subsets (each holds half the groups): per group, the mean
 true target loss of the subsets that hold it minus that of the subsets that do not, beside the same
-difference of the estimates, and its own per-token effect and response tokens; then the Spearman
+difference of the estimates, and its own effect and response tokens; then the Spearman
 correlation of the two differences over the groups, and of a subset's total response tokens with
 its true loss and with its estimate. Run bench_fidelity.py for the same targets first.
 """
@@ -30,17 +30,17 @@ def marginals(recipe) -> None:
         members[random].astype(bool)
     groups = recipe.run.estimates.read()[0]
     effects = recipe.run.estimates.group_gradients()
-    per_token, tokens = dict(zip(effects["group"], effects["per_token"])), dict(zip(effects["group"], effects["tokens"]))
+    own, tokens = dict(zip(effects["group"], effects["effect"])), dict(zip(effects["group"], effects["tokens"]))
     rows = []
     for j, group in enumerate(groups):
         held = members[:, j]
         if held.all() or not held.any():
             continue
         rows.append((group, truth[held].mean() - truth[~held].mean(), estimate[held].mean() - estimate[~held].mean(),
-                     per_token[group], tokens[group]))
+                     own[group], tokens[group]))
     rows.sort(key=lambda r: r[1])
     print(f"\n{recipe.name}: {random.sum()} random subsets\n\n| group | true loss with − without | estimate with − "
-          "without | per-token effect | response tokens |\n|---|---|---|---|---|")
+          "without | own effect | response tokens |\n|---|---|---|---|---|")
     for group, true_gap, est_gap, effect, n in rows:
         print(f"| {group} | {true_gap:+.3f} | {est_gap:+.4f} | {effect:+.3f} | {n:.0f} |")
     subset_tokens = members.astype(np.float64) @ np.array([tokens[g] for g in groups])

@@ -8,7 +8,7 @@ group but the matching ones. Each mixture is fine-tuned from the base for every 
 default: the smaller mixture gets more epochs, as in `bench_selection.py --budget steps`, whose
 cached fine-tunes of all sources it shares) and scored on the target's validation and test splits.
 Printed beside each: the dropped groups' score under the default selector (their own first-order
-effect per response token, with its 95% interval; for several groups, their token-weighted mean),
+effect, with its 95% interval; for several groups, the effect of training on them together),
 the change of the target's loss that the estimate predicts against all sources, and the change
 the fine-tunes show, paired by seed. Selection reads validation only; the test split is read
 here to report.
@@ -27,26 +27,21 @@ import numpy as np
 from bench_selection import _ms, evaluate_mixture, fresh_estimates, source_rows
 from settings import CACHE, setting
 
-from dataselect.estimate import subset_losses
+from dataselect.estimate import GroupSums, group_sums, subset_losses
 
 
-def dropped_score(effects, dropped: list[str]) -> str:
-    """The dropped groups' own effect per response token (token-weighted over several groups)."""
-    rows = effects.filter(effects["group"].is_in(dropped))
-    tokens = rows["tokens"].to_numpy()
-    score = float((rows["per_token"].to_numpy() * tokens).sum() / tokens.sum())
-    if len(rows) == 1:
-        return f"{score:+.3e} ± {rows['ci95'][0]:.1e}"
+def dropped_score(effects, sums: GroupSums, dropped: list[str]) -> str:
+    """The dropped groups' own effect, L⁰ − f̂(dropped) (with its interval for a single group)."""
+    score = -float(subset_losses(effects["group"].is_in(dropped).to_numpy(), sums, 0.0)[0])
+    if len(dropped) == 1:
+        return f"{score:+.3e} ± {effects.filter(effects['group'] == dropped[0])['ci95'][0]:.1e}"
     return f"{score:+.3e}"
 
 
-def estimated_change(effects, kept: set[str]) -> float:
-    """f̂(mixture) − f̂(all sources): the change of the target's loss the estimate predicts (a
-    token-weighted mean of the groups' own effects, so at equal steps dropping below-average
-    groups is predicted to help)."""
-    alignment, tokens = effects["alignment"].to_numpy(), effects["tokens"].to_numpy()
+def estimated_change(effects, sums: GroupSums, kept: set[str]) -> float:
+    """f̂(mixture) − f̂(all sources): the change of the target's loss the estimate predicts."""
     mixture = effects["group"].is_in(list(kept)).to_numpy()
-    return float(np.diff(subset_losses(np.vstack([np.ones_like(mixture), mixture]), alignment, tokens, 0.0))[0])
+    return float(np.diff(subset_losses(np.vstack([np.ones_like(mixture), mixture]), sums, 0.0))[0])
 
 
 def paired(values: list[float], base: list[float]) -> str:
@@ -72,6 +67,7 @@ def main() -> None:
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-tiny")
     fresh_estimates(recipe)
     sources, effects = source_rows(recipe), recipe.run.estimates.group_gradients()
+    sums = group_sums(recipe, recipe.run.estimates)
     groups = set(sources["group"])
     finetunes = args.cache / "finetunes"
     base = evaluate_mixture(recipe, sources, groups, seeds, args.budget, finetunes)
@@ -84,8 +80,8 @@ def main() -> None:
         if not dropped or len(dropped) == len(groups):
             sys.exit(f"--drop {pattern!r} matches {len(dropped)} of the groups {sorted(groups)}")
         r = evaluate_mixture(recipe, sources, groups - set(dropped), seeds, args.budget, finetunes)
-        print(f"| without {pattern} | {len(dropped)} | {r['rows']} | {dropped_score(effects, dropped)} | "
-              f"{estimated_change(effects, groups - set(dropped)):+.4f} | "
+        print(f"| without {pattern} | {len(dropped)} | {r['rows']} | {dropped_score(effects, sums, dropped)} | "
+              f"{estimated_change(effects, sums, groups - set(dropped)):+.4f} | "
               f"{_ms(r['val'])} | {paired(r['val'], base['val'])} | {_ms(r['test'])} | "
               f"{paired(r['test'], base['test'])} |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s wall")

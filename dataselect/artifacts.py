@@ -26,7 +26,7 @@ _CLUSTERS, _CLUSTER_SUMMARY = "clusters.npy", "clusters.json"
 _MANIFEST = "manifest.json"
 _COUNTS = ("examples", "merged_from_shards", "clusters")  # the sketch manifest's keys that are not store settings
 _SUBSETS, _LOSS, _GROUPS = "subsets.npy", "loss.npy", "groups.json"
-_ASSIGNMENTS, _GROUP_GRADIENTS = "assignments.parquet", "group_gradients.parquet"
+_ASSIGNMENTS, _GROUP_GRADIENTS, _GROUP_PRODUCTS = "assignments.parquet", "group_gradients.parquet", "group_products.npy"
 _SELECTION = "groups.parquet"
 _RESULTS, _MEMBERSHIPS, _SUMMARY = "results.parquet", "memberships.npy", "summary.json"
 
@@ -150,7 +150,8 @@ class Sketches(StageOutput):
 @dataclass(frozen=True)
 class Estimates(StageOutput):
     """The estimate stage's folder: random subsets of groups with their estimated target loss,
-    each source example's group, and per group its alignment with the target's gradient."""
+    each source example's group, per group its sums (alignment with the target's gradient,
+    tokens, ...) and between groups the inner products of their summed gradients."""
 
     def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(groups, membership of each subset: subsets × groups, each subset's estimated loss)."""
@@ -162,18 +163,24 @@ class Estimates(StageOutput):
         return pl.read_parquet(self.folder / _ASSIGNMENTS)
 
     def group_gradients(self) -> pl.DataFrame:
-        """Per group: its summed alignment with the target's gradient, tokens, their ratio (the
-        group's own effect) and that ratio's 95% interval, with its two parts (the noise over the
-        group's examples, and over the target's validation examples)."""
+        """Per group: its sums over examples (alignment with the target's gradient, tokens, count,
+        squared sketch lengths, squared tokens), its step scale, its own effect and that effect's
+        95% interval, with its two parts (the noise over the group's examples, and over the
+        target's validation examples)."""
         return pl.read_parquet(self.folder / _GROUP_GRADIENTS)
 
+    def group_products(self) -> np.ndarray:
+        """2 × groups × groups: ⟨Σ_g g_j, Σ_h g_j⟩ and ⟨Σ_g T_j g_j, Σ_h g_j⟩."""
+        return np.load(self.folder / _GROUP_PRODUCTS, allow_pickle=False)
+
     def write(self, groups: list[str], subsets: np.ndarray, loss: np.ndarray, assignments: pl.DataFrame,
-              group_gradients: pl.DataFrame) -> None:
+              group_gradients: pl.DataFrame, group_products: np.ndarray) -> None:
         np.save(self.folder / _SUBSETS, subsets, allow_pickle=False)
         np.save(self.folder / _LOSS, loss, allow_pickle=False)
         assignments.write_parquet(self.folder / _ASSIGNMENTS)
         (self.folder / _GROUPS).write_text(json.dumps(groups))
         group_gradients.write_parquet(self.folder / _GROUP_GRADIENTS)
+        np.save(self.folder / _GROUP_PRODUCTS, group_products, allow_pickle=False)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,22 @@
 """Stage 4, first-order estimates: the target loss after fine-tuning on a subset S, without training.
 
-Fine-tuning on S moves the parameters along −∇L_S, S's token-averaged loss, with meta-init's
-learning rate; to first order the target's loss then changes by −Σ_k η_k ⟨∇L_target(θ_k), ∇L_S(θ_k)⟩
-over the points θ_k of meta-init's path (η_k: the learning rate spent near θ_k). The sketches
-hold each example's summed-loss gradient at every point (weighted by √η_k), so
+Fine-tuning on S moves the parameters along −∇L_S, S's token-averaged loss; to first order the
+target's loss then changes by −Σ_k η_k ⟨∇L_target(θ_k), step_S(θ_k)⟩ over the points θ_k of
+meta-init's path (η_k: the learning rate spent near θ_k). The sketches hold each example's
+summed-loss gradient at every point (weighted by √η_k). Fine-tunes use AdamW, whose step is the
+gradient divided by the root of its mean square over batches: signal plus batch noise. So a
+subset whose gradient is large (a few short answers, each token near-certain to move) does not
+step further than one whose gradient is small; its direction is what counts. With one such
+scale for all coordinates,
 
-    f̂(S) = L⁰ − ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j,
+    f̂(S) = L⁰ − c_S ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j,   c_S = √((s_pool + n_pool) / (s_S + n_S)),
 
 with L⁰ the target's validation loss at the base model, ḡ_target its gradient's sketch (per
-token) and T_j the response tokens of example j. Only two numbers per group enter — the sum of
-its examples' inner products with ḡ_target and its token count — so thousands of subsets cost
-two matrix-vector products, whatever the number of rows.
+token), T_j the response tokens of example j, s_S = ‖ḡ_S‖² the squared length of S's per-token
+gradient and n_S the spread of a batch's mean about it (the delta method, meta-init's batch
+size). c_pool = 1: the whole pool's estimate is meta-init's own step. Every quantity is a sum over
+examples, so each group contributes a few numbers and two rows of group × group inner products,
+and thousands of subsets cost a few small matrix products, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -39,24 +45,86 @@ def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndar
     return members
 
 
-def alignments(x: np.ndarray, target: np.ndarray, group_of: np.ndarray, n_groups: int,
-               block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def alignments(x: np.ndarray, target: np.ndarray, group_of: np.ndarray, tokens: np.ndarray, n_groups: int,
+               block: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One streamed pass over a (memory-mapped) sketch array: each row's inner product with the
-    target gradient, and each group's summed sketch (groups × d), which is all the target side
-    of a group's interval needs."""
-    inner, sums = [], torch.zeros((n_groups, x.shape[1]), dtype=torch.float64)
+    target gradient and its squared length; each group's summed sketch Σg_j and token-weighted
+    sketch ΣT_j·g_j (groups × d), which is all the step scale and the target side of a group's
+    interval need."""
+    inner, squares = [], []
+    sums = torch.zeros((n_groups, x.shape[1]), dtype=torch.float64)
+    weighted = torch.zeros_like(sums)
     for i in range(0, len(x), block):
-        rows = np.asarray(x[i : i + block], dtype=np.float64)
-        inner.append(rows @ target)
-        sums.index_add_(0, torch.from_numpy(np.asarray(group_of[i : i + block], dtype=np.int64)), torch.from_numpy(rows))
-    return (np.concatenate(inner) if inner else np.zeros(0)), sums.numpy()
+        rows = torch.from_numpy(np.asarray(x[i : i + block], dtype=np.float64))
+        index = torch.from_numpy(np.asarray(group_of[i : i + block], dtype=np.int64))
+        inner.append((rows @ torch.from_numpy(np.asarray(target, np.float64))).numpy())
+        squares.append((rows * rows).sum(1).numpy())
+        sums.index_add_(0, index, rows)
+        weighted.index_add_(0, index, rows * torch.from_numpy(np.asarray(tokens[i : i + block], np.float64))[:, None])
+    empty = np.zeros(0)
+    return (np.concatenate(inner) if inner else empty, np.concatenate(squares) if squares else empty,
+            sums.numpy(), weighted.numpy())
+
+
+@dataclass(frozen=True)
+class GroupSums:
+    """Per group, sums over its examples j (any subset's are the sums of its groups'): ⟨g_j,
+    ḡ_target⟩, T_j, 1, ‖g_j‖², T_j²; and between groups, ⟨Σ_g g_j, Σ_h g_j⟩ (`gram`) and ⟨Σ_g
+    T_j g_j, Σ_h g_j⟩ (`cross`), from which any subset's squared gradient length and batch spread
+    follow. `batch`: the fine-tune's examples per step, which sets the batch noise."""
+
+    alignment: np.ndarray
+    tokens: np.ndarray
+    count: np.ndarray
+    squares: np.ndarray
+    token_squares: np.ndarray
+    gram: np.ndarray
+    cross: np.ndarray
+    batch: float
+
+    def per_token(self, membership: np.ndarray) -> np.ndarray:
+        """⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j: the drop per unit of plain gradient step."""
+        member = _matrix(membership)
+        return (member @ self.alignment) / np.maximum(member @ self.tokens, 1.0)
+
+    def mean_square(self, membership: np.ndarray) -> np.ndarray:
+        """s_S + n_S: the squared length of S's per-token gradient plus the variance of a batch's
+        mean about it (Σ_{j∈B} g_j / Σ_{j∈B} T_j over `batch` examples, by the delta method)."""
+        member = _matrix(membership)
+        tokens, count = np.maximum(member @ self.tokens, 1.0), np.maximum(member @ self.count, 1.0)
+        signal = np.einsum("sg,gh,sh->s", member, self.gram, member) / tokens**2
+        spread = (member @ self.squares - 2 * np.einsum("sg,gh,sh->s", member, self.cross, member) / tokens
+                  + (member @ self.token_squares) * signal) / count
+        return signal + np.maximum(spread, 0.0) / (self.batch * (tokens / count) ** 2)
+
+    def step_scales(self, membership: np.ndarray) -> np.ndarray:
+        """c_S: how much longer AdamW's step on S is than on the whole pool, per unit of gradient."""
+        pool = self.mean_square(np.ones(len(self.tokens)))
+        return np.sqrt(pool / np.maximum(self.mean_square(membership), 1e-300))
+
+
+def group_sums(recipe: Recipe, estimates: Estimates) -> GroupSums:
+    """The groups' sums as the estimate stage stored them, in `estimates.read()`'s group order."""
+    frame, (gram, cross) = estimates.group_gradients(), estimates.group_products()
+    columns = [frame[c].to_numpy().astype(np.float64) for c in ("alignment", "tokens", "count", "squares", "token_squares")]
+    return GroupSums(*columns, gram, cross, float(recipe.meta_init.batch_size))
+
+
+def _matrix(membership: np.ndarray) -> np.ndarray:
+    return np.atleast_2d(membership).astype(np.float64)
+
+
+def subset_losses(membership: np.ndarray, sums: GroupSums, base_loss: float) -> np.ndarray:
+    """f̂(S) = L⁰ − c_S · ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j for each row of `membership`
+    (subsets × groups), from the groups' sums (`Estimates.group_sums`)."""
+    return base_loss - sums.step_scales(membership) * sums.per_token(membership)
 
 
 @dataclass
 class Pool:
-    """What the estimate of any subset of groups needs: per group, the summed inner product of its
-    examples' gradients with the target's, and its response tokens; the target's loss at the base.
-    For the groups' intervals, also each group's inner product with every target example."""
+    """What the estimate of any subset of groups needs: the groups' sums and the target's loss at
+    the base. For the groups' intervals, also each example's alignment and tokens, and each
+    group's inner product with every target example."""
 
     ids: list[str]
     names: list[str]  # each example's group
@@ -67,44 +135,37 @@ class Pool:
     base_loss: float
     per_target: np.ndarray  # groups × target examples: ⟨Σ_{j∈g} g_j, h_t⟩, h_t target example t's summed-loss gradient
     target_tokens: np.ndarray  # per target example: response tokens
-
-    def group_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.groups)
-        return (np.bincount(self.group_of, weights=self.alignment, minlength=n),
-                np.bincount(self.group_of, weights=self.tokens, minlength=n))
+    sums: GroupSums
 
     def group_effects(self) -> pl.DataFrame:
-        """Per group: its summed alignment, tokens, and its own first-order effect L⁰ − f̂({g})
-        (alignment per token: the drop in target loss per step of training on it alone) with the
-        95% interval of that ratio. Both sides are samples: the group's examples of its source,
-        and the validation examples of the target task. The interval adds the two ratio
-        estimators' variances (over the group's examples, and over the target's); that counts
-        their interaction twice, so it errs wide by a term of order 1/(examples × target rows).
+        """Per group: its summed alignment, tokens, the alignment per token, its step scale c_g and
+        its own first-order effect L⁰ − f̂({g}) = c_g · alignment per token (the drop in target
+        loss per step of training on it alone), with the 95% interval of that effect. Both sides
+        are samples: the group's examples of its source, and the validation examples of the
+        target task. The interval adds the two ratio estimators' variances (over the group's
+        examples, and over the target's), which counts their interaction twice, so it errs wide
+        by a term of order 1/(examples × target rows); it takes c_g as known, so it measures the
+        noise of the effect's sign, which is what the keep-rules test at `min_score: 0`.
         Written once here, so selection reads a few numbers per group instead of every sketch."""
         n = len(self.groups)
-        count = np.bincount(self.group_of, minlength=n).astype(np.float64)
-        alignment, tokens = self.group_sums()
-        per_token = alignment / np.maximum(tokens, 1.0)
+        count, tokens = self.sums.count, self.sums.tokens
+        per_token = self.sums.alignment / np.maximum(tokens, 1.0)
+        scale = self.sums.step_scales(np.eye(n))
         resid = self.alignment - per_token[self.group_of] * self.tokens
         se_examples = _ratio_se(np.bincount(self.group_of, weights=resid**2, minlength=n), count, tokens)
         m = len(self.target_tokens)
         by_target = self.per_target / np.maximum(tokens, 1.0)[:, None]  # per pool token, with each h_t
         resid_t = by_target - per_token[:, None] * self.target_tokens[None, :]
         se_target = _ratio_se((resid_t**2).sum(1), np.full(n, float(m)), np.full(n, self.target_tokens.sum()))
-        return pl.DataFrame({"group": self.groups, "alignment": alignment, "tokens": tokens, "per_token": per_token,
-                             "ci95": 1.96 * np.hypot(se_examples, se_target),
-                             "ci95_examples": 1.96 * se_examples, "ci95_target": 1.96 * se_target})
+        return pl.DataFrame({"group": self.groups, "alignment": self.sums.alignment, "tokens": tokens,
+                             "count": count, "squares": self.sums.squares, "token_squares": self.sums.token_squares,
+                             "per_token": per_token, "scale": scale, "effect": scale * per_token,
+                             "ci95": 1.96 * scale * np.hypot(se_examples, se_target),
+                             "ci95_examples": 1.96 * scale * se_examples, "ci95_target": 1.96 * scale * se_target})
 
     def evaluate(self, membership: np.ndarray) -> np.ndarray:
         """f̂(S) for each row of `membership` (subsets × groups): the estimated target loss."""
-        return subset_losses(membership, *self.group_sums(), self.base_loss)
-
-
-def subset_losses(membership: np.ndarray, alignment: np.ndarray, tokens: np.ndarray, base_loss: float) -> np.ndarray:
-    """f̂(S) = L⁰ − Σ_{g∈S} alignment_g / Σ_{g∈S} tokens_g for each row of `membership` (subsets ×
-    groups), from each group's summed alignment and response tokens (`group_gradients.parquet`)."""
-    member = np.atleast_2d(membership).astype(np.float64)
-    return base_loss - (member @ alignment) / np.maximum(member @ tokens, 1.0)
+        return subset_losses(membership, self.sums, self.base_loss)
 
 
 def _ratio_se(squared_residuals: np.ndarray, count: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -119,21 +180,36 @@ def load_pool(recipe: Recipe, ingested: Ingested, sketches: Sketches) -> Pool:
 
     The target's loss is its validation loss at the base model (mean token cross-entropy of the
     responses), and its gradient the sketch of that loss's gradient along the path: fine-tuning on
-    S changes the loss, to first order, by minus the inner product of this with S's gradient."""
+    S changes the loss, to first order, by minus the inner product of this with S's step."""
     examples = ingested.examples()
     ids, names, x, _ = stacked_sources(recipe, examples, sketches)
     target_ids, target_x, target_loss = target_sketches(sketches)
     lengths = response_tokens(examples)
-    target_tokens = np.array([lengths[i] for i in target_ids], dtype=np.float64)
+    return pool_of(ids, names, x, np.array([lengths[i] for i in ids], dtype=np.float64), target_x,
+                   np.array([lengths[i] for i in target_ids], dtype=np.float64), target_loss,
+                   recipe.meta_init.batch_size)
+
+
+def pool_of(ids: list[str], names: list[str], x: np.ndarray, tokens: np.ndarray, target_x: np.ndarray,
+            target_tokens: np.ndarray, target_loss: np.ndarray, batch: int) -> Pool:
+    """The pool from the sketches: each source example's (x, its response tokens, its group name)
+    and each target example's (sketch, tokens, summed loss at the base)."""
     target_x = np.asarray(target_x, dtype=np.float64)
     target = target_x.sum(0) / target_tokens.sum()
     groups = sorted(set(names))
     index = {g: i for i, g in enumerate(groups)}
     group_of = np.array([index[n] for n in names], dtype=np.int64)
-    alignment, group_sketches = alignments(x, target, group_of, len(groups))
-    return Pool(ids, names, groups, group_of, alignment, np.array([lengths[i] for i in ids], dtype=np.float64),
-                float(np.sum(target_loss, dtype=np.float64) / target_tokens.sum()), group_sketches @ target_x.T,
-                target_tokens)
+    alignment, squares, summed, weighted = alignments(x, target, group_of, tokens, len(groups))
+    n = len(groups)
+
+    def by_group(values: np.ndarray) -> np.ndarray:
+        return np.bincount(group_of, weights=values, minlength=n)
+
+    sums = GroupSums(by_group(alignment), by_group(tokens), by_group(np.ones(len(tokens))), by_group(squares),
+                     by_group(tokens**2), summed @ summed.T, weighted @ summed.T, float(batch))
+    return Pool(ids, names, groups, group_of, alignment, tokens,
+                float(np.sum(target_loss, dtype=np.float64) / target_tokens.sum()), summed @ target_x.T,
+                target_tokens, sums)
 
 
 def stage(recipe: Recipe, out: Path, ingested: Ingested, sketches: Sketches) -> dict:
@@ -145,7 +221,7 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, sketches: Sketches) -> 
     loss = pool.evaluate(subsets)
     seconds = time.perf_counter() - start
     Estimates(out).write(pool.groups, subsets, loss, pl.DataFrame({"id": pool.ids, "group": pool.names}),
-                         pool.group_effects())
+                         pool.group_effects(), np.stack([pool.sums.gram, pool.sums.cross]))
     return {"groups": len(pool.groups), "subsets": len(subsets), "subset_size": int(subsets[0].sum()),
             "base_loss": pool.base_loss, "loss_min": float(loss.min()), "loss_max": float(loss.max()),
             "seconds": round(seconds, 3)}

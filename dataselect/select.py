@@ -311,7 +311,7 @@ def by_surrogate(recipe: Recipe, inputs: Inputs) -> Scores:
 
 def by_group_effect(recipe: Recipe, inputs: Inputs) -> Scores:
     """Each group's own effect, computed once by the estimate stage."""
-    effects = inputs.estimates.group_gradients().select("group", score="per_token", ci95="ci95")
+    effects = inputs.estimates.group_gradients().select("group", score="effect", ci95="ci95")
     return effects.cast(SCORE_SCHEMA), None
 
 
