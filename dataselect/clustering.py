@@ -8,12 +8,14 @@ different clusters on two CPUs.
 So: float64 throughout, many seeded k-means++ starts on a bounded sample, the start with the
 highest objective kept (ties broken by start order, not by float noise), a final Lloyd pass on
 every row, and clusters numbered by size so their names do not depend on the start that found
-them. Each row's margin (cosine to its centre minus cosine to the next) says how close it sits to
+them. The final pass streams the stored sketches in blocks, each made unit float64 on the fly,
+so a source of millions of rows never has a float64 copy in memory. Each row's margin (cosine to its centre minus cosine to the next) says how close it sits to
 a boundary: only rows with a margin near 0 can move when the sketches change by float noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,33 +37,39 @@ class Clusters:
                 "min_margin": float(self.margins.min()) if len(self.margins) else None}
 
 
-def unit_rows(x: np.ndarray, block: int = 65536) -> np.ndarray:
+Prepare = Callable[[np.ndarray], np.ndarray]  # raw rows → unit float64 rows
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to norm 1 in float64 (zero rows stay zero)."""
-    out = np.empty(x.shape, dtype=np.float64)
-    for i in range(0, len(x), block):
-        b = np.asarray(x[i : i + block], dtype=np.float64)
-        out[i : i + block] = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-300)
-    return out
+    b = np.asarray(x, dtype=np.float64)
+    return b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-300)
 
 
-def spherical_kmeans(x: np.ndarray, k: int, seed: int) -> Clusters:
-    """Cluster unit rows `x` into k groups by cosine; deterministic for a given x, k and seed."""
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, prepare: Prepare = unit_rows,
+                     block: int = 65536) -> Clusters:
+    """Cluster the rows of `x` (in memory or memory-mapped) into k groups by the cosine of their
+    `prepare`d forms; deterministic for a given x, k and seed, whatever `block`."""
     k = min(k, len(x))
     if k <= 1:
         return Clusters(np.zeros(len(x), dtype=np.int64), np.full(len(x), np.inf))
     rng = np.random.default_rng(seed)
-    sample = x if len(x) <= SAMPLE else x[np.sort(rng.choice(len(x), SAMPLE, replace=False))]
+    sample = prepare(x if len(x) <= SAMPLE else x[np.sort(rng.choice(len(x), SAMPLE, replace=False))])
     best, best_score = None, -np.inf
     for start in range(STARTS):
         centres = lloyd(sample, kmeans_plus_plus(sample, k, np.random.default_rng([seed, start])))
         score = objective(sample, centres)
         if best is None or score > best_score + _TIE * abs(best_score):
             best, best_score = centres, score
-    centres = lloyd(x, best)
-    sims = x @ centres.T
-    labels = sims.argmax(1)
-    top2 = np.sort(sims, axis=1)[:, -2:]
-    return Clusters(by_size(labels, k), top2[:, 1] - top2[:, 0])
+    blocks = [slice(i, min(i + block, len(x))) for i in range(0, len(x), block)]
+    centres = lloyd(sample, best) if len(x) <= SAMPLE else lloyd_streamed(x, best, prepare, blocks)
+    labels, margins = np.empty(len(x), dtype=np.int64), np.empty(len(x))
+    for rows in blocks:
+        sims = prepare(x[rows]) @ centres.T
+        labels[rows] = sims.argmax(1)
+        top2 = np.sort(sims, axis=1)[:, -2:]
+        margins[rows] = top2[:, 1] - top2[:, 0]
+    return Clusters(by_size(labels, k), margins)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -80,14 +88,23 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 def lloyd(x: np.ndarray, centres: np.ndarray, iterations: int = 100) -> np.ndarray:
     """Assign to the nearest centre by cosine, move each centre to its rows' mean direction, until
     no row moves. An emptied cluster keeps its centre."""
+    return lloyd_streamed(x, centres, lambda rows: rows, [slice(0, len(x))], iterations)
+
+
+def lloyd_streamed(x: np.ndarray, centres: np.ndarray, prepare: Prepare, blocks: list[slice],
+                   iterations: int = 100) -> np.ndarray:
+    """Lloyd's iterations over `x` read block by block (each block `prepare`d); the rows are summed
+    in row order, so the centres are the same, bit for bit, whatever the blocks."""
     centres, labels = centres.copy(), None
     for _ in range(iterations):
-        new = (x @ centres.T).argmax(1)
+        new, sums = np.empty(len(x), dtype=np.int64), np.zeros_like(centres)
+        for rows in blocks:
+            unit = prepare(x[rows])
+            new[rows] = (unit @ centres.T).argmax(1)
+            np.add.at(sums, new[rows], unit)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = np.zeros_like(centres)
-        np.add.at(sums, labels, x)
         norms = np.linalg.norm(sums, axis=1)
         moved = norms > 0
         centres[moved] = sums[moved] / norms[moved, None]

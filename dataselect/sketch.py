@@ -218,7 +218,7 @@ def directions(sketches: np.ndarray, points: int) -> np.ndarray:
 def cluster(sketches: np.ndarray, k: int, seed: int, points: int = 1) -> Clusters:
     """Groups of examples whose gradients point the same way along the path: spherical k-means
     on their directions (each point's part at norm 1, so every point counts alike)."""
-    return spherical_kmeans(unit_rows(directions(sketches, points)), k, seed)
+    return spherical_kmeans(sketches, k, seed, prepare=lambda rows: unit_rows(directions(rows, points)))
 
 
 def point_seed(seed: int, k: int) -> int:

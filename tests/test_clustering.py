@@ -81,3 +81,22 @@ def test_stability_names_the_close_calls():
 def test_no_stability_without_intervals():
     rules = Select(method="random", keep_fraction=0.5, min_score=None)
     assert stability(_scored(0.5).with_columns(ci95=pl.lit(None, pl.Float64)), rules, {"a"}, seed=0) is None
+
+
+def test_streaming_the_rows_in_blocks_gives_the_same_clusters(tmp_path):
+    """A source too large to hold in float64 is read from its memory-mapped sketches block by block;
+    the blocks change nothing, bit for bit."""
+    import dataselect.clustering as clustering
+
+    x, truth = planted(sizes=(300, 200, 120))
+    np.save(tmp_path / "x.npy", (x * 3).astype(np.float32))  # stored sketches are neither unit nor float64
+    stored = np.load(tmp_path / "x.npy", mmap_mode="r")
+    original = clustering.SAMPLE
+    clustering.SAMPLE = 100  # so the final pass runs over more rows than the starts saw
+    try:
+        whole = spherical_kmeans(stored, 3, seed=0, block=len(x))
+        blocks = spherical_kmeans(stored, 3, seed=0, block=37)
+    finally:
+        clustering.SAMPLE = original
+    assert same_partition(whole.labels, truth)
+    assert np.array_equal(whole.labels, blocks.labels) and np.array_equal(whole.margins, blocks.margins)
