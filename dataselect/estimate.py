@@ -53,11 +53,11 @@ def alignments(x: np.ndarray, target: np.ndarray, group_of: np.ndarray, tokens: 
     interval need."""
     inner, squares = [], []
     sums = torch.zeros((n_groups, x.shape[1]), dtype=torch.float64)
-    weighted = torch.zeros_like(sums)
+    weighted, target = torch.zeros_like(sums), torch.from_numpy(np.asarray(target, np.float64))
     for i in range(0, len(x), block):
         rows = torch.from_numpy(np.asarray(x[i : i + block], dtype=np.float64))
         index = torch.from_numpy(np.asarray(group_of[i : i + block], dtype=np.int64))
-        inner.append((rows @ torch.from_numpy(np.asarray(target, np.float64))).numpy())
+        inner.append((rows @ target).numpy())
         squares.append((rows * rows).sum(1).numpy())
         sums.index_add_(0, index, rows)
         weighted.index_add_(0, index, rows * torch.from_numpy(np.asarray(tokens[i : i + block], np.float64))[:, None])
@@ -92,8 +92,8 @@ class GroupSums:
         mean about it (Σ_{j∈B} g_j / Σ_{j∈B} T_j over `batch` examples, by the delta method)."""
         member = _matrix(membership)
         tokens, count = np.maximum(member @ self.tokens, 1.0), np.maximum(member @ self.count, 1.0)
-        signal = np.einsum("sg,gh,sh->s", member, self.gram, member) / tokens**2
-        spread = (member @ self.squares - 2 * np.einsum("sg,gh,sh->s", member, self.cross, member) / tokens
+        signal = _quadratic(member, self.gram) / tokens**2
+        spread = (member @ self.squares - 2 * _quadratic(member, self.cross) / tokens
                   + (member @ self.token_squares) * signal) / count
         return signal + np.maximum(spread, 0.0) / (self.batch * (tokens / count) ** 2)
 
@@ -110,13 +110,18 @@ def group_sums(recipe: Recipe, estimates: Estimates) -> GroupSums:
     return GroupSums(*columns, gram, cross, float(recipe.meta_init.batch_size))
 
 
+def _quadratic(member: np.ndarray, products: np.ndarray) -> np.ndarray:
+    """m_S · products · m_S for every subset's membership row m_S (one matrix product)."""
+    return ((member @ products) * member).sum(1)
+
+
 def _matrix(membership: np.ndarray) -> np.ndarray:
     return np.atleast_2d(membership).astype(np.float64)
 
 
 def subset_losses(membership: np.ndarray, sums: GroupSums, base_loss: float) -> np.ndarray:
     """f̂(S) = L⁰ − c_S · ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j for each row of `membership`
-    (subsets × groups), from the groups' sums (`Estimates.group_sums`)."""
+    (subsets × groups), from the groups' sums (`group_sums` reads a finished stage's)."""
     return base_loss - sums.step_scales(membership) * sums.per_token(membership)
 
 
