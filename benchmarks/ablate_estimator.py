@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as nnf
-from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
+from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, regime_of, setting
 
 from dataselect.artifacts import FineTune
 
@@ -306,7 +306,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=["t0", "demo", "gsm8k"], default="t0")
     parser.add_argument("--targets", default=",".join(T0_IN_POOL + T0_TRANSFER))
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--variants", default="", help="indices into VARIANTS (default: all)")
@@ -342,7 +342,7 @@ def main() -> None:
             cells[v.label()][target or args.setting] = cell
         print(f"{target or args.setting}: done", file=sys.stderr, flush=True)
     names = [t or args.setting for t in targets]
-    print(f"\n{args.setting}, regime {args.regime}: Spearman with the true target loss over the verified subsets "
+    print(f"\n{args.setting}, regime {regime_of(args.setting, args.regime)}: Spearman with the true target loss over the verified subsets "
           "(#: the rank the random ensemble gives the target's own dataset)\n")
     print("| variant | " + " | ".join(names) + " | median |\n|---|" + "---|" * (len(names) + 1))
     for v in chosen:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
+from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, setting
 
 from dataselect.selectors import SELECTORS
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--setting", choices=["demo", "gsm8k", "t0"], default="demo")
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--targets", default=",".join(T0_IN_POOL + T0_TRANSFER), help="t0 targets")
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")

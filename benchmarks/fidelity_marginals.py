@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from settings import CACHE, setting
+from settings import CACHE, REGIMES, REGIME_HELP, setting
 
 from dataselect.verify import spearman
 
@@ -53,7 +53,7 @@ def marginals(recipe) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="xsum,samsum")
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()

