@@ -11,7 +11,9 @@ Reads the stored sketches and, per T0 target, the subsets `bench_fidelity.py` fi
 (run it first); prints the Spearman correlation of each form with the true target loss, and
 the rank each gives an in-pool target's own dataset. With
 `--gsm8k`, also the ranking each form gives GSM8K's groups (from `bench_selection.py --setting
-gsm8k`'s run): whether every model-written source's correct solutions rank above its incorrect ones.
+gsm8k`'s run, or `rank_groups.py --setting gsm8k`'s; `--regime` picks GSM8K's regime too, by
+default scratch): whether every model-written source's correct solutions rank above its incorrect
+ones; and, once `bench_fidelity.py --setting gsm8k` has run, each form's Spearman over its subsets.
 With `--smollm2`, the rank each form gives samsum's own data among the T0 groups with
 SmolLM2-135M-Instruct and LoRA (from `bench_selection.py --setting t0 --model smollm2 --targets
 samsum`'s run). Validation data only.
@@ -25,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
+from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, regime_of, setting
 
 from dataselect import run
 from dataselect.estimate import GroupSums, group_sums
@@ -40,6 +42,13 @@ def drops(membership: np.ndarray, sums: GroupSums) -> dict[str, np.ndarray]:
             "signal plus batch noise (default)": sums.step_scales(membership) * plain}
 
 
+def verified_spearman(recipe, sums: GroupSums) -> dict[str, float]:
+    """Per form, Spearman(estimate, true target loss) over the run's verified subsets."""
+    results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
+    return {form: spearman(-drop, results["true_loss"].to_numpy())
+            for form, drop in drops(members.astype(np.float64), sums).items()}
+
+
 def current_sums(recipe) -> tuple[list[str], GroupSums]:
     run(recipe, until="estimate")  # brings a folder built by older code up to date; a no-op otherwise
     return recipe.run.estimates.read()[0], group_sums(recipe, recipe.run.estimates)
@@ -48,7 +57,7 @@ def current_sums(recipe) -> tuple[list[str], GroupSums]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default=",".join(T0_IN_POOL[:3] + T0_TRANSFER))
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--gsm8k", action="store_true")
     parser.add_argument("--smollm2", action="store_true")
     parser.add_argument("--cache", type=Path, default=CACHE)
@@ -58,13 +67,12 @@ def main() -> None:
     for target in args.targets.split(","):
         chosen = setting("t0", target=target, regime=args.regime, cache=args.cache)
         recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
-        results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
-        if results is None or members is None:
+        if recipe.run.verification.results() is None:
             raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} "
-                             f"--regime {args.regime} first")
+                             f"--regime {regime_of('t0', args.regime)} first")
         names, sums = current_sums(recipe)
-        for form, drop in drops(members.astype(np.float64), sums).items():
-            rhos.setdefault(form, {})[target] = spearman(-drop, results["true_loss"].to_numpy())
+        for form, rho in verified_spearman(recipe, sums).items():
+            rhos.setdefault(form, {})[target] = rho
         if chosen.own_group:
             for form, drop in drops(np.eye(len(names)), sums).items():
                 order = [names[i] for i in np.argsort(-drop)]
@@ -81,14 +89,20 @@ def main() -> None:
         for form, by_target in own.items():
             print(f"| {form} | " + " | ".join(str(r) for r in by_target.values()) + " |")
     if args.gsm8k:
-        recipe = setting("gsm8k").load(args.cache / "runs" / "gsm8k-tiny")
+        chosen = setting("gsm8k", regime=args.regime, cache=args.cache)
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-tiny")
         groups, sums = current_sums(recipe)
         for form, drop in drops(np.eye(len(groups)), sums).items():
             rank = {groups[i]: r + 1 for r, i in enumerate(np.argsort(-drop))}
             sources = sorted({g.split("/")[0] for g in groups if g.endswith("/True")})
             above = [s for s in sources if rank[f"{s}/True"] < rank[f"{s}/False"]]
-            print(f"\ngsm8k, {form}: correct above incorrect for {len(above)} of {len(sources)} sources ("
+            print(f"\n{chosen.name}, {form}: correct above incorrect for {len(above)} of {len(sources)} sources ("
                   + ", ".join(f"{s} {rank[f'{s}/True']} vs {rank[f'{s}/False']}" for s in sources) + ")")
+        verified = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
+        if verified.run.verification.results() is not None:  # bench_fidelity.py --setting gsm8k ran
+            by_form = verified_spearman(verified, current_sums(verified)[1])
+            print(f"\n{chosen.name}, Spearman(estimate, true target loss) over its verified subsets: "
+                  + ", ".join(f"{form} {rho:.3f}" for form, rho in by_form.items()))
     if args.smollm2:
         chosen = setting("t0", model="smollm2", target="samsum", cache=args.cache)
         recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-smollm2")

@@ -1,6 +1,6 @@
 """How well do the estimates track real fine-tunes? `dataselect verify`, per setting and target.
 
-    python benchmarks/bench_fidelity.py [--setting demo|t0] [--targets samsum,imdb,...]
+    python benchmarks/bench_fidelity.py [--setting demo|gsm8k|t0] [--targets samsum,imdb,...]
                                         [--regime pretrained|scratch] [--subsets 30] [--repeats 3]
 
 For each target: builds the setting (reusing ingest, meta-init and sketches from `--cache`, always
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from settings import CACHE, T0_IN_POOL, T0_TRANSFER, setting
+from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, regime_of, setting
 
 LATER_STAGES = ("estimate", "select", "export", "verify")
 
@@ -60,9 +60,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", choices=["demo", "t0"], default="demo")
+    parser.add_argument("--setting", choices=["demo", "gsm8k", "t0"], default="demo")
     parser.add_argument("--targets", default=",".join(T0_IN_POOL + T0_TRANSFER), help="t0 targets")
-    parser.add_argument("--regime", choices=["pretrained", "scratch"], default="pretrained")
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--subsets", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -88,7 +88,7 @@ def main() -> None:
             label += " (in-pool)" if target in T0_IN_POOL else " (transfer)"
         rows.append(fidelity_row(label, summary, own_rank(recipe, chosen.own_group)))
         print(f"{label}: {time.perf_counter() - began:.0f} s; {recipe.run.verification.report}", flush=True)
-    print(f"\nsetting {args.setting}, regime {args.regime if args.setting == 't0' else '—'}, seed {args.seed}: "
+    print(f"\nsetting {args.setting}, regime {regime_of(args.setting, args.regime) if args.setting != 'demo' else '—'}, seed {args.seed}: "
           f"Spearman of each predictor with the true target loss after a real fine-tune; errors relative\n")
     if len(rows) > 1:
         numeric = pl.DataFrame([{k: v for k, v in r.items() if isinstance(v, float)} for r in rows])
