@@ -49,7 +49,14 @@ class StageOutput:
 
     def summary(self) -> dict:
         """The summary the stage returned (for the manifest's account of every stage)."""
-        return json.loads((self.folder / _RECORD).read_text())["summary"]
+        return self._record()["summary"]
+
+    def stage(self) -> str:
+        """The name of the stage that wrote this folder."""
+        return self._record()["stage"]
+
+    def _record(self) -> dict:
+        return json.loads((self.folder / _RECORD).read_text())
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,8 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        stages = {"ingest": ingested, "meta_init": meta, "sketch": sketches, "estimate": estimates, "select": selection}
-        files = _write_output(recipe, dataset, accounted, groups, tmp, final, copies,
-                              {name: output.summary() for name, output in stages.items()})
+        stages = {output.stage(): output.summary() for output in (ingested, meta, sketches, estimates, selection)}
+        files = _write_output(recipe, dataset, accounted, groups, tmp, final, copies, stages)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed export (a full disk, say) leaves nothing behind
         raise
