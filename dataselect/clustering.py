@@ -9,8 +9,9 @@ So: float64 throughout, many seeded k-means++ starts on a bounded sample, the st
 highest objective kept (ties broken by start order, not by float noise), a final Lloyd pass on
 every row, and clusters numbered by size so their names do not depend on the start that found
 them. The final pass streams the stored sketches in blocks, each made unit float64 on the fly,
-so a source of millions of rows never has a float64 copy in memory. Each row's margin (cosine to its centre minus cosine to the next) says how close it sits to
-a boundary: only rows with a margin near 0 can move when the sketches change by float noise.
+so a source of millions of rows never has a float64 copy in memory. Each row's margin (cosine
+to its centre minus cosine to the next) says how close it sits to a boundary: only rows with a
+margin near 0 can move when the sketches change by float noise.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, prepare: Prepare = unit_r
         if best is None or score > best_score + _TIE * abs(best_score):
             best, best_score = centres, score
     blocks = [slice(i, min(i + block, len(x))) for i in range(0, len(x), block)]
-    centres = lloyd(sample, best) if len(x) <= SAMPLE else lloyd_streamed(x, best, prepare, blocks)
+    rows_at = (lambda rows: sample[rows]) if len(x) <= SAMPLE else (lambda rows: prepare(x[rows]))
+    centres = lloyd_streamed(len(x), best, rows_at, blocks)
     labels, margins = np.empty(len(x), dtype=np.int64), np.empty(len(x))
     for rows in blocks:
-        sims = prepare(x[rows]) @ centres.T
+        sims = rows_at(rows) @ centres.T
         labels[rows] = sims.argmax(1)
         top2 = np.sort(sims, axis=1)[:, -2:]
         margins[rows] = top2[:, 1] - top2[:, 0]
@@ -88,18 +90,18 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 def lloyd(x: np.ndarray, centres: np.ndarray, iterations: int = 100) -> np.ndarray:
     """Assign to the nearest centre by cosine, move each centre to its rows' mean direction, until
     no row moves. An emptied cluster keeps its centre."""
-    return lloyd_streamed(x, centres, lambda rows: rows, [slice(0, len(x))], iterations)
+    return lloyd_streamed(len(x), centres, lambda rows: x[rows], [slice(0, len(x))], iterations)
 
 
-def lloyd_streamed(x: np.ndarray, centres: np.ndarray, prepare: Prepare, blocks: list[slice],
+def lloyd_streamed(n: int, centres: np.ndarray, rows_at: Callable[[slice], np.ndarray], blocks: list[slice],
                    iterations: int = 100) -> np.ndarray:
-    """Lloyd's iterations over `x` read block by block (each block `prepare`d); the rows are summed
-    in row order, so the centres are the same, bit for bit, whatever the blocks."""
+    """Lloyd's iterations over n unit rows read block by block (`rows_at`); the rows are summed in
+    row order, so the centres are the same, bit for bit, whatever the blocks."""
     centres, labels = centres.copy(), None
     for _ in range(iterations):
-        new, sums = np.empty(len(x), dtype=np.int64), np.zeros_like(centres)
+        new, sums = np.empty(n, dtype=np.int64), np.zeros_like(centres)
         for rows in blocks:
-            unit = prepare(x[rows])
+            unit = rows_at(rows)
             new[rows] = (unit @ centres.T).argmax(1)
             np.add.at(sums, new[rows], unit)
         if labels is not None and np.array_equal(new, labels):
