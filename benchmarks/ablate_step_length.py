@@ -43,10 +43,11 @@ def drops(membership: np.ndarray, sums: GroupSums) -> dict[str, np.ndarray]:
 
 
 def verified_spearman(recipe, sums: GroupSums) -> dict[str, float]:
-    """Per form, Spearman(estimate, true target loss) over the run's verified subsets."""
-    results, members = recipe.run.verification.results(), recipe.run.verification.memberships()
-    return {form: spearman(-drop, results["true_loss"].to_numpy())
-            for form, drop in drops(members.astype(np.float64), sums).items()}
+    """Per form, Spearman(estimate, true target loss) over the run's verified subsets (each
+    fine-tuned for the recipe's epochs, so its steps scale with its rows)."""
+    results, members = recipe.run.verification.results(), recipe.run.verification.memberships().astype(np.float64)
+    lengths = sums.training_lengths(members, "epochs")
+    return {form: spearman(-lengths * drop, results["true_loss"].to_numpy()) for form, drop in drops(members, sums).items()}
 
 
 def current_sums(recipe) -> tuple[list[str], GroupSums]:

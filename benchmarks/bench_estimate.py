@@ -106,7 +106,7 @@ def measure(size: int, args, tmp: Path) -> dict:
     labels = [f"g{g:05d}" for g in range(args.groups)]  # sorted as numbered, so the subsets' columns match
     pool = pool_of([], [labels[g] for g in group_of], x, tokens, target_rows, target_tokens,
                    np.zeros(len(target_tokens)), BATCH)
-    loss = pool.evaluate(subsets)
+    loss = pool.evaluate(subsets, budget="steps")
     pool.group_effects()
     seconds = time.perf_counter() - start
     rows = row_level(x, group_of, tokens, target, subsets[: args.check], BATCH)

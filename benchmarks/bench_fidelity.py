@@ -10,7 +10,8 @@ estimate stage's random subsets plus the selection and its complement (fine-tune
 the rank the default selector gives the target's own dataset (t0 in-pool), Spearman and Kendall
 of the estimate against the true target loss, its median and mean squared relative errors
 beside the constant-mean predictor's and the truth's own seed-to-seed noise (`--repeats`
-subsets fine-tuned again), and each similarity baseline's subset-score Spearman. The last line
+subsets fine-tuned again), each similarity baseline's subset-score Spearman, and that of the
+subset's rows alone (where subsets differ in size, their fine-tunes differ in steps). The last line
 is the median over targets. Per-target detail: <cache>/runs/<name>/run/verify/report.md.
 """
 
@@ -47,7 +48,7 @@ def fidelity_row(label: str, summary: dict, rank: str) -> dict:
             "constant-mean err": summary["constant_mean_loo"]["median_relative_error"],
             "truth noise": summary["truth_noise"]["median_relative_difference"],
             "grad. sim.": base["gradient_similarity"], "repr. sim.": base["representation_similarity"],
-            "dsir": base["dsir"]}
+            "dsir": base["dsir"], "rows alone": summary["rows_alone_spearman"]}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -31,17 +31,17 @@ from dataselect.estimate import GroupSums, group_sums, subset_losses
 
 
 def dropped_score(effects, sums: GroupSums, dropped: list[str]) -> str:
-    """The dropped groups' own effect, L⁰ − f̂(dropped) (with its interval for a single group)."""
-    score = -float(subset_losses(effects["group"].is_in(dropped).to_numpy(), sums, 0.0)[0])
+    """The dropped groups' own effect per step, L⁰ − f̂(dropped) (with its interval for a single group)."""
+    score = -float(subset_losses(effects["group"].is_in(dropped).to_numpy(), sums, 0.0, "steps")[0])
     if len(dropped) == 1:
         return f"{score:+.3e} ± {effects.filter(effects['group'] == dropped[0])['ci95'][0]:.1e}"
     return f"{score:+.3e}"
 
 
-def estimated_change(effects, sums: GroupSums, kept: set[str]) -> float:
+def estimated_change(effects, sums: GroupSums, kept: set[str], budget: str) -> float:
     """f̂(mixture) − f̂(all sources): the change of the target's loss the estimate predicts."""
     mixture = effects["group"].is_in(list(kept)).to_numpy()
-    return float(np.diff(subset_losses(np.vstack([np.ones_like(mixture), mixture]), sums, 0.0))[0])
+    return float(np.diff(subset_losses(np.vstack([np.ones_like(mixture), mixture]), sums, 0.0, budget))[0])
 
 
 def paired(values: list[float], base: list[float]) -> str:
@@ -81,7 +81,7 @@ def main() -> None:
             sys.exit(f"--drop {pattern!r} matches {len(dropped)} of the groups {sorted(groups)}")
         r = evaluate_mixture(recipe, sources, groups - set(dropped), seeds, args.budget, finetunes)
         print(f"| without {pattern} | {len(dropped)} | {r['rows']} | {dropped_score(effects, sums, dropped)} | "
-              f"{estimated_change(effects, sums, groups - set(dropped)):+.4f} | "
+              f"{estimated_change(effects, sums, groups - set(dropped), args.budget):+.4f} | "
               f"{_ms(r['val'])} | {paired(r['val'], base['val'])} | {_ms(r['test'])} | "
               f"{paired(r['test'], base['test'])} |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s wall")

@@ -9,12 +9,16 @@ subset whose gradient is large (a few short answers, each token near-certain to 
 step further than one whose gradient is small; its direction is what counts. With one such
 scale for all coordinates,
 
-    f̂(S) = L⁰ − c_S ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j,   c_S = √((s_pool + n_pool) / (s_S + n_S)),
+    f̂(S) = L⁰ − (K_S / K) c_S ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j,   c_S = √((s_pool + n_pool) / (s_S + n_S)),
 
 with L⁰ the target's validation loss at the base model, ḡ_target its gradient's sketch (per
 token), T_j the response tokens of example j, s_S = ‖ḡ_S‖² the squared length of S's per-token
 gradient and n_S the spread of a batch's mean about it (the delta method, meta-init's batch
-size). c_pool = 1: the whole pool's estimate is meta-init's own step. Every quantity is a sum over
+size). K_S / K is how many steps the fine-tune of S takes against the whole pool's: with the
+recipe's epochs over S's rows (`budget="epochs"`, how `verify` and a user's trainer fine-tune a
+mixture) it is S's share of the pool's rows, so a half-sized subset takes half the steps; at a
+fixed number of steps (`budget="steps"`) it is 1, and what is left is the value of one step.
+c_pool = 1: the whole pool's estimate is meta-init's own step. Every quantity is a sum over
 examples, so each group contributes a few numbers and two rows of group × group inner products,
 and thousands of subsets cost a few small matrix products, whatever the number of rows.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -33,6 +38,8 @@ from .artifacts import Estimates, Ingested, Sketches
 from .examples import response_tokens
 from .recipe import Recipe
 from .sketch import stacked_sources, target_sketches
+
+Budget = Literal["epochs", "steps"]
 
 
 def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndarray:
@@ -97,6 +104,14 @@ class GroupSums:
                   + (member @ self.token_squares) * signal) / count
         return signal + np.maximum(spread, 0.0) / (self.batch * (tokens / count) ** 2)
 
+    def training_lengths(self, membership: np.ndarray, budget: Budget) -> np.ndarray:
+        """K_S / K: the steps a fine-tune of S takes against the whole pool's. With the recipe's
+        epochs over S, that is S's share of the pool's rows; at a fixed budget of steps, 1."""
+        member = _matrix(membership)
+        if budget == "steps":
+            return np.ones(len(member))
+        return (member @ self.count) / max(self.count.sum(), 1.0)
+
     def step_scales(self, membership: np.ndarray) -> np.ndarray:
         """c_S: how much longer AdamW's step on S is than on the whole pool, per unit of gradient."""
         pool = self.mean_square(np.ones(len(self.tokens)))
@@ -119,10 +134,13 @@ def _matrix(membership: np.ndarray) -> np.ndarray:
     return np.atleast_2d(membership).astype(np.float64)
 
 
-def subset_losses(membership: np.ndarray, sums: GroupSums, base_loss: float) -> np.ndarray:
-    """f̂(S) = L⁰ − c_S · ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j for each row of `membership`
-    (subsets × groups), from the groups' sums (`group_sums` reads a finished stage's)."""
-    return base_loss - sums.step_scales(membership) * sums.per_token(membership)
+def subset_losses(membership: np.ndarray, sums: GroupSums, base_loss: float, budget: Budget) -> np.ndarray:
+    """f̂(S) = L⁰ − (K_S / K) c_S ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j for each row of
+    `membership` (subsets × groups), from the groups' sums (`group_sums` reads a finished
+    stage's). `budget="epochs"`: S fine-tuned for the recipe's epochs over its own rows, as
+    `verify` does; `"steps"`: every subset fine-tuned for as many steps as the whole pool."""
+    return base_loss - sums.training_lengths(membership, budget) * sums.step_scales(membership) \
+        * sums.per_token(membership)
 
 
 @dataclass
@@ -143,15 +161,15 @@ class Pool:
     sums: GroupSums
 
     def group_effects(self) -> pl.DataFrame:
-        """Per group: its summed alignment, tokens, the alignment per token, its step scale c_g and
-        its own first-order effect L⁰ − f̂({g}) = c_g · alignment per token (the drop in target
-        loss per step of training on it alone), with the 95% interval of that effect. Both sides
-        are samples: the group's examples of its source, and the validation examples of the
-        target task. The interval adds the two ratio estimators' variances (over the group's
-        examples, and over the target's), which counts their interaction twice, so it errs wide
-        by a term of order 1/(examples × target rows); it takes c_g as known, so it measures the
-        noise of the effect's sign, which is what the keep-rules test at `min_score: 0`.
-        Written once here, so selection reads a few numbers per group instead of every sketch."""
+        """Per group: its summed alignment, tokens, the alignment per token, its step scale c_g and its own
+        first-order effect L⁰ − f̂({g}) = c_g · alignment per token at a fixed budget of steps (the drop in
+        target loss per step of training on it alone: what a group is worth whatever its size), with the
+        95% interval of that effect. Both sides are samples: the group's examples of its source, and the
+        validation examples of the target task. The interval adds the two ratio estimators' variances (over
+        the group's examples, and over the target's), which counts their interaction twice, so it errs wide
+        by a term of order 1/(examples × target rows); it takes c_g as known, so it measures the noise of
+        the effect's sign, which is what the keep-rules test at `min_score: 0`. Written once here, so
+        selection reads a few numbers per group instead of every sketch."""
         n = len(self.groups)
         count, tokens = self.sums.count, self.sums.tokens
         per_token = self.sums.alignment / np.maximum(tokens, 1.0)
@@ -168,9 +186,10 @@ class Pool:
                              "ci95": 1.96 * scale * np.hypot(se_examples, se_target),
                              "ci95_examples": 1.96 * scale * se_examples, "ci95_target": 1.96 * scale * se_target})
 
-    def evaluate(self, membership: np.ndarray) -> np.ndarray:
-        """f̂(S) for each row of `membership` (subsets × groups): the estimated target loss."""
-        return subset_losses(membership, self.sums, self.base_loss)
+    def evaluate(self, membership: np.ndarray, budget: Budget) -> np.ndarray:
+        """f̂(S) for each row of `membership` (subsets × groups): the estimated target loss after
+        S's fine-tune for the recipe's epochs (`"epochs"`) or for the pool's steps (`"steps"`)."""
+        return subset_losses(membership, self.sums, self.base_loss, budget)
 
 
 def _ratio_se(squared_residuals: np.ndarray, count: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -218,12 +237,14 @@ def pool_of(ids: list[str], names: list[str], x: np.ndarray, tokens: np.ndarray,
 
 
 def stage(recipe: Recipe, out: Path, ingested: Ingested, sketches: Sketches) -> dict:
-    """Sample subsets of groups, estimate each, and keep everything selection needs as files."""
+    """Sample subsets of groups, estimate each, and keep everything selection needs as files. The
+    subsets' estimates are at a fixed budget of steps: selection asks which mixture of a budget
+    is best."""
     pool = load_pool(recipe, ingested, sketches)
     spec = recipe.estimate
     subsets = sample_subsets(len(pool.groups), spec.subsets, spec.subset_fraction, recipe.seed)
     start = time.perf_counter()
-    loss = pool.evaluate(subsets)
+    loss = pool.evaluate(subsets, budget="steps")
     seconds = time.perf_counter() - start
     Estimates(out).write(pool.groups, subsets, loss, pl.DataFrame({"id": pool.ids, "group": pool.names}),
                          pool.group_effects(), np.stack([pool.sums.gram, pool.sums.cross]))

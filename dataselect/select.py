@@ -330,7 +330,8 @@ def by_forward(recipe: Recipe, inputs: Inputs) -> Scores:
     groups = inputs.estimates.read()[0]
     pool = load_pool(recipe, inputs.ingested, inputs.sketches)
     n_keep = max(1, math.ceil(recipe.select.keep_fraction * len(groups)))
-    chosen, scores = forward_selection(pool.evaluate, len(groups), pool.base_loss, n_keep, recipe.select.min_score)
+    chosen, scores = forward_selection(lambda m: pool.evaluate(m, budget="steps"), len(groups), pool.base_loss, n_keep,
+                                       recipe.select.min_score)
     frame = pl.DataFrame({"group": groups, "score": scores, "ci95": None}, schema=SCORE_SCHEMA)
     return frame, [groups[i] for i in chosen]
 

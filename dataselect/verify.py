@@ -1,12 +1,14 @@
 """Verification: how far to trust the estimates, measured against real fine-tunes.
 
 For k subsets of groups — some sampled at random, plus the selector's choice and its complement —
-fine-tune the base model for real (meta-init's settings, on the subset's rows only) and measure
-the target's validation token cross-entropy. Report, per subset, the estimate and the truth, and
+fine-tune the base model for real (meta-init's settings, on the subset's rows only, so a subset
+with fewer rows takes fewer steps, as the estimate expects) and measure the target's validation
+token cross-entropy. Report, per subset, the estimate and the truth, and
 overall the rank correlations (Spearman, Kendall), R², median and mean squared relative error:
 of the raw estimates, of the estimates mapped to the truth's scale by a log-affine fit
 (leave-one-out, so no subset grades itself), of a constant-mean predictor, and the rank
-correlations of the similarity baselines' subset scores; beside them the truth's own noise: a
+correlations of the similarity baselines' subset scores and of the subset's rows alone (how much
+of the ranking its size explains); beside them the truth's own noise: a
 few subsets fine-tuned again with the next seed (no estimator can be closer to one fine-tune than
 a second fine-tune of the same data is).
 
@@ -146,7 +148,7 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
     ids, groups = pool.ids, pool.groups
     chosen = choose_subsets(recipe, groups, k_random)
     memberships = np.stack([m for _, m in chosen])
-    estimate = pool.evaluate(memberships)
+    estimate = pool.evaluate(memberships, budget="epochs")  # as each subset is fine-tuned below
     examples = recipe.run.ingested.examples()
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
     group_of_id = dict(zip(ids, pool.names))
@@ -175,6 +177,7 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
                                   truth, leave_one_out_mean(truth)),
                               "r2": r_squared(truth, leave_one_out_mean(truth))},
         "baselines_spearman": {k: spearman(-v, truth) for k, v in baselines.items()},
+        "rows_alone_spearman": _rows_alone(results["examples"].to_numpy(), truth),
         **({"exact_match_spearman": _accuracy_spearman(estimate, baselines, accuracy["true_exact_match"])}
            if accuracy else {}),
         "truth_noise": noise,
@@ -184,6 +187,11 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
                                                      f"{len(results)} subsets"))
     folder.report.write_text(_report(results, summary))
     return summary
+
+
+def _rows_alone(examples: np.ndarray, truth: np.ndarray) -> float | None:
+    """Spearman of "more rows, lower loss" with the truth; None when every subset is as large."""
+    return spearman(-examples.astype(float), truth) if np.ptp(examples) else None
 
 
 def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], accuracy: list[float]) -> dict | None:
@@ -212,6 +220,8 @@ def _report(results: pl.DataFrame, summary: dict) -> str:
                  f"{c['mean_squared_relative_error']:.2e} |")
     for k, v in summary["baselines_spearman"].items():
         lines.append(f"| {k} (subset score) | {v:.3f} | | | | |")
+    if summary["rows_alone_spearman"] is not None:
+        lines.append(f"| the subset's rows alone | {summary['rows_alone_spearman']:.3f} | | | | |")
     if em and summary["exact_match_spearman"] is None:
         lines += ["", f"Every fine-tune's exact match was {results['true_exact_match'][0]:.3f}: nothing to rank."]
     elif em:

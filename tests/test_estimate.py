@@ -28,7 +28,9 @@ def test_a_subsets_estimate_is_the_base_loss_minus_its_scaled_per_token_alignmen
     # the plain gradient step: a group counts by its tokens, as a token-averaged training loss counts them
     assert np.allclose(pool.sums.per_token(members), [4 / 4, 2 / 8, 4 / 8, 6 / 16])
     scales = pool.sums.step_scales(members)
-    assert np.allclose(pool.evaluate(members), 2.0 - scales * pool.sums.per_token(members))
+    assert np.allclose(pool.evaluate(members, budget="steps"), 2.0 - scales * pool.sums.per_token(members))
+    rows = np.array([2, 3, 1, 4]) / 4  # with the recipe's epochs over S, its share of the pool's rows
+    assert np.allclose(pool.evaluate(members, budget="epochs"), 2.0 - rows * scales * pool.sums.per_token(members))
     assert scales[-1] == pytest.approx(1.0)  # the whole pool's step is meta-init's own
 
 
@@ -72,10 +74,24 @@ def test_a_groups_effect_is_its_own_estimate_with_an_interval_that_shrinks_with_
     tokens = rng.integers(1, 9, sum(sizes)).astype(float)
     pool = _pool((alignment * tokens)[:, None], tokens, np.repeat(np.arange(3), sizes))
     scores = pool.group_effects()
-    singles = pool.evaluate(np.eye(3, dtype=bool))
-    assert np.allclose(scores["effect"].to_numpy(), pool.base_loss - singles)  # L⁰ − f̂({g})
+    singles = pool.evaluate(np.eye(3, dtype=bool), budget="steps")
+    assert np.allclose(scores["effect"].to_numpy(), pool.base_loss - singles)  # L⁰ − f̂({g}) per step
     ci = scores["ci95"].to_numpy()
     assert ci[0] > 5 * ci[1] and scores["effect"][1] - ci[1] > 0 and scores["effect"][2] + ci[2] < 0
+
+
+def test_a_subsets_estimate_counts_the_steps_its_fine_tune_takes():
+    """Groups 0 and 1 hold copies of one example, 100 and 300 of them: per step they are worth
+    the same, but the recipe's epochs over group 1 take three times the steps of group 0's."""
+    x = np.full((400, 1), 2.0)
+    pool = _pool(x, np.ones(400), np.repeat([0, 1], [100, 300]))
+    singles = np.eye(2, dtype=bool)
+    per_step = pool.base_loss - pool.evaluate(singles, budget="steps")
+    per_epochs = pool.base_loss - pool.evaluate(singles, budget="epochs")
+    assert per_step[0] == pytest.approx(per_step[1]) and per_step[0] > 0
+    assert per_epochs == pytest.approx([per_step[0] / 4, 3 * per_step[1] / 4])
+    whole = np.ones((1, 2), dtype=bool)
+    assert pool.evaluate(whole, budget="epochs") == pytest.approx(pool.evaluate(whole, budget="steps"))
 
 
 def test_a_groups_interval_counts_the_targets_sampling_noise():
@@ -124,7 +140,7 @@ def test_estimates_reward_groups_aligned_with_the_target():
     alignment = np.concatenate([rng.normal(1.0, 0.3, 50), rng.normal(-1.0, 0.3, 50), rng.normal(0.0, 0.3, 50)])
     pool = _pool(alignment[:, None], np.full(150, 5.0), np.repeat(np.arange(3), 50))
     subsets = sample_subsets(3, 200, 0.5, seed=0)
-    scores = random_ensemble_scores(subsets, pool.evaluate(subsets), ["g0", "g1", "g2"])
+    scores = random_ensemble_scores(subsets, pool.evaluate(subsets, budget="steps"), ["g0", "g1", "g2"])
     assert scores.sort("score", descending=True)["group"].to_list() == ["g0", "g2", "g1"]
 
 

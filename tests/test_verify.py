@@ -42,7 +42,9 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     assert results["true_exact_match"].is_between(0, 1).all()  # the demo target defines an answer
     assert {"gradient_similarity_score", "representation_similarity_score", "dsir_score"} <= set(results.columns)
     assert set(summary) >= {"estimate", "estimate_calibrated_loo", "constant_mean_loo", "baselines_spearman",
-                            "exact_match_spearman", "truth_noise"}
+                            "rows_alone_spearman", "exact_match_spearman", "truth_noise"}
+    rows_alone = summary["rows_alone_spearman"]
+    assert rows_alone is None or rows_alone == pytest.approx(spearman(-results["examples"].to_numpy(), results["true_loss"].to_numpy()))
     # The first subset's rows, as verify trains on them: its truth is its own fine-tune's loss, and
     # the noise compares it with a fine-tune of the same rows with the next seed (another model).
     kept = [g for g, m in zip(groups, out.memberships()[0]) if m]
