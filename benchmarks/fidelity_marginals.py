@@ -1,12 +1,16 @@
 """What the estimate misses, group by group: reads the real fine-tunes `bench_fidelity.py` made.
 
-    python benchmarks/fidelity_marginals.py [--targets xsum,samsum] [--regime pretrained] [--seed 0]
+    python benchmarks/fidelity_marginals.py [--setting t0|gsm8k] [--targets xsum,samsum] [--regime pretrained]
+        [--seed 0]
 
 For each target, over the verified random subsets (each holds half the groups): per group, the mean
 true target loss of the subsets that hold it minus that of the subsets that do not, beside the same
 difference of the estimates, and its own effect and response tokens; then the Spearman
 correlation of the two differences over the groups, and of a subset's total response tokens with
-its true loss and with its estimate. Run bench_fidelity.py for the same targets first.
+its true loss and with its estimate; then, where the subsets differ in rows (and so their
+fine-tunes in steps), what each predictor knows beyond size: its partial Spearman correlation
+with the true loss given the subset's rows, for the estimate of one step and for each similarity
+baseline. Run bench_fidelity.py for the same setting and targets first.
 """
 
 from __future__ import annotations
@@ -17,7 +21,31 @@ from pathlib import Path
 import numpy as np
 from settings import CACHE, REGIMES, REGIME_HELP, setting
 
+from dataselect.estimate import group_sums
 from dataselect.verify import spearman
+
+
+def partial_spearman(predicted: np.ndarray, truth: np.ndarray, given: np.ndarray) -> float:
+    """Spearman's correlation of `predicted` with `truth` once both are freed of `given`'s ranks."""
+    ab, ac, bc = spearman(predicted, truth), spearman(predicted, given), spearman(truth, given)
+    return float((ab - ac * bc) / np.sqrt((1 - ac**2) * (1 - bc**2)))
+
+
+def beyond_size(recipe) -> None:
+    """Per predictor, its partial Spearman with the true loss given each verified subset's rows."""
+    results = recipe.run.verification.results()
+    members = recipe.run.verification.memberships().astype(np.float64)
+    truth, rows = results["true_loss"].to_numpy(), results["examples"].to_numpy()
+    if np.ptp(rows) == 0:
+        return
+    sums = group_sums(recipe, recipe.run.estimates)
+    predictors = {"the estimate, one step": -sums.step_scales(members) * sums.per_token(members),
+                  **{c.removesuffix("_score"): -results[c].to_numpy() for c in results.columns if c.endswith("_score")}}
+    print(f"\nBeyond size, over all {len(truth)} verified subsets: partial Spearman with the true loss given the "
+          f"subset's rows (which alone score {spearman(-rows.astype(float), truth):.2f})\n\n| predictor | partial "
+          "Spearman |\n|---|---|")
+    for name, value in predictors.items():
+        print(f"| {name} | {partial_spearman(value, truth, rows):.2f} |")
 
 
 def marginals(recipe) -> None:
@@ -52,14 +80,17 @@ def marginals(recipe) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default="xsum,samsum")
+    parser.add_argument("--setting", choices=["t0", "gsm8k"], default="t0")
+    parser.add_argument("--targets", default="xsum,samsum", help="t0 targets")
     parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
-    for target in args.targets.split(","):
-        chosen = setting("t0", target=target, regime=args.regime, cache=args.cache)
-        marginals(chosen.load(args.cache / "runs" / f"{chosen.name}-seed{args.seed}", f"seed={args.seed}"))
+    for target in args.targets.split(",") if args.setting == "t0" else [None]:
+        chosen = setting(args.setting, target=target, regime=args.regime, cache=args.cache)
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed{args.seed}", f"seed={args.seed}")
+        marginals(recipe)
+        beyond_size(recipe)
 
 
 if __name__ == "__main__":
