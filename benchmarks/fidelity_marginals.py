@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from settings import CACHE, REGIMES, REGIME_HELP, setting
 
-from dataselect.estimate import group_sums
+from dataselect.estimate import group_sums, subset_losses
 from dataselect.verify import spearman
 
 
@@ -39,7 +39,7 @@ def beyond_size(recipe) -> None:
     if np.ptp(rows) == 0:
         return
     sums = group_sums(recipe, recipe.run.estimates)
-    predictors = {"the estimate, one step": -sums.step_scales(members) * sums.per_token(members),
+    predictors = {"the estimate, one step": subset_losses(members, sums, 0.0, "steps"),
                   **{c.removesuffix("_score"): -results[c].to_numpy() for c in results.columns if c.endswith("_score")}}
     print(f"\nBeyond size, over all {len(truth)} verified subsets: partial Spearman with the true loss given the "
           f"subset's rows (which alone score {spearman(-rows.astype(float), truth):.2f})\n\n| predictor | partial "

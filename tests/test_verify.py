@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 from dataselect.artifacts import Run
+from dataselect.estimate import load_pool
 from dataselect.evaluate import finetune_and_score, finetune_folder
 from dataselect.examples import token_rows, usable
 from dataselect.verify import kendall, leave_one_out_calibrated, spearman, verify
@@ -43,8 +44,13 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     assert {"gradient_similarity_score", "representation_similarity_score", "dsir_score"} <= set(results.columns)
     assert set(summary) >= {"estimate", "estimate_calibrated_loo", "constant_mean_loo", "baselines_spearman",
                             "rows_alone_spearman", "exact_match_spearman", "truth_noise"}
-    rows_alone = summary["rows_alone_spearman"]
-    assert rows_alone is None or rows_alone == pytest.approx(spearman(-results["examples"].to_numpy(), results["true_loss"].to_numpy()))
+    # The subsets differ in rows, so in steps: the estimate counts them, and "rows alone" ranks by them.
+    rows = results["examples"].to_numpy()
+    assert np.ptp(rows) > 0
+    assert summary["rows_alone_spearman"] == pytest.approx(spearman(-rows, results["true_loss"].to_numpy()))
+    pool = load_pool(recipe, recipe.run.ingested, recipe.run.sketches)
+    assert np.allclose(results["estimate"].to_numpy(), pool.evaluate(out.memberships(), budget="epochs"))
+    assert not np.allclose(results["estimate"].to_numpy(), pool.evaluate(out.memberships(), budget="steps"))
     # The first subset's rows, as verify trains on them: its truth is its own fine-tune's loss, and
     # the noise compares it with a fine-tune of the same rows with the next seed (another model).
     kept = [g for g, m in zip(groups, out.memberships()[0]) if m]
