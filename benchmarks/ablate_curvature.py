@@ -1,0 +1,215 @@
+"""Do a fine-tune's gains saturate in a way the sketches can see? The linear estimate against a
+damped Newton step that counts the curvature of the subset's own loss.
+
+    python benchmarks/ablate_curvature.py [--targets samsum,xsum,...] [--regime pretrained|scratch]
+        [--gsm8k] [--alphas 10,3,0] [--rank 256]
+
+The default estimate is linear in the mixture: a step on S is the token-weighted mean of its
+groups' steps, so it values a group the same whether or not the rest of the mixture already
+teaches what it teaches. Real fine-tunes saturate (on GSM8K the model-written solutions alone
+end 0.37 to 0.44 nats above all sources, while the human rationales alone end within 0.05 of
+them; `token_kinds.py`). Here S's step is the damped Newton step on S's own quadratic model,
+
+    Δ_S = (F_S + λ I)⁻¹ λ ḡ_S,   F_S = Σ_{j∈S} φ_j φ_jᵀ / Σ_{j∈S} T_j,
+
+φ_j the stored (path-stacked, learning-rate-weighted) sketches and F_S their per-token second
+moment, the Gauss-Newton curvature of S's token-averaged loss as an empirical Fisher. λ = α ·
+the mean eigenvalue of the whole pool's F: at α → ∞ Δ_S is the plain gradient step (the linear
+estimate), at small α a direction S already teaches strongly stops counting more once it is
+learned, as early-stopped gradient descent does (ridge ≈ early stopping). With `budget=epochs`
+(how `verify` fine-tunes) a subset that takes fewer steps is damped more: λ_S = λ K / K_S.
+
+Prints, per T0 target with verified subsets (`bench_fidelity.py` first), Spearman(estimate, true
+target loss), and the rank each gives an in-pool target's own dataset by its own value and by
+what leaving it out of the whole pool costs. With `--gsm8k`, the estimated change of the human
+rationales alone and of the model-written solutions alone against all sources (`token_kinds.py`
+and `leave_out.py` give the truth: −0.047 and +0.371 from scratch, +0.025 and +0.438
+pretrained), and whether each model-written source's correct solutions rank above its incorrect
+ones. Stored sketches only; validation data only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, regime_of, setting
+
+from dataselect import run
+from dataselect.estimate import GroupSums, group_sums
+from dataselect.examples import response_tokens
+from dataselect.sketch import stacked_sources, target_sketches
+from dataselect.verify import spearman
+
+
+class Curvature:
+    """Per group, Σφ_jφ_jᵀ, Σφ_j and ΣT_j of the stored sketches, in the estimate stage's group order;
+    and the target's per-token gradient."""
+
+    def __init__(self, recipe, rank: int | None = None):
+        examples = recipe.run.ingested.examples()
+        ids, names, x, _ = stacked_sources(recipe, examples, recipe.run.sketches)
+        target_ids, target_x, _ = target_sketches(recipe.run.sketches)
+        lengths = response_tokens(examples)
+        self.groups = recipe.run.estimates.read()[0]
+        index = {g: i for i, g in enumerate(self.groups)}
+        of = torch.tensor([index[n] for n in names])
+        tokens = torch.tensor([lengths[i] for i in ids], dtype=torch.float64)
+        d, n = x.shape[1], len(self.groups)
+        self.gram = torch.zeros((n, d, d), dtype=torch.float64)
+        self.sums = torch.zeros((n, d), dtype=torch.float64)
+        for start in range(0, len(x), 4096):
+            rows = torch.from_numpy(np.asarray(x[start : start + 4096], np.float64))
+            for g in of[start : start + 4096].unique().tolist():
+                block = rows[of[start : start + 4096] == g]
+                self.gram[g] += block.T @ block
+                self.sums[g] += block.sum(0)
+        self.tokens = torch.zeros(n, dtype=torch.float64).index_add_(0, of, tokens)
+        target_tokens = sum(lengths[i] for i in target_ids)
+        self.target = torch.from_numpy(np.asarray(target_x, np.float64).sum(0) / target_tokens)
+        self.scale = float(torch.diagonal(self.gram.sum(0)).sum() / self.tokens.sum() / d)
+        self.basis, self.memo = None, {}
+        if rank:  # curvature only in the pool's top `rank` directions; elsewhere the plain step
+            _, vectors = torch.linalg.eigh(self.gram.sum(0))
+            self.basis = vectors[:, -rank:]
+            self.gram = self.basis.T @ self.gram @ self.basis
+
+    def drops(self, members: np.ndarray, alpha: float, steps: np.ndarray | None = None) -> np.ndarray:
+        """⟨ḡ_target, Δ_S⟩ per subset (boolean rows over groups); `steps`: K_S / K per subset. The
+        subsets' curvatures are summed a few at a time, so the groups' matrices are read once per few."""
+        key = (alpha, np.asarray(members).tobytes(), None if steps is None else np.asarray(steps).tobytes())
+        if key not in self.memo:
+            self.memo[key] = self._drops(members, alpha, steps)
+        return self.memo[key]
+
+    def _drops(self, members: np.ndarray, alpha: float, steps: np.ndarray | None) -> np.ndarray:
+        members = np.atleast_2d(members).astype(np.float64)
+        steps = np.ones(len(members)) if steps is None else np.asarray(steps, np.float64)
+        m = torch.from_numpy(members)
+        tokens = m @ self.tokens
+        means = (m @ self.sums) / tokens[:, None]
+        if np.isinf(alpha):
+            return (means @ self.target).numpy()
+        out, d = [], self.gram.shape[-1]
+        linear = (means @ self.target).numpy()
+        target = self.target
+        if self.basis is not None:
+            means, target = means @ self.basis, self.basis.T @ self.target
+            linear = (linear - (means @ target).numpy()) * steps  # no curvature: the plain step, K_S / K of it
+        else:
+            linear = np.zeros(len(means))
+        flat = self.gram.reshape(len(self.groups), -1)
+        for start in range(0, len(m), 8):
+            chunk = slice(start, start + 8)
+            curvature = (m[chunk] @ flat).reshape(-1, d, d) / tokens[chunk, None, None]
+            lam = torch.from_numpy((1.0 if alpha == 0 else alpha * self.scale) / steps[chunk])
+            curvature.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+            rhs = (lam[:, None] * means[chunk]).unsqueeze(-1)
+            step = torch.stack([torch.cholesky_solve(r, torch.linalg.cholesky(c)) for c, r in zip(curvature, rhs)])
+            out.append((step.squeeze(-1) @ target).numpy())
+        return np.concatenate(out) + linear
+
+
+def forms(alphas: list[float]) -> dict[str, tuple[float, bool]]:
+    """Each form: (α, whether S's step is also scaled as AdamW's is, c_S)."""
+    out = {"linear, AdamW's scale (default)": (np.inf, True), "linear, plain step": (np.inf, False)}
+    for a in alphas:  # α = 0: λ = 1 in the sketches' own units, which carry meta-init's learning rate
+        name = "Newton, λ = 1" if a == 0 else f"Newton α={a:g}"
+        out[name] = (a, False)
+        out[f"{name}, AdamW's scale"] = (a, True)
+    return out
+
+
+def estimate(curv: Curvature, sums: GroupSums, members: np.ndarray, form: tuple[float, bool],
+             budget: str) -> np.ndarray:
+    """The estimated drop of the target's loss per subset (larger: a lower loss)."""
+    alpha, adam = form
+    lengths = sums.training_lengths(members, budget)
+    drop = curv.drops(members, alpha, lengths)
+    if np.isinf(alpha):
+        drop = drop * lengths  # the linear step grows with the steps taken
+    return drop * (sums.step_scales(members) if adam else 1.0)
+
+
+def own_ranks(curv: Curvature, sums: GroupSums, form, own: str) -> tuple[int, int]:
+    """The rank of the target's own group by its own value, and by what leaving it out costs."""
+    n = len(curv.groups)
+    alone = estimate(curv, sums, np.eye(n, dtype=bool), form, "steps")
+    everything = estimate(curv, sums, np.ones((1, n), dtype=bool), form, "steps")[0]
+    without = estimate(curv, sums, ~np.eye(n, dtype=bool), form, "steps")
+    at = curv.groups.index(own)
+    return int((alone > alone[at]).sum()) + 1, int((everything - without > everything - without[at]).sum()) + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default=",".join(T0_IN_POOL[:3] + T0_TRANSFER))
+    parser.add_argument("--regime", choices=REGIMES, default=None, help=REGIME_HELP)
+    parser.add_argument("--alphas", default="10,3,0", help="0: λ = 1, meta-init's own learning rate")
+    parser.add_argument("--gsm8k", action="store_true")
+    parser.add_argument("--rank", type=int, default=None, help="curvature in the pool's top directions only")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    chosen_forms = forms([float(a) for a in args.alphas.split(",")])
+    rhos: dict[str, dict[str, float]] = {f: {} for f in chosen_forms}
+    ranks: dict[str, dict[str, str]] = {f: {} for f in chosen_forms}
+    targets = [t for t in args.targets.split(",") if t]
+    for target in targets:
+        chosen = setting("t0", target=target, regime=args.regime, cache=args.cache)
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
+        results = recipe.run.verification.results()
+        if results is None:
+            raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} "
+                             f"--regime {regime_of('t0', args.regime)} first")
+        run(recipe, until="estimate")
+        curv, sums = Curvature(recipe, args.rank), group_sums(recipe, recipe.run.estimates)
+        members = recipe.run.verification.memberships().astype(bool)
+        for name, form in chosen_forms.items():
+            rhos[name][target] = spearman(-estimate(curv, sums, members, form, "epochs"), results["true_loss"].to_numpy())
+            if chosen.own_group:
+                ranks[name][target] = "{} / {}".format(*own_ranks(curv, sums, form, chosen.own_group))
+        print(f"{target}: done; λ = 1 is α = {1 / curv.scale:.3g}", flush=True)
+    if targets:
+        print("\nSpearman(estimate, true target loss) over each target's verified subsets\n\n| step | "
+              + " | ".join(targets) + " | median |\n|---|" + "---|" * (len(targets) + 1))
+        for name, by_target in rhos.items():
+            print(f"| {name} | " + " | ".join(f"{by_target[t]:.3f}" for t in targets)
+                  + f" | {np.median(list(by_target.values())):.3f} |")
+        own = [t for t in targets if t in ranks[next(iter(ranks))]]
+        if own:
+            print("\nthe in-pool target's own dataset: its rank by its own value / by what leaving it out costs\n\n"
+                  "| step | " + " | ".join(own) + " |\n|---|" + "---|" * len(own))
+            for name, by_target in ranks.items():
+                print(f"| {name} | " + " | ".join(by_target[t] for t in own) + " |")
+    if args.gsm8k:
+        gsm8k(args, chosen_forms)
+
+
+def gsm8k(args, chosen_forms) -> None:
+    """The two leave-out mixtures against all sources, and correct above incorrect, per form."""
+    chosen = setting("gsm8k", regime=args.regime, cache=args.cache)
+    recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-tiny")
+    run(recipe, until="estimate")
+    curv, sums = Curvature(recipe, args.rank), group_sums(recipe, recipe.run.estimates)
+    groups = curv.groups
+    human = np.array([g.startswith("human/") for g in groups])
+    mixtures = np.stack([np.ones(len(groups), dtype=bool), human, ~human])
+    sources = sorted({g.split("/")[0] for g in groups if g.endswith("/True")})
+    print(f"\n{chosen.name}: the estimated change of the target's loss against all sources, at equal steps\n\n"
+          "| step | human alone | model-written alone | ratio | correct above incorrect (own value) |"
+          " dropping it hurts (human clusters; model-written groups) |\n|---|---|---|---|---|---|")
+    for name, form in chosen_forms.items():
+        drop = estimate(curv, sums, mixtures, form, "steps")
+        alone = estimate(curv, sums, np.eye(len(groups), dtype=bool), form, "steps")
+        cost = drop[0] - estimate(curv, sums, ~np.eye(len(groups), dtype=bool), form, "steps")
+        above = sum(alone[groups.index(f"{s}/True")] > alone[groups.index(f"{s}/False")] for s in sources)
+        print(f"| {name} | {drop[0] - drop[1]:+.3g} | {drop[0] - drop[2]:+.3g} | {(drop[0] - drop[1]) / (drop[0] - drop[2]):+.2f} "
+              f"| {above} of {len(sources)} | {int((cost[human] > 0).sum())} of {int(human.sum())}; "
+              f"{int((cost[~human] > 0).sum())} of {int((~human).sum())} |")
+
+
+if __name__ == "__main__":
+    main()
