@@ -45,61 +45,51 @@ from dataselect.verify import spearman
 
 
 class Curvature:
-    """Per group, Σφ_jφ_jᵀ, Σφ_j and ΣT_j of the stored sketches, in the estimate stage's group order;
-    and the target's per-token gradient."""
+    """Per group, Σφ_jφ_jᵀ and Σφ_j of the stored sketches, in the estimate stage's group order, and
+    the target's per-token gradient; the groups' tokens, squared lengths and alignments (the linear
+    estimate) are the estimate stage's own sums."""
 
-    def __init__(self, recipe, rank: int | None = None):
+    def __init__(self, recipe, sums: GroupSums, rank: int | None = None):
         examples = recipe.run.ingested.examples()
         ids, names, x, _ = stacked_sources(recipe, examples, recipe.run.sketches)
         target_ids, target_x, _ = target_sketches(recipe.run.sketches)
-        lengths = response_tokens(examples)
-        self.groups = recipe.run.estimates.read()[0]
-        index = {g: i for i, g in enumerate(self.groups)}
+        groups = recipe.run.estimates.read()[0]
+        index = {g: i for i, g in enumerate(groups)}
         of = torch.tensor([index[n] for n in names])
-        tokens = torch.tensor([lengths[i] for i in ids], dtype=torch.float64)
-        d, n = x.shape[1], len(self.groups)
+        d, n = x.shape[1], len(groups)
         self.gram = torch.zeros((n, d, d), dtype=torch.float64)
         self.sums = torch.zeros((n, d), dtype=torch.float64)
         for start in range(0, len(x), 4096):
-            rows = torch.from_numpy(np.asarray(x[start : start + 4096], np.float64))
-            for g in of[start : start + 4096].unique().tolist():
-                block = rows[of[start : start + 4096] == g]
-                self.gram[g] += block.T @ block
-                self.sums[g] += block.sum(0)
-        self.tokens = torch.zeros(n, dtype=torch.float64).index_add_(0, of, tokens)
-        target_tokens = sum(lengths[i] for i in target_ids)
-        self.target = torch.from_numpy(np.asarray(target_x, np.float64).sum(0) / target_tokens)
-        self.scale = float(torch.diagonal(self.gram.sum(0)).sum() / self.tokens.sum() / d)
-        self.basis, self.memo = None, {}
+            rows, at = torch.from_numpy(np.asarray(x[start : start + 4096], np.float64)), of[start : start + 4096]
+            for g in at.unique().tolist():
+                self.gram[g] += rows[at == g].T @ rows[at == g]
+                self.sums[g] += rows[at == g].sum(0)
+        lengths = response_tokens(examples)
+        self.target = torch.from_numpy(np.asarray(target_x, np.float64).sum(0) / sum(lengths[i] for i in target_ids))
+        self.groups, self.group_sums, self.memo = groups, sums, {}
+        self.scale = float(sums.squares.sum() / sums.tokens.sum() / d)  # the pool's mean eigenvalue of F
+        self.basis = None
         if rank:  # curvature only in the pool's top `rank` directions; elsewhere the plain step
-            _, vectors = torch.linalg.eigh(self.gram.sum(0))
-            self.basis = vectors[:, -rank:]
+            self.basis = torch.linalg.eigh(self.gram.sum(0))[1][:, -rank:]
             self.gram = self.basis.T @ self.gram @ self.basis
 
-    def drops(self, members: np.ndarray, alpha: float, steps: np.ndarray | None = None) -> np.ndarray:
-        """⟨ḡ_target, Δ_S⟩ per subset (boolean rows over groups); `steps`: K_S / K per subset. The
-        subsets' curvatures are summed a few at a time, so the groups' matrices are read once per few."""
-        key = (alpha, np.asarray(members).tobytes(), None if steps is None else np.asarray(steps).tobytes())
+    def drops(self, members: np.ndarray, alpha: float, steps: np.ndarray) -> np.ndarray:
+        """⟨ḡ_target, Δ_S⟩ per subset (boolean rows over groups) at a finite α (0: λ = 1); `steps`:
+        K_S / K per subset."""
+        key = (alpha, np.asarray(members).tobytes(), np.asarray(steps).tobytes())
         if key not in self.memo:
-            self.memo[key] = self._drops(members, alpha, steps)
+            self.memo[key] = self._drops(np.atleast_2d(members).astype(np.float64), alpha, np.asarray(steps, np.float64))
         return self.memo[key]
 
-    def _drops(self, members: np.ndarray, alpha: float, steps: np.ndarray | None) -> np.ndarray:
-        members = np.atleast_2d(members).astype(np.float64)
-        steps = np.ones(len(members)) if steps is None else np.asarray(steps, np.float64)
+    def _drops(self, members: np.ndarray, alpha: float, steps: np.ndarray) -> np.ndarray:
+        """The subsets' curvatures are summed a few at a time, so the groups' matrices are read once per few."""
         m = torch.from_numpy(members)
-        tokens = m @ self.tokens
-        means = (m @ self.sums) / tokens[:, None]
-        if np.isinf(alpha):
-            return (means @ self.target).numpy()
-        out, d = [], self.gram.shape[-1]
-        linear = (means @ self.target).numpy()
-        target = self.target
-        if self.basis is not None:
+        tokens = m @ torch.from_numpy(self.group_sums.tokens)
+        means, target, linear = (m @ self.sums) / tokens[:, None], self.target, np.zeros(len(members))
+        if self.basis is not None:  # outside the basis no curvature: the plain step, K_S / K of it
             means, target = means @ self.basis, self.basis.T @ self.target
-            linear = (linear - (means @ target).numpy()) * steps  # no curvature: the plain step, K_S / K of it
-        else:
-            linear = np.zeros(len(means))
+            linear = (self.group_sums.per_token(members) - (means @ target).numpy()) * steps
+        out, d = [], self.gram.shape[-1]
         flat = self.gram.reshape(len(self.groups), -1)
         for start in range(0, len(m), 8):
             chunk = slice(start, start + 8)
@@ -127,9 +117,10 @@ def estimate(curv: Curvature, sums: GroupSums, members: np.ndarray, form: tuple[
     """The estimated drop of the target's loss per subset (larger: a lower loss)."""
     alpha, adam = form
     lengths = sums.training_lengths(members, budget)
-    drop = curv.drops(members, alpha, lengths)
-    if np.isinf(alpha):
-        drop = drop * lengths  # the linear step grows with the steps taken
+    if np.isinf(alpha):  # the linear estimate, whose step grows with the steps taken
+        drop = lengths * sums.per_token(members)
+    else:
+        drop = curv.drops(members, alpha, lengths)
     return drop * (sums.step_scales(members) if adam else 1.0)
 
 
@@ -165,7 +156,8 @@ def main() -> None:
             raise SystemExit(f"{target}: no verified subsets; run bench_fidelity.py --targets {target} "
                              f"--regime {regime_of('t0', args.regime)} first")
         run(recipe, until="estimate")
-        curv, sums = Curvature(recipe, args.rank), group_sums(recipe, recipe.run.estimates)
+        sums = group_sums(recipe, recipe.run.estimates)
+        curv = Curvature(recipe, sums, args.rank)
         members = recipe.run.verification.memberships().astype(bool)
         for name, form in chosen_forms.items():
             rhos[name][target] = spearman(-estimate(curv, sums, members, form, "epochs"), results["true_loss"].to_numpy())
@@ -193,7 +185,8 @@ def gsm8k(args, chosen_forms) -> None:
     chosen = setting("gsm8k", regime=args.regime, cache=args.cache)
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-tiny")
     run(recipe, until="estimate")
-    curv, sums = Curvature(recipe, args.rank), group_sums(recipe, recipe.run.estimates)
+    sums = group_sums(recipe, recipe.run.estimates)
+    curv = Curvature(recipe, sums, args.rank)
     groups = curv.groups
     human = np.array([g.startswith("human/") for g in groups])
     mixtures = np.stack([np.ones(len(groups), dtype=bool), human, ~human])
