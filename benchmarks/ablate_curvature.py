@@ -25,21 +25,26 @@ what leaving it out of the whole pool costs. With `--gsm8k`, the estimated chang
 rationales alone and of the model-written solutions alone against all sources (`token_kinds.py`
 and `leave_out.py` give the truth: −0.047 and +0.371 from scratch, +0.025 and +0.438
 pretrained), and whether each model-written source's correct solutions rank above its incorrect
-ones. Stored sketches only; validation data only.
+ones. For both, which groups the default keep rule drops when each group's score (and the
+estimate stage's 95% interval of it) is its own value under the Newton step instead of the
+linear one. Stored sketches only; validation data only.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, regime_of, setting
 
 from dataselect import run
-from dataselect.estimate import GroupSums, group_sums
+from dataselect.estimate import GroupSums, Pool, group_sums, load_pool
 from dataselect.examples import response_tokens
+from dataselect.select import confidently_past
 from dataselect.sketch import stacked_sources, target_sketches
 from dataselect.verify import spearman
 
@@ -134,6 +139,64 @@ def own_ranks(curv: Curvature, sums: GroupSums, form, own: str) -> tuple[int, in
     return int((alone > alone[at]).sum()) + 1, int((everything - without > everything - without[at]).sum()) + 1
 
 
+def newton_pool(recipe, alpha: float) -> tuple[Pool, Pool]:
+    """The estimate stage's pool, and the same pool with each group's own step taken as the Newton
+    step on its own curvature, so that the library's `group_effects` gives the default selector's
+    score and 95% interval under it. With F_g taken as known (as c_g is), a group's own value is
+    linear in its examples and in the target's: example j counts ⟨φ_j, v_g⟩ and target example i
+    ⟨h_i, Δ_g⟩ T_g, v_g = λ(F_g + λ)⁻¹ ḡ_target. Per group in its rows' kernel (Woodbury),
+    λ(F_g + λ)⁻¹u = u − Φ_gᵀ(Φ_gΦ_gᵀ + λT_g I)⁻¹Φ_g u, so no d × d matrix is formed."""
+    run(recipe, until="estimate")
+    pool = load_pool(recipe, recipe.run.ingested, recipe.run.sketches)
+    x = torch.from_numpy(np.asarray(stacked_sources(recipe, recipe.run.ingested.examples(), recipe.run.sketches)[2],
+                                    np.float64))
+    heads = torch.from_numpy(np.asarray(target_sketches(recipe.run.sketches)[1], np.float64))
+    target = heads.sum(0) / pool.target_tokens.sum()
+    lam = 1.0 if alpha == 0 else alpha * float(pool.sums.squares.sum() / pool.sums.tokens.sum() / x.shape[1])
+    alignment, per_target = np.zeros(len(x)), np.zeros_like(pool.per_target)
+    for g in range(len(pool.groups)):
+        rows = torch.from_numpy(pool.group_of == g)
+        phi, tokens = x[rows], float(pool.tokens[rows.numpy()].sum())
+        kernel = phi @ phi.T
+        solve = torch.linalg.cholesky(kernel + lam * tokens * torch.eye(len(phi), dtype=torch.float64))
+        # ⟨φ_j, v_g⟩ = ⟨φ_j, t⟩ − (K M⁻¹ Φ t)_j;  ⟨Σ_j φ_j, λ(F+λ)⁻¹h_i⟩ = ⟨Σφ_j, h_i⟩ − (K1)ᵀ M⁻¹ Φ h_i
+        alignment[rows.numpy()] = (phi @ target - kernel @ torch.cholesky_solve((phi @ target)[:, None], solve)[:, 0]).numpy()
+        summed = kernel.sum(1)
+        per_target[g] = (heads @ phi.sum(0) - (torch.cholesky_solve(summed[:, None], solve)[:, 0] @ (phi @ heads.T))).numpy()
+    by_group = np.bincount(pool.group_of, weights=alignment, minlength=len(pool.groups))
+    return pool, replace(pool, alignment=alignment, per_target=per_target, sums=replace(pool.sums, alignment=by_group))
+
+
+def keep_decisions(recipe, alphas: list[float], own: str | None) -> dict[str, str]:
+    """The groups the default keep rule drops (confidently harmful, Holm) and the own group's rank,
+    under the linear own value (the default) and under the Newton step with AdamW's scale, per α."""
+    out = {}
+    for alpha in alphas:
+        linear, newton = newton_pool(recipe, alpha)
+        pools = {"linear, AdamW's scale (default)": linear} if not out else {}
+        pools["Newton, λ = 1, AdamW's scale" if alpha == 0 else f"Newton α={alpha:g}, AdamW's scale"] = newton
+        for name, chosen in pools.items():
+            effects = chosen.group_effects().select("group", score="effect", ci95="ci95")
+            dropped = sorted(g.split("/", 1)[-1] for g in confidently_past(effects, 0.0, "high_end"))
+            ranked = effects.sort("score", descending=True)
+            signal = float((effects["score"].abs() / effects["ci95"]).median())
+            mine = ""
+            if own:
+                row = ranked.with_row_index("rank", 1).row(by_predicate=pl.col("group") == own, named=True)
+                mine = f"own {row['rank']}: {row['score']:+.3f} ± {row['ci95']:.3f}; "
+            out[name] = (", ".join(dropped) or "none") + f" ({mine}{signal:.2f})"
+    return out
+
+
+def print_keeps(keeps: dict[str, dict[str, str]]) -> None:
+    print("\nthe groups the default keep rule drops (confidently harmful over all groups, Holm) when a group's "
+          "score is its own value under each step (own: the in-pool target's own dataset's rank and score; "
+          "then the median over groups of |score| / its 95% interval)\n\n| step | "
+          + " | ".join(keeps) + " |\n|---|" + "---|" * len(keeps))
+    for name in next(iter(keeps.values())):
+        print(f"| {name} | " + " | ".join(by_step[name] for by_step in keeps.values()) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default=",".join(T0_IN_POOL[:3] + T0_TRANSFER))
@@ -144,10 +207,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    chosen_forms = forms([float(a) for a in args.alphas.split(",")])
+    alphas = [float(a) for a in args.alphas.split(",")]
+    chosen_forms = forms(alphas)
     rhos: dict[str, dict[str, float]] = {f: {} for f in chosen_forms}
     ranks: dict[str, dict[str, str]] = {f: {} for f in chosen_forms}
     targets = [t for t in args.targets.split(",") if t]
+    keeps: dict[str, dict[str, str]] = {}
     for target in targets:
         chosen = setting("t0", target=target, regime=args.regime, cache=args.cache)
         recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-seed0", "seed=0")
@@ -163,6 +228,7 @@ def main() -> None:
             rhos[name][target] = spearman(-estimate(curv, sums, members, form, "epochs"), results["true_loss"].to_numpy())
             if chosen.own_group:
                 ranks[name][target] = "{} / {}".format(*own_ranks(curv, sums, form, chosen.own_group))
+        keeps[target] = keep_decisions(recipe, alphas, chosen.own_group)
         print(f"{target}: done; λ = 1 is α = {1 / curv.scale:.3g}", flush=True)
     if targets:
         print("\nSpearman(estimate, true target loss) over each target's verified subsets\n\n| step | "
@@ -176,11 +242,12 @@ def main() -> None:
                   "| step | " + " | ".join(own) + " |\n|---|" + "---|" * len(own))
             for name, by_target in ranks.items():
                 print(f"| {name} | " + " | ".join(by_target[t] for t in own) + " |")
+        print_keeps(keeps)
     if args.gsm8k:
-        gsm8k(args, chosen_forms)
+        gsm8k(args, chosen_forms, alphas)
 
 
-def gsm8k(args, chosen_forms) -> None:
+def gsm8k(args, chosen_forms, alphas: list[float]) -> None:
     """The two leave-out mixtures against all sources, and correct above incorrect, per form."""
     chosen = setting("gsm8k", regime=args.regime, cache=args.cache)
     recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-tiny")
@@ -202,6 +269,7 @@ def gsm8k(args, chosen_forms) -> None:
         print(f"| {name} | {drop[0] - drop[1]:+.3g} | {drop[0] - drop[2]:+.3g} | {(drop[0] - drop[1]) / (drop[0] - drop[2]):+.2f} "
               f"| {above} of {len(sources)} | {int((cost[human] > 0).sum())} of {int(human.sum())}; "
               f"{int((cost[~human] > 0).sum())} of {int((~human).sum())} |")
+    print_keeps({chosen.name: keep_decisions(recipe, alphas, None)})
 
 
 if __name__ == "__main__":
