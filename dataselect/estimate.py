@@ -14,10 +14,11 @@ scale for all coordinates,
 with L⁰ the target's validation loss at the base model, ḡ_target its gradient's sketch (per
 token), T_j the response tokens of example j, s_S = ‖ḡ_S‖² the squared length of S's per-token
 gradient and n_S the spread of a batch's mean about it (the delta method, meta-init's batch
-size). K_S / K is how many steps the fine-tune of S takes against the whole pool's: with the
-recipe's epochs over S's rows (`budget="epochs"`, how `verify` and a user's trainer fine-tune a
-mixture) it is S's share of the pool's rows, so a half-sized subset takes half the steps; at a
-fixed number of steps (`budget="steps"`) it is 1, and what is left is the value of one step.
+size, a batch drawn without replacement from S's rows as a shuffled epoch draws it). K_S / K
+is how many steps the fine-tune of S takes against the whole pool's: with the recipe's epochs
+over S's rows (`budget="epochs"`, how `verify` and a user's trainer fine-tune a mixture) it is
+S's share of the pool's rows, so a half-sized subset takes half the steps; at a fixed number of
+steps (`budget="steps"`) it is 1, and what is left is the value of one step.
 c_pool = 1: the whole pool's estimate is meta-init's own step. Every quantity is a sum over
 examples, so each group contributes a few numbers and two rows of group × group inner products,
 and thousands of subsets cost a few small matrix products, whatever the number of rows.
@@ -96,13 +97,18 @@ class GroupSums:
 
     def mean_square(self, membership: np.ndarray) -> np.ndarray:
         """s_S + n_S: the squared length of S's per-token gradient plus the variance of a batch's
-        mean about it (Σ_{j∈B} g_j / Σ_{j∈B} T_j over `batch` examples, by the delta method)."""
+        mean about it (Σ_{j∈B} g_j / Σ_{j∈B} T_j over `batch` examples, by the delta method). A
+        fine-tune shuffles S's rows once per epoch and cuts them into batches, so a batch is drawn
+        without replacement from S's N_S rows: its variance is the with-replacement one times
+        (N_S − B) / (N_S − 1), which matters for a group of a few hundred rows or fewer (none for a
+        group no larger than a batch, whose every step sees all of it)."""
         member = _matrix(membership)
         tokens, count = np.maximum(member @ self.tokens, 1.0), np.maximum(member @ self.count, 1.0)
         signal = _quadratic(member, self.gram) / tokens**2
         spread = (member @ self.squares - 2 * _quadratic(member, self.cross) / tokens
                   + (member @ self.token_squares) * signal) / count
-        return signal + np.maximum(spread, 0.0) / (self.batch * (tokens / count) ** 2)
+        without_replacement = np.clip((count - self.batch) / np.maximum(count - 1.0, 1.0), 0.0, 1.0)
+        return signal + without_replacement * np.maximum(spread, 0.0) / (self.batch * (tokens / count) ** 2)
 
     def training_lengths(self, membership: np.ndarray, budget: Budget) -> np.ndarray:
         """K_S / K: the steps a fine-tune of S takes against the whole pool's. With the recipe's

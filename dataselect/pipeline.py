@@ -60,7 +60,7 @@ STAGES = (
           shard=sketch.sketch_shard, version="4"),
     Stage("estimate", ("estimate",), ("ingest", "sketch"), estimate.stage,
           "first-order target loss after fine-tuning on random subsets of groups",
-          version="6"),  # 5: a group's interval counts the target's sampling noise too; 6: AdamW's step scale
+          version="7"),  # 5: the target's noise in a group's interval; 6: AdamW's step scale; 7: batches without replacement
     Stage("select", ("select",), ("ingest", "meta_init", "sketch", "estimate"), select.stage,
           "score each group from the subset estimates and apply the keep-rules",
           version="5"),  # 5: confidence over all groups at once (Holm)

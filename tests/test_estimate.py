@@ -36,8 +36,8 @@ def test_a_subsets_estimate_is_the_base_loss_minus_its_scaled_per_token_alignmen
 
 def test_the_step_scale_divides_by_the_root_mean_square_of_a_batchs_gradient():
     """AdamW divides by the root of the gradient's mean square over batches: for S, the batch mean
-    Σ_{j∈B} g_j / Σ_{j∈B} T_j's squared length averaged over random batches. Drawn for real. (The
-    delta method is first order in the spread of a batch's tokens: with lengths from 1 to 20 it
+    Σ_{j∈B} g_j / Σ_{j∈B} T_j's squared length averaged over the batches of shuffled epochs. Drawn
+    for real. (The delta method is first order in the spread of a batch's tokens: with lengths from 1 to 20 it
     errs 6% low.)"""
     rng = np.random.default_rng(0)
     x = rng.normal(0.3, 1.0, size=(600, 5)) * rng.integers(1, 6, size=(600, 1))
@@ -46,11 +46,31 @@ def test_the_step_scale_divides_by_the_root_mean_square_of_a_batchs_gradient():
     pool = _pool(x, tokens, group_of, batch=16)
     member = np.array([True, False, True])
     rows = np.flatnonzero(member[group_of])
-    batches = rng.choice(rows, size=(20000, 16))
+    batches = np.concatenate([rng.permutation(rows) for _ in range(800)])  # shuffled epochs, cut into batches
+    batches = batches[: len(batches) // 16 * 16].reshape(-1, 16)
     drawn = (x[batches].sum(1) / tokens[batches].sum(1, keepdims=True)) ** 2
     assert pool.sums.mean_square(member)[0] == pytest.approx(drawn.sum(1).mean(), rel=0.03)
     signal = ((x[rows].sum(0) / tokens[rows].sum()) ** 2).sum()
     assert pool.sums.mean_square(member)[0] > 1.2 * signal  # the batch noise is a real part of it
+
+
+def test_a_small_groups_batches_are_drawn_without_replacement_as_a_shuffled_epoch_draws_them():
+    """A fine-tune shuffles the group's rows each epoch and cuts them into batches (meta-init's
+    loop): with 48 rows and batches of 16, a batch holds a third of the group, and its mean varies
+    (48 − 16) / 47 as much as a batch drawn with replacement. A group no larger than a batch sees
+    all of itself every step: no batch noise."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.2, 1.0, size=(48, 4))
+    tokens = rng.integers(8, 12, 48).astype(float)
+    pool = _pool(x, tokens, np.zeros(48, dtype=int), batch=16)
+    epochs = np.stack([rng.permutation(48) for _ in range(6000)]).reshape(-1, 16)  # consecutive batches
+    drawn = ((x[epochs].sum(1) / tokens[epochs].sum(1, keepdims=True)) ** 2).sum(1).mean()
+    signal = ((x.sum(0) / tokens.sum()) ** 2).sum()
+    assert pool.sums.mean_square(np.array([True]))[0] == pytest.approx(drawn, rel=0.02)
+    with_replacement = signal + (drawn - signal) * 47 / 32
+    assert abs(with_replacement - drawn) > 0.1 * drawn  # the difference the test can see
+    whole = _pool(x[:16], tokens[:16], np.zeros(16, dtype=int), batch=16)
+    assert whole.sums.mean_square(np.array([True]))[0] == pytest.approx(((x[:16].sum(0) / tokens[:16].sum()) ** 2).sum())
 
 
 def test_a_groups_effect_does_not_grow_with_its_gradients_size():
