@@ -21,7 +21,8 @@ learned, as early-stopped gradient descent does (ridge ≈ early stopping). With
 
 Prints, per T0 target with verified subsets (`bench_fidelity.py` first), Spearman(estimate, true
 target loss), and the rank each gives an in-pool target's own dataset by its own value and by
-what leaving it out of the whole pool costs. With `--gsm8k`, the estimated change of the human
+what leaving it out of the whole pool costs, and how many groups the estimate says the whole
+pool is better without. With `--gsm8k`, the estimated change of the human
 rationales alone and of the model-written solutions alone against all sources (`token_kinds.py`
 and `leave_out.py` give the truth: −0.047 and +0.371 from scratch, +0.025 and +0.438
 pretrained), and whether each model-written source's correct solutions rank above its incorrect
@@ -129,62 +130,70 @@ def estimate(curv: Curvature, sums: GroupSums, members: np.ndarray, form: tuple[
     return drop * (sums.step_scales(members) if adam else 1.0)
 
 
+def leave_out_costs(curv: Curvature, sums: GroupSums, form) -> np.ndarray:
+    """Per group, what leaving it out of all sources costs at equal steps (below 0: the estimate
+    says the mixture is better without it)."""
+    n = len(curv.groups)
+    everything = estimate(curv, sums, np.ones((1, n), dtype=bool), form, "steps")[0]
+    return everything - estimate(curv, sums, ~np.eye(n, dtype=bool), form, "steps")
+
+
 def own_ranks(curv: Curvature, sums: GroupSums, form, own: str) -> tuple[int, int]:
     """The rank of the target's own group by its own value, and by what leaving it out costs."""
-    n = len(curv.groups)
-    alone = estimate(curv, sums, np.eye(n, dtype=bool), form, "steps")
-    everything = estimate(curv, sums, np.ones((1, n), dtype=bool), form, "steps")[0]
-    without = estimate(curv, sums, ~np.eye(n, dtype=bool), form, "steps")
-    at = curv.groups.index(own)
-    return int((alone > alone[at]).sum()) + 1, int((everything - without > everything - without[at]).sum()) + 1
+    alone = estimate(curv, sums, np.eye(len(curv.groups), dtype=bool), form, "steps")
+    cost, at = leave_out_costs(curv, sums, form), curv.groups.index(own)
+    return int((alone > alone[at]).sum()) + 1, int((cost > cost[at]).sum()) + 1
 
 
-def newton_pool(recipe, alpha: float) -> tuple[Pool, Pool]:
-    """The estimate stage's pool, and the same pool with each group's own step taken as the Newton
-    step on its own curvature, so that the library's `group_effects` gives the default selector's
-    score and 95% interval under it. With F_g taken as known (as c_g is), a group's own value is
-    linear in its examples and in the target's: example j counts ⟨φ_j, v_g⟩ and target example i
-    ⟨h_i, Δ_g⟩ T_g, v_g = λ(F_g + λ)⁻¹ ḡ_target. Per group in its rows' kernel (Woodbury),
-    λ(F_g + λ)⁻¹u = u − Φ_gᵀ(Φ_gΦ_gᵀ + λT_g I)⁻¹Φ_g u, so no d × d matrix is formed."""
-    run(recipe, until="estimate")
-    pool = load_pool(recipe, recipe.run.ingested, recipe.run.sketches)
-    x = torch.from_numpy(np.asarray(stacked_sources(recipe, recipe.run.ingested.examples(), recipe.run.sketches)[2],
-                                    np.float64))
-    heads = torch.from_numpy(np.asarray(target_sketches(recipe.run.sketches)[1], np.float64))
+def newton_pool(pool: Pool, x: torch.Tensor, heads: torch.Tensor, alpha: float) -> Pool:
+    """The estimate stage's pool with each group's own step taken as the Newton step on its own
+    curvature, so that the library's `group_effects` gives the default selector's score and 95%
+    interval under it. With F_g taken as known (as c_g is), a group's own value is linear in its
+    examples and in the target's: example j counts ⟨φ_j, v_g⟩ and target example i ⟨h_i, Δ_g⟩ T_g,
+    v_g = λ(F_g + λ)⁻¹ ḡ_target. Per group in its rows' kernel (Woodbury), λ(F_g + λ)⁻¹u =
+    u − Φ_gᵀ(Φ_gΦ_gᵀ + λT_g I)⁻¹Φ_g u, so no d × d matrix is formed. `x`: the pool's sketches in
+    its row order; `heads`: the target's."""
     target = heads.sum(0) / pool.target_tokens.sum()
     lam = 1.0 if alpha == 0 else alpha * float(pool.sums.squares.sum() / pool.sums.tokens.sum() / x.shape[1])
     alignment, per_target = np.zeros(len(x)), np.zeros_like(pool.per_target)
     for g in range(len(pool.groups)):
-        rows = torch.from_numpy(pool.group_of == g)
-        phi, tokens = x[rows], float(pool.tokens[rows.numpy()].sum())
+        rows = pool.group_of == g
+        phi, tokens = x[torch.from_numpy(rows)], float(pool.tokens[rows].sum())
         kernel = phi @ phi.T
         solve = torch.linalg.cholesky(kernel + lam * tokens * torch.eye(len(phi), dtype=torch.float64))
-        # ⟨φ_j, v_g⟩ = ⟨φ_j, t⟩ − (K M⁻¹ Φ t)_j;  ⟨Σ_j φ_j, λ(F+λ)⁻¹h_i⟩ = ⟨Σφ_j, h_i⟩ − (K1)ᵀ M⁻¹ Φ h_i
-        alignment[rows.numpy()] = (phi @ target - kernel @ torch.cholesky_solve((phi @ target)[:, None], solve)[:, 0]).numpy()
-        summed = kernel.sum(1)
-        per_target[g] = (heads @ phi.sum(0) - (torch.cholesky_solve(summed[:, None], solve)[:, 0] @ (phi @ heads.T))).numpy()
+        # ⟨φ_j, v_g⟩ = ⟨φ_j, t⟩ − (K M⁻¹ Φ t)_j
+        along = phi @ target
+        alignment[rows] = (along - kernel @ torch.cholesky_solve(along[:, None], solve)[:, 0]).numpy()
+        # ⟨Σ_j φ_j, λ(F+λ)⁻¹h_i⟩ = ⟨Σ_j φ_j, h_i⟩ − (K1)ᵀ M⁻¹ Φ h_i
+        damped = torch.cholesky_solve(kernel.sum(1)[:, None], solve)[:, 0]
+        per_target[g] = (heads @ phi.sum(0) - damped @ (phi @ heads.T)).numpy()
     by_group = np.bincount(pool.group_of, weights=alignment, minlength=len(pool.groups))
-    return pool, replace(pool, alignment=alignment, per_target=per_target, sums=replace(pool.sums, alignment=by_group))
+    return replace(pool, alignment=alignment, per_target=per_target, sums=replace(pool.sums, alignment=by_group))
 
 
 def keep_decisions(recipe, alphas: list[float], own: str | None) -> dict[str, str]:
     """The groups the default keep rule drops (confidently harmful, Holm) and the own group's rank,
-    under the linear own value (the default) and under the Newton step with AdamW's scale, per α."""
-    out = {}
+    under the linear own value (the default, as the estimate stage stored it) and under the
+    Newton step with AdamW's scale, per α."""
+    pool = load_pool(recipe, recipe.run.ingested, recipe.run.sketches)
+    x = torch.from_numpy(np.asarray(stacked_sources(recipe, recipe.run.ingested.examples(), recipe.run.sketches)[2],
+                                    np.float64))
+    heads = torch.from_numpy(np.asarray(target_sketches(recipe.run.sketches)[1], np.float64))
+    effects = {"linear, AdamW's scale (default)": recipe.run.estimates.group_gradients()}
     for alpha in alphas:
-        linear, newton = newton_pool(recipe, alpha)
-        pools = {"linear, AdamW's scale (default)": linear} if not out else {}
-        pools["Newton, λ = 1, AdamW's scale" if alpha == 0 else f"Newton α={alpha:g}, AdamW's scale"] = newton
-        for name, chosen in pools.items():
-            effects = chosen.group_effects().select("group", score="effect", ci95="ci95")
-            dropped = sorted(g.split("/", 1)[-1] for g in confidently_past(effects, 0.0, "high_end"))
-            ranked = effects.sort("score", descending=True)
-            signal = float((effects["score"].abs() / effects["ci95"]).median())
-            mine = ""
-            if own:
-                row = ranked.with_row_index("rank", 1).row(by_predicate=pl.col("group") == own, named=True)
-                mine = f"own {row['rank']}: {row['score']:+.3f} ± {row['ci95']:.3f}; "
-            out[name] = (", ".join(dropped) or "none") + f" ({mine}{signal:.2f})"
+        name = "Newton, λ = 1, AdamW's scale" if alpha == 0 else f"Newton α={alpha:g}, AdamW's scale"
+        effects[name] = newton_pool(pool, x, heads, alpha).group_effects()
+    out = {}
+    for name, frame in effects.items():
+        scored = frame.select("group", score="effect", ci95="ci95")
+        dropped = sorted(g.split("/", 1)[-1] for g in confidently_past(scored, 0.0, "high_end"))
+        signal = float((scored["score"].abs() / scored["ci95"]).median())
+        mine = ""
+        if own:
+            ranked = scored.sort("score", descending=True).with_row_index("rank", 1)
+            row = ranked.row(by_predicate=pl.col("group") == own, named=True)
+            mine = f"own {row['rank']}: {row['score']:+.3f} ± {row['ci95']:.3f}; "
+        out[name] = (", ".join(dropped) or "none") + f" ({mine}{signal:.2f})"
     return out
 
 
@@ -211,6 +220,7 @@ def main() -> None:
     chosen_forms = forms(alphas)
     rhos: dict[str, dict[str, float]] = {f: {} for f in chosen_forms}
     ranks: dict[str, dict[str, str]] = {f: {} for f in chosen_forms}
+    better_without: dict[str, dict[str, str]] = {f: {} for f in chosen_forms}
     targets = [t for t in args.targets.split(",") if t]
     keeps: dict[str, dict[str, str]] = {}
     for target in targets:
@@ -228,6 +238,7 @@ def main() -> None:
             rhos[name][target] = spearman(-estimate(curv, sums, members, form, "epochs"), results["true_loss"].to_numpy())
             if chosen.own_group:
                 ranks[name][target] = "{} / {}".format(*own_ranks(curv, sums, form, chosen.own_group))
+            better_without[name][target] = f"{int((leave_out_costs(curv, sums, form) < 0).sum())} of {len(curv.groups)}"
         keeps[target] = keep_decisions(recipe, alphas, chosen.own_group)
         print(f"{target}: done; λ = 1 is α = {1 / curv.scale:.3g}", flush=True)
     if targets:
@@ -242,6 +253,10 @@ def main() -> None:
                   "| step | " + " | ".join(own) + " |\n|---|" + "---|" * len(own))
             for name, by_target in ranks.items():
                 print(f"| {name} | " + " | ".join(by_target[t] for t in own) + " |")
+        print("\nthe groups whose leaving out of all sources the estimate says lowers the target's loss, at "
+              "equal steps\n\n| step | " + " | ".join(targets) + " |\n|---|" + "---|" * len(targets))
+        for name, by_target in better_without.items():
+            print(f"| {name} | " + " | ".join(by_target[t] for t in targets) + " |")
         print_keeps(keeps)
     if args.gsm8k:
         gsm8k(args, chosen_forms, alphas)

@@ -60,7 +60,8 @@ STAGES = (
           shard=sketch.sketch_shard, version="4"),
     Stage("estimate", ("estimate",), ("ingest", "sketch"), estimate.stage,
           "first-order target loss after fine-tuning on random subsets of groups",
-          version="7"),  # 5: the target's noise in a group's interval; 6: AdamW's step scale; 7: batches without replacement
+          # 5: the target's noise in a group's interval; 6: AdamW's step scale; 7: batches without replacement
+          version="7"),
     Stage("select", ("select",), ("ingest", "meta_init", "sketch", "estimate"), select.stage,
           "score each group from the subset estimates and apply the keep-rules",
           version="5"),  # 5: confidence over all groups at once (Holm)

@@ -37,8 +37,8 @@ def test_a_subsets_estimate_is_the_base_loss_minus_its_scaled_per_token_alignmen
 def test_the_step_scale_divides_by_the_root_mean_square_of_a_batchs_gradient():
     """AdamW divides by the root of the gradient's mean square over batches: for S, the batch mean
     Σ_{j∈B} g_j / Σ_{j∈B} T_j's squared length averaged over the batches of shuffled epochs. Drawn
-    for real. (The delta method is first order in the spread of a batch's tokens: with lengths from 1 to 20 it
-    errs 6% low.)"""
+    for real. (The delta method is first order in the spread of a batch's tokens: with lengths
+    from 1 to 20 it errs 6% low.)"""
     rng = np.random.default_rng(0)
     x = rng.normal(0.3, 1.0, size=(600, 5)) * rng.integers(1, 6, size=(600, 1))
     tokens = rng.integers(5, 15, 600).astype(float)
@@ -70,7 +70,8 @@ def test_a_small_groups_batches_are_drawn_without_replacement_as_a_shuffled_epoc
     with_replacement = signal + (drawn - signal) * 47 / 32
     assert abs(with_replacement - drawn) > 0.1 * drawn  # the difference the test can see
     whole = _pool(x[:16], tokens[:16], np.zeros(16, dtype=int), batch=16)
-    assert whole.sums.mean_square(np.array([True]))[0] == pytest.approx(((x[:16].sum(0) / tokens[:16].sum()) ** 2).sum())
+    only_signal = ((x[:16].sum(0) / tokens[:16].sum()) ** 2).sum()
+    assert whole.sums.mean_square(np.array([True]))[0] == pytest.approx(only_signal)
 
 
 def test_a_groups_effect_does_not_grow_with_its_gradients_size():
