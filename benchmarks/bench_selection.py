@@ -10,7 +10,8 @@ recipe's keep-rules; the base model is fine-tuned on each mixture with meta-init
 every seed (the seed changes the fine-tune's data order, not the base model nor the selection),
 and the target's validation and test token cross-entropy (and test exact match where the target
 defines an answer) are measured. The test split is read only here, to report. Prints mean ± std
-over seeds per target, and for several targets the mean over targets of each method's test loss.
+over seeds per target, and for several targets the mean over targets of each method's test loss;
+beside `all`, each method's change against it paired by seed (mean ± standard error).
 
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
 gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every
@@ -106,12 +107,25 @@ def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—"
 
 
+def paired_change(values: list[float], base: list[float]) -> str:
+    """Mean ± standard error over seeds of a method's loss minus all sources' with the same seed.
+
+    The seed sets the data order of both fine-tunes, so their noise is shared: paired, a margin
+    far smaller than either std over seeds can still be told from 0."""
+    diff = np.asarray(values) - np.asarray(base)
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return f"{diff.mean():+.4f} ± {se:.4f}"
+
+
 def print_target(label: str, results: list[dict]) -> None:
-    print(f"\n{label}\n\n| method | groups | rows | harmful rows | validation loss | test loss | test exact match |\n"
-          "|---|---|---|---|---|---|---|")
+    base = next((r for r in results if r["method"] == "all"), None)
+    paired = " Δ test vs all (paired, ± se) |" if base else ""
+    print(f"\n{label}\n\n| method | groups | rows | harmful rows | validation loss | test loss | test exact match |"
+          f"{paired}\n|---|---|---|---|---|---|---|" + ("---|" if base else ""))
     for r in results:
+        change = "" if not base else " — |" if r is base else f" {paired_change(r['test'], base['test'])} |"
         print(f"| {r['method']} | {r['groups']} | {r['rows']} | {r['harmful']} | {_ms(r['val'])} | {_ms(r['test'])} | "
-              f"{_ms(r['em'])} |", flush=True)
+              f"{_ms(r['em'])} |{change}", flush=True)
 
 
 def print_over_targets(per_target: dict[str, list[dict]]) -> None:
@@ -128,6 +142,20 @@ def print_over_targets(per_target: dict[str, list[dict]]) -> None:
         beats = [f"{sum(a < b for a, b in zip(mean[m], mean[o]))}/{len(per_target)}"
                  for o in ("all", "random", "gradient_similarity") if o in methods]
         print(f"| {m} | {np.mean(mean[m]):.3f} | {np.mean(std[m]):.3f} | " + " | ".join(beats) + " |")
+    if "all" in methods:
+        print_paired_over_targets(per_target, methods)
+
+
+def print_paired_over_targets(per_target: dict[str, list[dict]], methods: list[str]) -> None:
+    """Each method's test loss minus all sources', averaged over targets for each seed, then mean ±
+    standard error over seeds: whether a mean margin over all sources is more than seed noise."""
+    def per_seed(method: str) -> np.ndarray:
+        return np.mean([next(r for r in rs if r["method"] == method)["test"] for rs in per_target.values()], axis=0)
+
+    print(f"\nmean over {len(per_target)} targets of the test loss minus all sources', per seed, then over seeds\n\n"
+          "| method | Δ test vs all (paired, ± se) |\n|---|---|")
+    for m in (m for m in methods if m != "all"):
+        print(f"| {m} | {paired_change(list(per_seed(m)), list(per_seed('all')))} |")
 
 
 def main() -> None:
