@@ -67,11 +67,23 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, prepare: Prepare = unit_r
     centres = lloyd_streamed(len(x), best, rows_at, blocks)
     labels, margins = np.empty(len(x), dtype=np.int64), np.empty(len(x))
     for rows in blocks:
-        sims = rows_at(rows) @ centres.T
+        sims = cosines_row_by_row(rows_at(rows), centres)
         labels[rows] = sims.argmax(1)
         top2 = np.sort(sims, axis=1)[:, -2:]
         margins[rows] = top2[:, 1] - top2[:, 0]
     return Clusters(by_size(labels, k), margins)
+
+
+def cosines_row_by_row(unit: np.ndarray, centres: np.ndarray, chunk_bytes: int = 1 << 26) -> np.ndarray:
+    """Each row's cosine to each centre, summed in the same order for every row. A matrix product
+    is not: BLAS kernels treat rows at a block's edge differently (OpenBLAS's SkylakeX kernel moved
+    margins by a rounding error when the blocks changed), so the final labels and margins would
+    depend on `block`."""
+    out = np.empty((len(unit), len(centres)))
+    step = max(1, chunk_bytes // (8 * centres.size))
+    for i in range(0, len(unit), step):
+        out[i:i + step] = (unit[i:i + step, None, :] * centres[None]).sum(-1)
+    return out
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
