@@ -10,8 +10,8 @@ cached fine-tunes of all sources it shares) and scored on the target's validatio
 Printed beside each: the dropped groups' score under the default selector (their own first-order
 effect, with its 95% interval; for several groups, the effect of training on them together),
 the change of the target's loss that the estimate predicts against all sources, and the change
-the fine-tunes show, paired by seed. Selection reads validation only; the test split is read
-here to report.
+the fine-tunes show, paired by seed (mean ± standard error over seeds). Selection reads
+validation only; the test split is read here to report.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_selection import _ms, evaluate_mixture, fresh_estimates, source_rows
+from bench_selection import _ms, evaluate_mixture, fresh_estimates, paired_change, source_rows
 from settings import CACHE, REGIMES, REGIME_HELP, setting
 
 from dataselect.estimate import GroupSums, group_sums, subset_losses
@@ -42,11 +42,6 @@ def estimated_change(effects, sums: GroupSums, kept: set[str], budget: str) -> f
     """f̂(mixture) − f̂(all sources): the change of the target's loss the estimate predicts."""
     mixture = effects["group"].is_in(list(kept)).to_numpy()
     return float(np.diff(subset_losses(np.vstack([np.ones_like(mixture), mixture]), sums, 0.0, budget))[0])
-
-
-def paired(values: list[float], base: list[float]) -> str:
-    diff = np.array(values) - np.array(base)
-    return f"{diff.mean():+.3f} ± {diff.std():.3f}"
 
 
 def main() -> None:
@@ -72,9 +67,11 @@ def main() -> None:
     finetunes = args.cache / "finetunes"
     base = evaluate_mixture(recipe, sources, groups, seeds, args.budget, finetunes)
     print(f"\n{chosen.name}, seeds {seeds}, {args.budget} as all sources get; Δ: the mixture's loss minus all "
-          f"sources', paired by seed (negative: dropping helped)\n\n| mixture | dropped | rows | dropped groups' "
-          "score | estimated Δ | validation loss | Δ validation | test loss | Δ test |\n|---|---|---|---|---|---|---|---|---|")
-    print(f"| all | 0 | {base['rows']} | — | — | {_ms(base['val'])} | — | {_ms(base['test'])} | — |", flush=True)
+          "sources', paired by seed, mean ± standard error (negative: dropping helped)\n\n"
+          "| mixture | dropped | rows | dropped groups' score | estimated Δ | validation loss | Δ validation "
+          "| test loss | Δ test |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| all | 0 | {base['rows']} | — | — | {_ms(base['val'])} | — | {_ms(base['test'])} | — |",
+          flush=True)
     for pattern in args.drop:
         dropped = sorted(g for g in groups if fnmatch.fnmatchcase(g, pattern))
         if not dropped or len(dropped) == len(groups):
@@ -82,8 +79,8 @@ def main() -> None:
         r = evaluate_mixture(recipe, sources, groups - set(dropped), seeds, args.budget, finetunes)
         print(f"| without {pattern} | {len(dropped)} | {r['rows']} | {dropped_score(effects, sums, dropped)} | "
               f"{estimated_change(effects, sums, groups - set(dropped), args.budget):+.4f} | "
-              f"{_ms(r['val'])} | {paired(r['val'], base['val'])} | {_ms(r['test'])} | "
-              f"{paired(r['test'], base['test'])} |", flush=True)
+              f"{_ms(r['val'])} | {paired_change(r['val'], base['val'])} | {_ms(r['test'])} | "
+              f"{paired_change(r['test'], base['test'])} |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s wall")
 
 
