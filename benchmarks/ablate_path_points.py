@@ -25,7 +25,8 @@ from settings import CACHE, REGIMES, REGIME_HELP, T0_IN_POOL, T0_TRANSFER, regim
 
 def points_table(recipe) -> dict[tuple[float, ...], tuple[float, list[str]]]:
     """Per non-empty set of the path's points: Spearman over the verified subsets, and the groups
-    ordered by their own effect (best first)."""
+    ordered by their own effect (best first). The pool is read as `estimate.load_pool` reads it,
+    with only the chosen points' blocks of each sketch."""
     from dataselect.estimate import pool_of
     from dataselect.examples import response_tokens
     from dataselect.sketch import point_blocks, stacked_sources, target_sketches
