@@ -2,7 +2,7 @@
 
     python benchmarks/bench_selection.py [--setting demo|gsm8k|t0] [--model tiny|smollm2]
         [--targets samsum,imdb,...] [--regime pretrained|scratch] [--seeds 0,1,2] [--budget epochs|steps]
-        [--set select.keep_fraction=0.3 ...]
+        [--set select.keep_fraction=0.3 ...] [--size-matched group_effect]
 
 Per target, one θ*, sketch and estimate stage is built (reused from `--cache` when it exists;
 estimates and selections are always recomputed); each method then selects groups with the
@@ -12,6 +12,9 @@ and the target's validation and test token cross-entropy (and test exact match w
 defines an answer) are measured. The test split is read only here, to report. Prints mean ± std
 over seeds per target, and for several targets the mean over targets of each method's test loss;
 beside `all`, each method's change against it paired by seed (mean ± standard error).
+`--size-matched group_effect` adds a control beside that method: as many groups dropped, drawn at
+random per seed. At equal steps any drop changes the loss (fewer distinct rows, repeated more);
+the method's change against its control is what its choice of *which* groups is worth.
 
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
 gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every
@@ -89,18 +92,39 @@ def evaluate_mixture(recipe, sources: pl.DataFrame, kept: set[str], seeds: list[
             "val": val, "test": tst, "em": em}
 
 
-def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path) -> list[dict]:
-    """Per method: its mixture fine-tuned from the base for every seed, scored on the target."""
+def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path,
+                     size_matched: list[str] = ()) -> list[dict]:
+    """Per method: its mixture fine-tuned from the base for every seed, scored on the target; for
+    each method in `size_matched`, then its size-matched random control."""
     from dataselect import run
 
     sources = source_rows(recipe)
-    out = []
+    out, kept_by = [], {}
     for method in methods:
         chosen = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": method})})
         run(chosen, until="select")
-        kept = set(chosen.run.selection.read().filter(pl.col("selected"))["group"])
-        out.append({"method": method, **evaluate_mixture(recipe, sources, kept, seeds, budget, finetunes)})
+        kept_by[method] = set(chosen.run.selection.read().filter(pl.col("selected"))["group"])
+        out.append({"method": method, **evaluate_mixture(recipe, sources, kept_by[method], seeds, budget, finetunes)})
+    for method in size_matched:
+        out.append(size_matched_control(recipe, sources, method, len(kept_by[method]), seeds, budget, finetunes))
     return out
+
+
+def size_matched_control(recipe, sources: pl.DataFrame, method: str, n_kept: int, seeds: list[int], budget: str,
+                         finetunes: Path) -> dict:
+    """As many groups dropped as `method` dropped, but drawn at random, a new draw per seed. At equal
+    steps, dropping any group changes the target's loss (fewer distinct rows, each repeated more), so
+    a selector's margin over all sources is evidence that it chose well only beyond this control's."""
+    groups = sorted(set(sources["group"]))
+    n_drop = len(groups) - n_kept
+    runs, drawn = [], []
+    for seed in seeds:
+        dropped = {str(g) for g in np.random.default_rng([seed, n_drop]).choice(groups, n_drop, replace=False)}
+        runs.append(evaluate_mixture(recipe, sources, set(groups) - dropped, [seed], budget, finetunes))
+        drawn.append(f"seed {seed}: " + (", ".join(sorted(dropped)) or "none"))
+    return {"method": f"random, as many as {method}", "of": method, "groups": n_kept,
+            "rows": round(np.mean([r["rows"] for r in runs])), "harmful": round(np.mean([r["harmful"] for r in runs])),
+            **{key: [v for r in runs for v in r[key]] for key in ("val", "test", "em")}, "drawn": drawn}
 
 
 def _ms(values: list[float]) -> str:
@@ -126,6 +150,11 @@ def print_target(label: str, results: list[dict]) -> None:
         change = "" if not base else " — |" if r is base else f" {paired_change(r['test'], base['test'])} |"
         print(f"| {r['method']} | {r['groups']} | {r['rows']} | {r['harmful']} | {_ms(r['val'])} | {_ms(r['test'])} | "
               f"{_ms(r['em'])} |{change}", flush=True)
+    for r in results:
+        if r.get("drawn"):
+            chosen = next(c for c in results if c["method"] == r["of"])
+            print(f"\n{r['method']}, the groups dropped: " + "; ".join(r["drawn"]) + f".\n{r['of']} minus this "
+                  f"control, test loss paired by seed (± se): {paired_change(chosen['test'], r['test'])}")
 
 
 def print_over_targets(per_target: dict[str, list[dict]]) -> None:
@@ -156,6 +185,9 @@ def print_paired_over_targets(per_target: dict[str, list[dict]], methods: list[s
           "| method | Δ test vs all (paired, ± se) |\n|---|---|")
     for m in (m for m in methods if m != "all"):
         print(f"| {m} | {paired_change(list(per_seed(m)), list(per_seed('all')))} |")
+    for control in (r for r in next(iter(per_target.values())) if r.get("drawn")):
+        print(f"\n{control['of']} minus {control['method']}, the same way: "
+              f"{paired_change(list(per_seed(control['of'])), list(per_seed(control['method'])))}")
 
 
 def main() -> None:
@@ -167,6 +199,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")
+    parser.add_argument("--size-matched", default="", metavar="METHODS",
+                        help="beside each of these methods, a control that drops as many groups at random")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for every target, e.g. select.min_score=null (stages it does not "
@@ -188,7 +222,7 @@ def main() -> None:
         fresh_estimates(recipe)
         label = target + (" (in-pool)" if target in T0_IN_POOL else " (transfer)") if target else chosen.name
         per_target[label] = evaluate_methods(recipe, args.methods.split(","), seeds, args.budget,
-                                             args.cache / "finetunes")
+                                             args.cache / "finetunes", [m for m in args.size_matched.split(",") if m])
         print_target(label, per_target[label])
     if len(per_target) > 1:
         print_over_targets(per_target)
