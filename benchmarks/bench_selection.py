@@ -93,7 +93,7 @@ def evaluate_mixture(recipe, sources: pl.DataFrame, kept: set[str], seeds: list[
 
 
 def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path,
-                     size_matched: list[str] = ()) -> list[dict]:
+                     size_matched: tuple[str, ...] = ()) -> list[dict]:
     """Per method: its mixture fine-tuned from the base for every seed, scored on the target; for
     each method in `size_matched`, then its size-matched random control."""
     from dataselect import run
@@ -206,6 +206,9 @@ def main() -> None:
                         help="a recipe override for every target, e.g. select.min_score=null (stages it does not "
                              "touch are reused)")
     args = parser.parse_args()
+    size_matched = tuple(m for m in args.size_matched.split(",") if m)
+    if not set(size_matched) <= set(args.methods.split(",")):
+        parser.error(f"--size-matched {args.size_matched}: each must be one of --methods {args.methods}")
     os.environ["TQDM_DISABLE"] = "1"
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -222,7 +225,7 @@ def main() -> None:
         fresh_estimates(recipe)
         label = target + (" (in-pool)" if target in T0_IN_POOL else " (transfer)") if target else chosen.name
         per_target[label] = evaluate_methods(recipe, args.methods.split(","), seeds, args.budget,
-                                             args.cache / "finetunes", [m for m in args.size_matched.split(",") if m])
+                                             args.cache / "finetunes", size_matched)
         print_target(label, per_target[label])
     if len(per_target) > 1:
         print_over_targets(per_target)
