@@ -11,7 +11,8 @@ every seed (the seed changes the fine-tune's data order, not the base model nor 
 and the target's validation and test token cross-entropy (and test exact match where the target
 defines an answer) are measured. The test split is read only here, to report. Prints mean ± std
 over seeds per target, and for several targets the mean over targets of each method's test loss;
-beside `all`, each method's change against it paired by seed (mean ± standard error).
+beside `all`, each method's change against it paired by seed (mean ± standard error); over
+targets, the same against `all` and against gradient similarity, the strongest simple baseline.
 `--size-matched group_effect` adds a control beside that method: as many groups dropped, drawn at
 random per seed. At equal steps any drop changes the loss (fewer distinct rows, repeated more);
 the method's change against its control is what its choice of *which* groups is worth.
@@ -171,23 +172,28 @@ def print_over_targets(per_target: dict[str, list[dict]]) -> None:
         beats = [f"{sum(a < b for a, b in zip(mean[m], mean[o]))}/{len(per_target)}"
                  for o in ("all", "random", "gradient_similarity") if o in methods]
         print(f"| {m} | {np.mean(mean[m]):.3f} | {np.mean(std[m]):.3f} | " + " | ".join(beats) + " |")
-    if "all" in methods:
-        print_paired_over_targets(per_target, methods)
-
-
-def print_paired_over_targets(per_target: dict[str, list[dict]], methods: list[str]) -> None:
-    """Each method's test loss minus all sources', averaged over targets for each seed, then mean ±
-    standard error over seeds: whether a mean margin over all sources is more than seed noise."""
-    def per_seed(method: str) -> np.ndarray:
-        return np.mean([next(r for r in rs if r["method"] == method)["test"] for rs in per_target.values()], axis=0)
-
-    print(f"\nmean over {len(per_target)} targets of the test loss minus all sources', per seed, then over seeds\n\n"
-          "| method | Δ test vs all (paired, ± se) |\n|---|---|")
-    for m in (m for m in methods if m != "all"):
-        print(f"| {m} | {paired_change(list(per_seed(m)), list(per_seed('all')))} |")
+    for base in ("all", "gradient_similarity"):
+        if base in methods:
+            print_paired_over_targets(per_target, methods, base)
     for control in (r for r in next(iter(per_target.values())) if r.get("drawn")):
         print(f"\n{control['of']} minus {control['method']}, the same way: "
-              f"{paired_change(list(per_seed(control['of'])), list(per_seed(control['method'])))}")
+              f"{paired_change(_per_seed(per_target, control['of']), _per_seed(per_target, control['method']))}")
+
+
+def _per_seed(per_target: dict[str, list[dict]], method: str) -> list[float]:
+    """A method's test loss per seed, averaged over targets."""
+    return list(np.mean([next(r for r in rs if r["method"] == method)["test"] for rs in per_target.values()], axis=0))
+
+
+def print_paired_over_targets(per_target: dict[str, list[dict]], methods: list[str], base: str) -> None:
+    """Each method's test loss minus `base`'s (all sources, or the strongest simple baseline,
+    gradient similarity), averaged over targets for each seed, then mean ± standard error over
+    seeds: whether a mean margin is more than seed noise."""
+    whose = "all sources'" if base == "all" else f"{base}'s"
+    print(f"\nmean over {len(per_target)} targets of the test loss minus {whose}, per seed, then over seeds\n\n"
+          f"| method | Δ test vs {base} (paired, ± se) |\n|---|---|")
+    for m in (m for m in methods if m != base):
+        print(f"| {m} | {paired_change(_per_seed(per_target, m), _per_seed(per_target, base))} |")
 
 
 def main() -> None:
