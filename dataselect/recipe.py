@@ -206,8 +206,9 @@ class Select(Strict):
         "how groups are scored (the selectors of `dataselect/selectors.py`): "
         + "; ".join(f"`{s.name}`: {s.about}" for s in SELECTORS.values())))
     keep_fraction: float = Field(1.0, gt=0, le=1, description=(
-        "groups are ranked best score first; keep at most this top fraction of them. A budget: on T0 the "
-        "default's ranking trailed gradient similarity's at half the groups and led it at a quarter "
+        "groups are ranked best score first; keep at most this top fraction of them. A budget: on T0 no "
+        "ranking was reliably the best at a half, a quarter or an eighth of the groups (the default's trailed "
+        "gradient similarity's at two of the three), so check one with `dataselect verify` "
         "([benchmarks](benchmarks.md))"))
     min_score: float | None = Field(0.0, description=(
         "keep only the groups whose score clears this, compared as `threshold_on` says; null: no threshold"))
