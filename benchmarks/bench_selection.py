@@ -2,7 +2,7 @@
 
     python benchmarks/bench_selection.py [--setting demo|gsm8k|t0] [--model tiny|smollm2]
         [--targets samsum,imdb,...] [--regime pretrained|scratch] [--seeds 0,1,2] [--budget epochs|steps]
-        [--set select.keep_fraction=0.3 ...] [--size-matched group_effect]
+        [--set select.keep_fraction=0.3 ...] [--size-matched group_effect] [--step-matched group_effect]
 
 Per target, one θ*, sketch and estimate stage is built (reused from `--cache` when it exists;
 estimates and selections are always recomputed); each method then selects groups with the
@@ -16,6 +16,9 @@ targets, the same against `all` and against gradient similarity, the strongest s
 `--size-matched group_effect` adds a control beside that method: as many groups dropped, drawn at
 random per seed. At equal steps any drop changes the loss (fewer distinct rows, repeated more);
 the method's change against its control is what its choice of *which* groups is worth.
+`--step-matched gradient_similarity` (with `--budget epochs`) adds another: all sources trained
+for as many steps as that method's mixture takes. A smaller mixture also trains for fewer steps;
+against this control its change is what its rows are worth, not the shorter training.
 
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
 gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every
@@ -94,9 +97,10 @@ def evaluate_mixture(recipe, sources: pl.DataFrame, kept: set[str], seeds: list[
 
 
 def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, finetunes: Path,
-                     size_matched: tuple[str, ...] = ()) -> list[dict]:
+                     size_matched: tuple[str, ...] = (), step_matched: tuple[str, ...] = ()) -> list[dict]:
     """Per method: its mixture fine-tuned from the base for every seed, scored on the target; for
-    each method in `size_matched`, then its size-matched random control."""
+    each method in `size_matched`, then its size-matched random control, and in `step_matched`,
+    all sources for as many steps as its mixture."""
     from dataselect import run
 
     sources = source_rows(recipe)
@@ -108,7 +112,24 @@ def evaluate_methods(recipe, methods: list[str], seeds: list[int], budget: str, 
         out.append({"method": method, **evaluate_mixture(recipe, sources, kept_by[method], seeds, budget, finetunes)})
     for method in size_matched:
         out.append(size_matched_control(recipe, sources, method, len(kept_by[method]), seeds, budget, finetunes))
+    for method in step_matched:
+        rows = next(r["rows"] for r in out if r["method"] == method)
+        out.append(step_matched_control(recipe, sources, method, rows, seeds, finetunes))
     return out
+
+
+def step_matched_control(recipe, sources: pl.DataFrame, method: str, rows: int, seeds: list[int],
+                         finetunes: Path) -> dict:
+    """All sources, trained at the recipe's epochs scaled to take as many steps as `method`'s
+    mixture of `rows` rows: at a budget of epochs a kept fraction also trains less, which alone
+    can lower the target's loss when the whole pool pulls the model elsewhere."""
+    from dataselect.examples import token_rows
+
+    scale = rows / len(token_rows(sources))
+    shorter = recipe.model_copy(update={"meta_init": recipe.meta_init.model_copy(
+        update={"epochs": recipe.meta_init.epochs * scale})})
+    result = evaluate_mixture(shorter, sources, set(sources["group"]), seeds, "epochs", finetunes)
+    return {"method": f"all, as many steps as {method}", "of": method, **result}
 
 
 def size_matched_control(recipe, sources: pl.DataFrame, method: str, n_kept: int, seeds: list[int], budget: str,
@@ -151,11 +172,11 @@ def print_target(label: str, results: list[dict]) -> None:
         change = "" if not base else " — |" if r is base else f" {paired_change(r['test'], base['test'])} |"
         print(f"| {r['method']} | {r['groups']} | {r['rows']} | {r['harmful']} | {_ms(r['val'])} | {_ms(r['test'])} | "
               f"{_ms(r['em'])} |{change}", flush=True)
-    for r in results:
-        if r.get("drawn"):
-            chosen = next(c for c in results if c["method"] == r["of"])
-            print(f"\n{r['method']}, the groups dropped: " + "; ".join(r["drawn"]) + f".\n{r['of']} minus this "
-                  f"control, test loss paired by seed (± se): {paired_change(chosen['test'], r['test'])}")
+    for r in (r for r in results if r.get("of")):
+        chosen = next(c for c in results if c["method"] == r["of"])
+        drawn = f"\n{r['method']}, the groups dropped: " + "; ".join(r["drawn"]) + "." if r.get("drawn") else ""
+        print(f"{drawn}\n{r['of']} minus {r['method']}, test loss paired by seed (± se): "
+              f"{paired_change(chosen['test'], r['test'])}")
 
 
 def print_over_targets(per_target: dict[str, list[dict]]) -> None:
@@ -175,7 +196,7 @@ def print_over_targets(per_target: dict[str, list[dict]]) -> None:
     for base in ("all", "gradient_similarity"):
         if base in methods:
             print_paired_over_targets(per_target, methods, base)
-    for control in (r for r in next(iter(per_target.values())) if r.get("drawn")):
+    for control in (r for r in next(iter(per_target.values())) if r.get("of")):
         print(f"\n{control['of']} minus {control['method']}, the same way: "
               f"{paired_change(_per_seed(per_target, control['of']), _per_seed(per_target, control['method']))}")
 
@@ -207,14 +228,20 @@ def main() -> None:
     parser.add_argument("--budget", choices=["epochs", "steps"], default="epochs")
     parser.add_argument("--size-matched", default="", metavar="METHODS",
                         help="beside each of these methods, a control that drops as many groups at random")
+    parser.add_argument("--step-matched", default="", metavar="METHODS",
+                        help="with --budget epochs: beside each of these methods, all sources for as many steps")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for every target, e.g. select.min_score=null (stages it does not "
                              "touch are reused)")
     args = parser.parse_args()
     size_matched = tuple(m for m in args.size_matched.split(",") if m)
-    if not set(size_matched) <= set(args.methods.split(",")):
-        parser.error(f"--size-matched {args.size_matched}: each must be one of --methods {args.methods}")
+    step_matched = tuple(m for m in args.step_matched.split(",") if m)
+    for flag, chosen_methods in (("--size-matched", size_matched), ("--step-matched", step_matched)):
+        if not set(chosen_methods) <= set(args.methods.split(",")):
+            parser.error(f"{flag}: each must be one of --methods {args.methods}")
+    if step_matched and args.budget != "epochs":
+        parser.error("--step-matched: at --budget steps every mixture already takes as many steps as all sources")
     os.environ["TQDM_DISABLE"] = "1"
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -231,7 +258,7 @@ def main() -> None:
         fresh_estimates(recipe)
         label = target + (" (in-pool)" if target in T0_IN_POOL else " (transfer)") if target else chosen.name
         per_target[label] = evaluate_methods(recipe, args.methods.split(","), seeds, args.budget,
-                                             args.cache / "finetunes", size_matched)
+                                             args.cache / "finetunes", size_matched, step_matched)
         print_target(label, per_target[label])
     if len(per_target) > 1:
         print_over_targets(per_target)
