@@ -218,8 +218,9 @@ class Select(Strict):
         "confidently below). Confidence is over all the groups at once (Holm's step-down at 2.5% one-sided, "
         "the level of one group's 95% interval), so among dozens of neutral groups none is dropped by "
         "chance. The default keeps every group unless its estimate says, with that confidence, that it "
-        "raises the target's loss ([benchmarks](benchmarks.md)). For a narrow target, `low_end` keeps only "
-        "what confidently helps"))
+        "raises the target's loss ([benchmarks](benchmarks.md)). `low_end` keeps only what confidently helps: "
+        "best measured when the mixture is trained for a number of epochs (T0: lower than all sources on 6 of 6 "
+        "targets; GSM8K: keeps every group), far worse at a fixed number of steps"))
     max_examples: int | None = Field(None, ge=1, description=(
         "an example budget: skip a group that would take the mixture past it"))
     max_tokens: int | None = Field(None, ge=1, description=(
