@@ -123,9 +123,7 @@ def step_matched_control(recipe, sources: pl.DataFrame, method: str, rows: int, 
     """All sources, trained at the recipe's epochs scaled to take as many steps as `method`'s
     mixture of `rows` rows: at a budget of epochs a kept fraction also trains less, which alone
     can lower the target's loss when the whole pool pulls the model elsewhere."""
-    from dataselect.examples import token_rows
-
-    scale = rows / len(token_rows(sources))
+    scale = rows / len(sources)  # token_rows keeps every source row
     shorter = recipe.model_copy(update={"meta_init": recipe.meta_init.model_copy(
         update={"epochs": recipe.meta_init.epochs * scale})})
     result = evaluate_mixture(shorter, sources, set(sources["group"]), seeds, "epochs", finetunes)
@@ -174,7 +172,7 @@ def print_target(label: str, results: list[dict]) -> None:
               f"{_ms(r['em'])} |{change}", flush=True)
     for r in (r for r in results if r.get("of")):
         chosen = next(c for c in results if c["method"] == r["of"])
-        drawn = f"\n{r['method']}, the groups dropped: " + "; ".join(r["drawn"]) + "." if r.get("drawn") else ""
+        drawn = (f"\n{r['method']}, the groups dropped: " + "; ".join(r["drawn"]) + ".") if r.get("drawn") else ""
         print(f"{drawn}\n{r['of']} minus {r['method']}, test loss paired by seed (± se): "
               f"{paired_change(chosen['test'], r['test'])}")
 
