@@ -23,7 +23,10 @@ against this control its change is what its rows are worth, not the shorter trai
 `--budget epochs` (the default) trains each mixture for meta-init's epochs, so a smaller mixture
 gets fewer steps, as a user who swaps in the selected data would; `--budget steps` trains every
 mixture for as many steps as all sources get (more epochs over a smaller mixture), which
-separates what the data is from how much of it there is. Settings: see `settings.py`.
+separates what the data is from how much of it there is. Each also sets the recipe's
+`select.training`, and with it the default keep rule (`threshold_on` unset: `low_end` for
+epochs, `high_end` for steps); `--set select.threshold_on=...` overrides it. Settings: see
+`settings.py`.
 """
 
 from __future__ import annotations
@@ -249,7 +252,8 @@ def main() -> None:
     per_target = {}
     for target in targets:
         chosen = setting(args.setting, args.model, target=target, regime=args.regime, cache=args.cache)
-        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}", *args.set)
+        recipe = chosen.load(args.cache / "runs" / f"{chosen.name}-{args.model}",
+                             f"select.training={args.budget}", *args.set)
         print(f"\nsetting {chosen.name}, model {args.model}: recipe {chosen.recipe.name} with "
               f"{' '.join(chosen.overrides) or 'no overrides'}; seeds {seeds}; fine-tunes from the base with "
               f"meta-init's settings, {args.budget} as in meta-init", flush=True)

@@ -212,19 +212,29 @@ class Select(Strict):
         "on GSM8K every half cost. Check one with `dataselect verify` ([benchmarks](benchmarks.md))"))
     min_score: float | None = Field(0.0, description=(
         "keep only the groups whose score clears this, compared as `threshold_on` says; null: no threshold"))
-    threshold_on: Literal["low_end", "estimate", "high_end"] = Field("high_end", description=(
+    training: Literal["epochs", "steps"] = Field("epochs", description=(
+        "how the mixture will be trained: `epochs`, a number of passes over its rows, so a smaller mixture takes "
+        "fewer steps (what TRL, Axolotl, LLaMA-Factory and open-instruct do when given epochs); `steps`, a fixed "
+        "number of steps whatever its size. It sets the default `threshold_on`: the keep rule that measured best "
+        "differs between the two ([benchmarks](benchmarks.md))"))
+    threshold_on: Literal["low_end", "estimate", "high_end"] | None = Field(None, description=(
         "what `min_score` is compared with, where the method gives a 95% interval: its low end (keep only "
         "groups confidently above `min_score`), the estimate itself, or its high end (drop only groups "
         "confidently below). Confidence is over all the groups at once (Holm's step-down at 2.5% one-sided, "
         "the level of one group's 95% interval), so among dozens of neutral groups none is dropped by "
-        "chance. The default keeps every group unless its estimate says, with that confidence, that it "
-        "raises the target's loss ([benchmarks](benchmarks.md)). `low_end` keeps only what confidently helps: "
-        "best measured when the mixture is trained for a number of epochs (T0: lower than all sources on 6 of 6 "
-        "targets; GSM8K: keeps every group), far worse at a fixed number of steps"))
+        "chance. null: by `training`. For `epochs`, `low_end`: keep only what confidently helps (T0, 6 seeds: "
+        "lower than all sources on 6 of 6 targets; GSM8K: every group kept). For `steps`, `high_end`: drop only "
+        "what confidently hurts, since there a few groups repeated many times lose to many (T0: `low_end` 0.87 "
+        "nats worse than all sources, `high_end` level with them) ([benchmarks](benchmarks.md))"))
     max_examples: int | None = Field(None, ge=1, description=(
         "an example budget: skip a group that would take the mixture past it"))
     max_tokens: int | None = Field(None, ge=1, description=(
         "a token budget: skip a group that would take the mixture past it"))
+
+    @property
+    def side(self) -> Literal["low_end", "estimate", "high_end"]:
+        """`threshold_on`, or where it is unset, the keep rule that measured best for `training`."""
+        return self.threshold_on or ("low_end" if self.training == "epochs" else "high_end")
 
 
 class Output(Strict):

@@ -5,8 +5,10 @@ keep-rules decide, so the methods can be compared on the same data:
 
 - `group_effect` (the default): each group's own estimate, L⁰ − f̂({g}), the first-order drop in
   the target's loss per step of training on it alone, with a 95% interval over its examples and the target's. It
-  is absolute (> 0: estimated to help), so `min_score: 0` with `threshold_on: high_end` drops
-  exactly the groups estimated, with confidence over all the groups at once (Holm), to hurt.
+  is absolute (> 0: estimated to help), so `min_score: 0` keeps, with confidence over all the
+  groups at once (Holm), only the groups estimated to help (`threshold_on: low_end`, the default
+  for a mixture trained for epochs) or drops only those estimated to hurt (`high_end`, the
+  default for a fixed number of steps).
 - `random_ensemble` (GradEx-RE): how much lower the estimated target loss is over sampled subsets
   that contain the group than over those that do not, with a 95% confidence interval; the
   paper's T_i (mean estimate over subsets that contain it) is kept as `mean_loss_with`.
@@ -41,7 +43,7 @@ from .artifacts import Estimates, FineTune, Ingested, Run, Selection, Sketches
 from .estimate import load_pool
 from .examples import token_rows, usable
 from .meta_init import load_theta_star
-from .recipe import Recipe, Select
+from .recipe import Recipe, RecipeError, Select
 from .selectors import SELECTORS
 from .sketch import directions, stacked_sources, target_sketches
 from .tokens import load_tokenizer, pad_batch
@@ -206,14 +208,14 @@ def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
     """Mark groups kept, best score first, with the reason for each decision.
 
     `groups` has columns group, score, examples, tokens (and ci95). Rules: keep the top
-    `keep_fraction` of groups, only those with score ≥ `min_score` (compared as `threshold_on`
+    `keep_fraction` of groups, only those with score ≥ `min_score` (compared as `rules.side`
     says: the estimate, or, where the method gives intervals, confidence over all the groups at
     once that a group is above it (`low_end`) or not below it (`high_end`)), and skip a group
     that would exceed `max_examples` or `max_tokens`.
     """
     ranked = groups.sort(["score", "group"], descending=[True, False], nulls_last=True)
     n_keep = max(1, math.ceil(rules.keep_fraction * ranked.height))
-    side = rules.threshold_on
+    side = rules.side
     confident = confidently_past(ranked, rules.min_score, side) if rules.min_score is not None and side != "estimate" \
         else set()
     tested = len(_with_interval(ranked))
@@ -271,9 +273,19 @@ def stability(scored: pl.DataFrame, rules: Select, kept: set[str], seed: int, dr
 def _below_threshold(row: dict, rules: Select, confident: set[str]) -> bool:
     """Whether the group fails `min_score`: by its estimate, or where it has an interval, by the
     simultaneous test of `confidently_past` (low_end: not confidently above; high_end: confidently below)."""
-    if rules.threshold_on == "estimate" or row.get("ci95") is None:
+    if rules.side == "estimate" or row.get("ci95") is None:
         return row["score"] < rules.min_score
-    return row["group"] not in confident if rules.threshold_on == "low_end" else row["group"] in confident
+    return row["group"] not in confident if rules.side == "low_end" else row["group"] in confident
+
+
+def nothing_kept(decided: pl.DataFrame, rules: Select) -> str:
+    """Why an empty mixture is refused, with the best group's case and the ways out: an empty
+    dataset handed to a trainer fails later and further from the cause."""
+    best = decided.sort("score", descending=True, nulls_last=True).row(0, named=True)
+    return (f"select: the keep rules kept none of the {decided.height} groups (method {rules.method}, "
+            f"threshold_on {rules.side}, min_score {rules.min_score}); the best, {best['group']}: {best['reason']}. "
+            "More validation rows narrow the intervals; `select.training: steps` (or `threshold_on: high_end`) "
+            "drops only what confidently hurts; `keep_fraction` with `min_score: null` keeps a top fraction")
 
 
 Scores = tuple[pl.DataFrame, list[str] | None]  # per-group scores, and the forward set (forward only)
@@ -403,9 +415,12 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
         decided = pl.concat([kept.sort("rank"), dropped.select(kept.columns)], how="vertical_relaxed")
     else:
         decided = apply_keep_rules(scored, rules)
-    Selection(out).write(decided)
     kept = decided.filter(pl.col("selected"))
+    if kept.is_empty():
+        raise RecipeError(nothing_kept(decided, rules))
+    Selection(out).write(decided)
     steady = None if forward_set is not None else stability(scored, rules, set(kept["group"]), recipe.seed)
-    return {"method": rules.method, "rules": rules.model_dump(mode="json"), "groups": decided.height,
+    resolved = rules.model_copy(update={"threshold_on": rules.side}).model_dump(mode="json")
+    return {"method": rules.method, "rules": resolved, "groups": decided.height,
             "groups_selected": kept.height, "examples_selected": int(kept["examples"].sum()),
             "tokens_selected": int(kept["tokens"].sum()), "stability": steady}

@@ -249,7 +249,7 @@ def test_keep_rules_give_reasons():
     doubt = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="high_end"))
     assert doubt.filter("selected")["group"].to_list() == ["a", "c", "b"]  # b: −0.1 ± 0.1 may be 0
     assert not apply_keep_rules(intervals.with_columns(ci95=pl.Series([0.1, 0.05, 0.25, None])),
-                                Select(min_score=0.0))["selected"][2]  # −0.1 ± 0.05: surely below, dropped
+                                Select(min_score=0.0, training="steps"))["selected"][2]  # −0.1 ± 0.05: surely below
     tokens = apply_keep_rules(groups, Select(keep_fraction=1.0, min_score=None, max_tokens=350))
     assert tokens.filter("selected")["group"].to_list() == ["a", "c"]
     assert "max_tokens=350" in tokens.filter(pl.col("group") == "b")["reason"][0]
@@ -273,7 +273,7 @@ def test_confidence_is_over_all_groups_at_once_by_holms_step_down():
     assert many["score"][0] + many["ci95"][0] < 0  # its own interval lies below 0 ...
     kept = apply_keep_rules(many, Select(keep_fraction=1.0, min_score=0.0, threshold_on="high_end"))
     assert kept["selected"].all()  # ... but over 36 groups that is not confidence
-    assert not apply_keep_rules(frame([1e-5] + [0.5] * 35), Select(min_score=0.0))["selected"][-1]
+    assert not apply_keep_rules(frame([1e-5] + [0.5] * 35), Select(min_score=0.0, training="steps"))["selected"][-1]
     helpful = frame([0.02] + [0.5] * 35).with_columns(score=-pl.col("score"))
     assert confidently_past(helpful, 0.0, "low_end") == set()
     assert confidently_past(helpful, 0.0, "high_end") == set()

@@ -11,6 +11,7 @@ from dataselect import build
 from dataselect.cli import main
 from dataselect.export import ExportError
 from dataselect.pipeline import STAGE_NAMES, run
+from dataselect.recipe import RecipeError
 from dataselect.selectors import SELECTORS
 
 from .conftest import DEMO, demo_recipe
@@ -157,3 +158,11 @@ def test_every_selector_returns_a_valid_selection(demo_copy, method):
     if method == "forward":  # which helpful group comes first is a near tie that differs across CPUs
         chosen = groups.filter("selected")["source"].to_list()
         assert chosen and not {"wrong_answers", "wrong_rationales"} & set(chosen)
+
+
+def test_a_selection_that_keeps_nothing_is_refused_with_the_best_groups_case(demo_copy):
+    recipe, _, _ = demo_copy
+    strict = recipe.model_copy(update={"select": recipe.select.model_copy(update={"min_score": 1e6})})
+    with pytest.raises(RecipeError, match=r"kept none of the \d+ groups .*threshold_on low_end.*the best, "
+                                          r".*not confidently above min_score 1000000.0.*select.training: steps"):
+        run(strict, until="select")

@@ -140,5 +140,17 @@ def test_recipe_reference_documents_every_field_of_every_recipe_model():
     assert {"sources[].group_by", "select.threshold_on", "sketch.path", "output.format", "target.validation.size",
             "sources[].format.prompt"} <= set(paths)
     by_path = {row.path: row for row in rows}
-    assert by_path["name"].default == "required" and by_path["select.threshold_on"].default == "`high_end`"
+    assert by_path["name"].default == "required" and by_path["select.training"].default == "`epochs`"
+    assert by_path["select.threshold_on"].default == "`null`" and "by `training`" in by_path["select.threshold_on"].description
     assert "`low_end`" in by_path["select.threshold_on"].type and "`cut_prompt`" in by_path["sketch.overlong"].type
+
+
+def test_the_keep_rule_follows_how_the_mixture_will_be_trained():
+    """At a number of epochs a smaller mixture also trains less, and keeping only what confidently
+    helps measured best; at a fixed number of steps its few groups repeat, and dropping only what
+    confidently hurts did. An explicit `threshold_on` wins over either."""
+    assert load_recipe(DEMO).select.side == "low_end"
+    assert load_recipe(DEMO, ["select.training=steps"]).select.side == "high_end"
+    assert load_recipe(DEMO, ["select.training=steps", "select.threshold_on=estimate"]).select.side == "estimate"
+    with pytest.raises(RecipeError, match="select.training"):
+        load_recipe(DEMO, ["select.training=tokens"])
