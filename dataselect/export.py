@@ -166,7 +166,8 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
         "duplicates": copies,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (tmp / "USAGE.md").write_text(usage_markdown(final, recipe.output, train.column_names, files))
+    usage = usage_markdown(final, recipe.output, train.column_names, files, recipe.select)
+    (tmp / "USAGE.md").write_text(usage)
     return files
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .recipe import Output
+from .recipe import Output, Select
 
 
-def usage_markdown(path: Path, spec: Output, columns: list[str], files: list[str]) -> str:
-    """Snippets for the mixture at `path` in its format, naming its real files and columns."""
+def usage_markdown(path: Path, spec: Output, columns: list[str], files: list[str], rules: Select) -> str:
+    """Snippets for the mixture at `path` in its format, naming its real files and columns, and
+    the training it was chosen for: the keep rule that measured best depends on it."""
     parquet = [f for f in files if f.endswith(".parquet") and f.startswith("data/train")]
     jsonl = [f for f in files if f.endswith(".jsonl") and f.startswith("data/train")]
     data_file = f"{path}/{'data/train-*.parquet' if parquet else jsonl[0]}" if files else None
@@ -26,6 +27,7 @@ def usage_markdown(path: Path, spec: Output, columns: list[str], files: list[str
         f"Format `{spec.format}`; columns {', '.join(f'`{c}`' for c in columns)}. "
         + (f"Provenance columns ({', '.join(provenance)}) say where each row came from; drop them before "
            "training (or export with `--set output.provenance=false`)." if provenance else ""), "",
+        _trained_for(rules), "",
         "## datasets", "", "```python", "from datasets import load_dataset, load_from_disk", "",
         f'mixture = load_from_disk("{path}")["train"]  # a DatasetDict: train'
         + (", validation" if spec.validation else ""),
@@ -47,6 +49,15 @@ def usage_markdown(path: Path, spec: Output, columns: list[str], files: list[str
                      f"accelerate launch open_instruct/finetune.py --dataset_mixer_list {path}/{jsonl[0]} 1.0 ...",
                      "```", "open-instruct reads the `messages` column.", ""]
     return "\n".join(sections)
+
+
+def _trained_for(rules: Select) -> str:
+    if rules.training == "epochs":
+        return ("Chosen to be trained for a number of epochs over these rows (`select.training: epochs`). To train "
+                "for a fixed number of steps whatever the mixture's size, rebuild with `--set select.training=steps`: "
+                "a few groups repeated many times select worse there.")
+    return ("Chosen to be trained for a fixed number of steps (`select.training: steps`). To train for a number of "
+            "epochs over it, rebuild with `--set select.training=epochs`.")
 
 
 def _trl_args(fmt: str) -> str:

@@ -54,7 +54,8 @@ def test_each_format_loads_with_datasets_and_trains_a_step_in_trl(demo_build, tm
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train, args=args)
     loss = trainer.train().training_loss
     assert loss > 0 and "input_ids" in trainer.train_dataset.column_names
-    assert "SFTTrainer" in (path / "USAGE.md").read_text()
+    usage = (path / "USAGE.md").read_text()
+    assert "SFTTrainer" in usage and "`select.training: epochs`" in usage
 
 
 def test_text_format_renders_the_chat_template_and_prompt_completion_splits_the_turns(demo_build, tmp_path):
