@@ -207,9 +207,10 @@ class Select(Strict):
         + "; ".join(f"`{s.name}`: {s.about}" for s in SELECTORS.values())))
     keep_fraction: float = Field(1.0, gt=0, le=1, description=(
         "groups are ranked best score first; keep at most this top fraction of them. A budget: on T0, trained "
-        "for the recipe's epochs, any ranking's half, quarter or eighth beat all sources and the default rule, "
-        "but no ranking was reliably the best (the default's trailed gradient similarity's at two of the three); "
-        "on GSM8K every half cost. Check one with `dataselect verify` ([benchmarks](benchmarks.md))"))
+        "for the recipe's epochs, any ranking's half, quarter or eighth beat all sources, about as the default "
+        "rule for epochs does without a fraction chosen, but no ranking was reliably the best (the default's "
+        "trailed gradient similarity's at two of the three); on GSM8K every half cost. Check one with "
+        "`dataselect verify` ([benchmarks](benchmarks.md))"))
     min_score: float | None = Field(0.0, description=(
         "keep only the groups whose score clears this, compared as `threshold_on` says; null: no threshold"))
     training: Literal["epochs", "steps"] = Field("epochs", description=(
