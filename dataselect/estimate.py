@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -37,10 +36,8 @@ import torch
 
 from .artifacts import Estimates, Ingested, Sketches
 from .examples import response_tokens
-from .recipe import Recipe
+from .recipe import Recipe, Training
 from .sketch import stacked_sources, target_sketches
-
-Budget = Literal["epochs", "steps"]
 
 
 def sample_subsets(n_groups: int, m: int, fraction: float, seed: int) -> np.ndarray:
@@ -110,7 +107,7 @@ class GroupSums:
         without_replacement = np.clip((count - self.batch) / np.maximum(count - 1.0, 1.0), 0.0, 1.0)
         return signal + without_replacement * np.maximum(spread, 0.0) / (self.batch * (tokens / count) ** 2)
 
-    def training_lengths(self, membership: np.ndarray, budget: Budget) -> np.ndarray:
+    def training_lengths(self, membership: np.ndarray, budget: Training) -> np.ndarray:
         """K_S / K: the steps a fine-tune of S takes against the whole pool's. With the recipe's
         epochs over S, that is S's share of the pool's rows; at a fixed budget of steps, 1."""
         member = _matrix(membership)
@@ -140,7 +137,7 @@ def _matrix(membership: np.ndarray) -> np.ndarray:
     return np.atleast_2d(membership).astype(np.float64)
 
 
-def subset_losses(membership: np.ndarray, sums: GroupSums, base_loss: float, budget: Budget) -> np.ndarray:
+def subset_losses(membership: np.ndarray, sums: GroupSums, base_loss: float, budget: Training) -> np.ndarray:
     """f̂(S) = L⁰ − (K_S / K) c_S ⟨ḡ_target, Σ_{j∈S} g_j⟩ / Σ_{j∈S} T_j for each row of
     `membership` (subsets × groups), from the groups' sums (`group_sums` reads a finished
     stage's). `budget="epochs"`: S fine-tuned for the recipe's epochs over its own rows, as
@@ -192,7 +189,7 @@ class Pool:
                              "ci95": 1.96 * scale * np.hypot(se_examples, se_target),
                              "ci95_examples": 1.96 * scale * se_examples, "ci95_target": 1.96 * scale * se_target})
 
-    def evaluate(self, membership: np.ndarray, budget: Budget) -> np.ndarray:
+    def evaluate(self, membership: np.ndarray, budget: Training) -> np.ndarray:
         """f̂(S) for each row of `membership` (subsets × groups): the estimated target loss after
         S's fine-tune for the recipe's epochs (`"epochs"`) or for the pool's steps (`"steps"`)."""
         return subset_losses(membership, self.sums, self.base_loss, budget)

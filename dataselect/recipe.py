@@ -20,6 +20,10 @@ from .artifacts import Run
 from .selectors import METHOD_NAMES, SELECTORS
 
 
+Training = Literal["epochs", "steps"]  # how a mixture is trained: passes over its rows, or a fixed count of steps
+KeepSide = Literal["low_end", "estimate", "high_end"]
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be read or validated; the message names the file and key."""
 
@@ -213,12 +217,12 @@ class Select(Strict):
         "`dataselect verify` ([benchmarks](benchmarks.md))"))
     min_score: float | None = Field(0.0, description=(
         "keep only the groups whose score clears this, compared as `threshold_on` says; null: no threshold"))
-    training: Literal["epochs", "steps"] = Field("epochs", description=(
+    training: Training = Field("epochs", description=(
         "how the mixture will be trained: `epochs`, a number of passes over its rows, so a smaller mixture takes "
         "fewer steps (what TRL, Axolotl, LLaMA-Factory and open-instruct do when given epochs); `steps`, a fixed "
         "number of steps whatever its size. It sets the default `threshold_on`: the keep rule that measured best "
         "differs between the two ([benchmarks](benchmarks.md))"))
-    threshold_on: Literal["low_end", "estimate", "high_end"] | None = Field(None, description=(
+    threshold_on: KeepSide | None = Field(None, description=(
         "what `min_score` is compared with, where the method gives a 95% interval: its low end (keep only "
         "groups confidently above `min_score`), the estimate itself, or its high end (drop only groups "
         "confidently below). Confidence is over all the groups at once (Holm's step-down at 2.5% one-sided, "
@@ -233,7 +237,7 @@ class Select(Strict):
         "a token budget: skip a group that would take the mixture past it"))
 
     @property
-    def side(self) -> Literal["low_end", "estimate", "high_end"]:
+    def side(self) -> KeepSide:
         """`threshold_on`, or where it is unset, the keep rule that measured best for `training`."""
         return self.threshold_on or ("low_end" if self.training == "epochs" else "high_end")
 
