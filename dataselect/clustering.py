@@ -1,10 +1,8 @@
 """Groups for a source without task labels: spherical k-means on its examples' gradient directions.
 
 A clustering is only useful if another machine finds the same one. Lloyd's algorithm from one
-random start lands in a poor local optimum more often than not (on the demo's unlabeled source,
-as it was built before this module, 16 of 100 k-means++ starts reached the best clustering, the
-one that separates its three kinds of rows), and FAISS's float32 k-means with one start found
-different clusters on two CPUs.
+random start often lands in a poor local optimum, and a float32 k-means from one start can find
+different clusters on two CPUs, whose rounding differs.
 So: float64 throughout, many seeded k-means++ starts on a bounded sample, the start with the
 highest objective kept (ties broken by start order, not by float noise), a final Lloyd pass on
 every row, and clusters numbered by size so their names do not depend on the start that found
@@ -21,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STARTS = 32  # seeded k-means++ starts: at a 1-in-6 success per start, all 32 miss with probability 0.3%
+# Seeded k-means++ starts: even if only one start in six found the best clustering, all 32 would
+# miss it 0.3% of the time.
+STARTS = 32
 SAMPLE = 20_000  # rows the starts run on; the winner is then refined on every row
 NEAR_BOUNDARY = 1e-3  # a margin below this could flip under another machine's float rounding
 _TIE = 1e-9  # relative objective difference treated as a tie (the earlier start wins)

@@ -154,8 +154,8 @@ class Target(Strict):
                                                  "never used to select")
     answer: str | None = Field(None, description=(
         "a regex whose last match (group 1 if it has one) is the answer, for exact-match accuracy of greedy "
-        "generations in `verify` and the benchmarks (demo: the whole translation; GSM8K: the number after "
-        "`####` or `A:`); null: the target defines no answer"))
+        "generations in `verify` and the benchmarks (e.g. `.+`: the whole response; `####\\s*(\\S+)`: what "
+        "follows `####`); null: the target defines no answer"))
 
     @field_validator("answer")
     @classmethod
@@ -210,27 +210,25 @@ class Select(Strict):
         "how groups are scored (the selectors of `dataselect/selectors.py`): "
         + "; ".join(f"`{s.name}`: {s.about}" for s in SELECTORS.values())))
     keep_fraction: float = Field(1.0, gt=0, le=1, description=(
-        "groups are ranked best score first; keep at most this top fraction of them. A budget: on T0, trained "
-        "for the recipe's epochs, any ranking's half, quarter or eighth beat all sources, about as the default "
-        "rule for epochs does without a fraction chosen, but no ranking was reliably the best (the default's "
-        "trailed gradient similarity's at two of the three); on GSM8K every half cost. Check one with "
-        "`dataselect verify` ([benchmarks](benchmarks.md))"))
+        "groups are ranked best score first; keep at most this top fraction of them (a budget; `min_score` "
+        "still applies within it). Whether a budget helps depends on the target: check one with "
+        "`dataselect verify` (evidence: [Results](results.md))"))
     min_score: float | None = Field(0.0, description=(
         "keep only the groups whose score clears this, compared as `threshold_on` says; null: no threshold"))
     training: Training = Field("epochs", description=(
         "how the mixture will be trained: `epochs`, a number of passes over its rows, so a smaller mixture takes "
         "fewer steps (what TRL, Axolotl, LLaMA-Factory and open-instruct do when given epochs); `steps`, a fixed "
-        "number of steps whatever its size. It sets the default `threshold_on`: the keep rule that measured best "
-        "differs between the two ([benchmarks](benchmarks.md))"))
+        "number of steps whatever its size. It sets the default `threshold_on`, since which keep rule works best "
+        "differs between the two (evidence: [Results](results.md))"))
     threshold_on: KeepSide | None = Field(None, description=(
         "what `min_score` is compared with, where the method gives a 95% interval: its low end (keep only "
         "groups confidently above `min_score`), the estimate itself, or its high end (drop only groups "
         "confidently below). Confidence is over all the groups at once (Holm's step-down at 2.5% one-sided, "
         "the level of one group's 95% interval), so among dozens of neutral groups none is dropped by "
-        "chance. null: by `training`. For `epochs`, `low_end`: keep only what confidently helps (T0, 6 seeds: "
-        "lower than all sources on 6 of 6 targets; GSM8K: every group kept). For `steps`, `high_end`: drop only "
-        "what confidently hurts, since there a few groups repeated many times lose to many (T0: `low_end` 0.87 "
-        "nats worse than all sources, `high_end` level with them) ([benchmarks](benchmarks.md))"))
+        "chance. null: by `training`. For `epochs`, `low_end`: keep only what confidently helps, since a "
+        "smaller mixture is then trained for fewer steps, not repeated. For `steps`, `high_end`: drop only what "
+        "confidently hurts, since at a fixed number of steps a few groups repeated many times lose to many "
+        "(evidence: [Results](results.md))"))
     max_examples: int | None = Field(None, ge=1, description=(
         "an example budget: skip a group that would take the mixture past it"))
     max_tokens: int | None = Field(None, ge=1, description=(
@@ -238,7 +236,7 @@ class Select(Strict):
 
     @property
     def side(self) -> KeepSide:
-        """`threshold_on`, or where it is unset, the keep rule that measured best for `training`."""
+        """`threshold_on`, or where it is unset, the keep rule that suits `training`."""
         return self.threshold_on or ("low_end" if self.training == "epochs" else "high_end")
 
 

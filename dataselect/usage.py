@@ -15,7 +15,7 @@ from .recipe import Output, Select
 
 def usage_markdown(path: Path, spec: Output, columns: list[str], files: list[str], rules: Select) -> str:
     """Snippets for the mixture at `path` in its format, naming its real files and columns, and
-    the training it was chosen for: the keep rule that measured best depends on it."""
+    the training it was chosen for, since the keep rule that suits a mixture depends on it."""
     parquet = [f for f in files if f.endswith(".parquet") and f.startswith("data/train")]
     jsonl = [f for f in files if f.endswith(".jsonl") and f.startswith("data/train")]
     data_file = f"{path}/{'data/train-*.parquet' if parquet else jsonl[0]}" if files else None

@@ -1,6 +1,10 @@
-import pytest
+import re
+import typing
 
-from dataselect.recipe import RecipeError, load_recipe, validate_recipe
+import pytest
+from pydantic import BaseModel
+
+from dataselect.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
 from .conftest import DEMO
 
@@ -154,3 +158,47 @@ def test_the_keep_rule_follows_how_the_mixture_will_be_trained():
     assert load_recipe(DEMO, ["select.training=steps", "select.threshold_on=estimate"]).select.side == "estimate"
     with pytest.raises(RecipeError, match="select.training"):
         load_recipe(DEMO, ["select.training=tokens"])
+
+
+# What a measured result looks like in prose: a figure to two or more decimals, a benchmark's or a
+# rank correlation's name, a date, a tally of runs or targets, a loss in nats. A Field description
+# renders into the recipe reference; it says what a setting does and links to the docs for evidence,
+# so it cannot go stale when a benchmark is rerun. Code spans (`[0.5, 0.75, 1]`) are values a user
+# writes, not results, and are left out.
+MEASURED = re.compile(r"\d\.\d{2,}|\b(?:T0|GSM8K|MMLU|Spearman|Kendall)\b|\b(?:19|20)\d\d-\d\d\b"
+                      r"|\b\d+ (?:out )?of \d+\b|\b\d+ seeds\b|\bnats\b")
+
+
+def _field_descriptions(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, str]:
+    """Every field's description under `model`, by key path (a nested model's fields under its key)."""
+    found = {}
+    for name, info in model.model_fields.items():
+        found[f"{prefix}{name}"] = info.description or ""
+        pending = [info.annotation]
+        while pending:
+            annotation = pending.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found |= _field_descriptions(annotation, f"{prefix}{name}.")
+            else:
+                pending += typing.get_args(annotation)
+    return found
+
+
+def test_field_descriptions_quote_no_measured_figures():
+    descriptions = _field_descriptions()
+    assert {"select.threshold_on", "select.keep_fraction", "sources.max_rows", "model.tiny.layers"} <= set(descriptions)
+    prose = {path: re.sub(r"`[^`]*`", "`…`", text) for path, text in descriptions.items()}
+    quoted = {path: MEASURED.findall(text) for path, text in prose.items() if MEASURED.search(text)}
+    assert not quoted, f"descriptions quoting measured results (link the docs instead): {quoted}"
+
+
+def test_the_figure_pattern_catches_what_a_result_looks_like():
+    """Each line once stood in a description; the settings' own numbers must pass."""
+    results = ["T0: `low_end` 0.87 nats worse than all sources", "lower than all sources on 6 of 6 targets",
+               "GSM8K: every half cost", "Spearman 0.81 with the truth", "measured on 2026-12-02", "(T0, 6 seeds)",
+               "the default's 2.944 against all sources' 3.113"]
+    for line in results:
+        assert MEASURED.search(line), line
+    settings = ["Holm's step-down at 2.5% one-sided", "at most 3·max(1000, max_rows) rows", "a .gguf file",
+                "width of the tiny Llama (its MLP is twice as wide)", "train[:5000]", "fractions such as 0.5"]
+    assert not [line for line in settings if MEASURED.search(line)]
