@@ -8,7 +8,9 @@ a small class over a folder: the pipeline hands a stage the finished ones it rea
 `FineTune` is the folder any fine-tune writes: meta-init's θ* and its snapshots, and the real
 fine-tunes of verify and the benchmarks.
 
-Imports nothing from dataselect, so every module (the recipe included) can use it.
+Imports nothing from dataselect, so every module (the recipe included) can use it; numpy and
+polars are imported when a file is read, so that importing the recipe (and `dataselect --help`)
+stays light.
 """
 
 from __future__ import annotations
@@ -16,19 +18,43 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import polars as pl
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
 
 _RECORD = "stage.json"
 _EXAMPLES, _DUPLICATES = "examples.parquet", "duplicates.parquet"
 _CLUSTERS, _CLUSTER_SUMMARY = "clusters.npy", "clusters.json"
-_MANIFEST = "manifest.json"
-_COUNTS = ("examples", "merged_from_shards", "clusters")  # the sketch manifest's keys that are not store settings
+_SKETCH_SETTINGS = "sketch_settings.json"
+_COUNTS = ("examples", "merged_from_shards", "clusters")  # sketch_settings.json's keys that are not store settings
 _SUBSETS, _LOSS, _GROUPS = "subsets.npy", "loss.npy", "groups.json"
 _ASSIGNMENTS, _GROUP_GRADIENTS, _GROUP_PRODUCTS = "assignments.parquet", "group_gradients.parquet", "group_products.npy"
 _SELECTION = "groups.parquet"
 _RESULTS, _MEMBERSHIPS, _SUMMARY = "results.parquet", "memberships.npy", "summary.json"
+
+# The output folder's files beside the dataset: export writes them, push uploads them, and every
+# reader of an output opens its manifest (`outputs.read_manifest`).
+MANIFEST, ROWS, USAGE = "manifest.json", "rows.parquet", "USAGE.md"
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    import polars as pl
+
+    return pl.read_parquet(path)
+
+
+def _load(path: Path) -> np.ndarray:
+    import numpy as np
+
+    return np.load(path, allow_pickle=False)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    import numpy as np
+
+    np.save(path, array, allow_pickle=False)
 
 
 def write_record(folder: Path, record: dict) -> None:
@@ -94,14 +120,14 @@ class Ingested(StageOutput):
         return self.folder / "base"
 
     def examples(self) -> pl.DataFrame:
-        return pl.read_parquet(self.folder / _EXAMPLES)
+        return _read_parquet(self.folder / _EXAMPLES)
 
     def write_examples(self, examples: pl.DataFrame) -> None:
         examples.write_parquet(self.folder / _EXAMPLES)
 
     def duplicates(self) -> pl.DataFrame:
         """Near-duplicate and contaminated pairs among the examples (`duplicates.find`)."""
-        return pl.read_parquet(self.folder / _DUPLICATES)
+        return _read_parquet(self.folder / _DUPLICATES)
 
     def write_duplicates(self, pairs: pl.DataFrame) -> None:
         pairs.write_parquet(self.folder / _DUPLICATES)
@@ -111,7 +137,8 @@ class Ingested(StageOutput):
 class Sketches(StageOutput):
     """The sketch stage's folder: one store (store.py's format) per source and one for the
     target's validation split, the clusters of clustered sources, shard jobs' chunks until they
-    are merged, and a manifest of the settings every store carries and the rows sketched."""
+    are merged, and `sketch_settings.json`: the settings every store carries, with the rows
+    sketched per store."""
 
     def source_store(self, source: str) -> Path:
         return self.folder / "sources" / source
@@ -127,31 +154,29 @@ class Sketches(StageOutput):
     def clusters(self, source: str) -> np.ndarray | None:
         """Each row's cluster in a source grouped by `clusters`; None until it is clustered."""
         path = self.source_store(source) / _CLUSTERS
-        return np.load(path) if path.exists() else None
+        return _load(path) if path.exists() else None
 
     def write_clusters(self, source: str, labels: np.ndarray, summary: dict) -> None:
         """Each row's cluster, and how the clustering came out (sizes, rows near a boundary)."""
         (self.source_store(source) / _CLUSTER_SUMMARY).write_text(json.dumps(summary, indent=2))
-        np.save(self.source_store(source) / _CLUSTERS, labels, allow_pickle=False)  # last: marks it done
+        _save(self.source_store(source) / _CLUSTERS, labels)  # last: marks it done
 
     def cluster_summaries(self) -> dict:
         """Per clustered source: the summary written beside its clusters."""
         return {p.parent.name: json.loads(p.read_text())
                 for p in sorted((self.folder / "sources").glob(f"*/{_CLUSTER_SUMMARY}"))}
 
-    def manifest(self) -> dict:
-        return json.loads((self.folder / _MANIFEST).read_text())
-
     def settings(self) -> dict:
         """The settings the stage ran with; every store it wrote must carry them."""
-        return {k: v for k, v in self.manifest().items() if k not in _COUNTS}
+        written = json.loads((self.folder / _SKETCH_SETTINGS).read_text())
+        return {k: v for k, v in written.items() if k not in _COUNTS}
 
-    def write_manifest(self, settings: dict, examples: dict, merged_from_shards: bool, clusters: dict) -> dict:
+    def write_settings(self, settings: dict, examples: dict, merged_from_shards: bool, clusters: dict) -> dict:
         """The settings, the rows (and target tokens) sketched per store, whether shards made them,
-        and per clustered source how its clustering came out."""
-        manifest = {**settings, "examples": examples, "merged_from_shards": merged_from_shards, "clusters": clusters}
-        (self.folder / _MANIFEST).write_text(json.dumps(manifest, indent=2))
-        return manifest
+        and per clustered source how its clustering came out; returned as the stage's summary."""
+        written = {**settings, "examples": examples, "merged_from_shards": merged_from_shards, "clusters": clusters}
+        (self.folder / _SKETCH_SETTINGS).write_text(json.dumps(written, indent=2))
+        return written
 
 
 @dataclass(frozen=True)
@@ -162,32 +187,32 @@ class Estimates(StageOutput):
 
     def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(groups, membership of each subset: subsets × groups, each subset's estimated loss)."""
-        return (json.loads((self.folder / _GROUPS).read_text()), np.load(self.folder / _SUBSETS),
-                np.load(self.folder / _LOSS))
+        return (json.loads((self.folder / _GROUPS).read_text()), _load(self.folder / _SUBSETS),
+                _load(self.folder / _LOSS))
 
     def assignments(self) -> pl.DataFrame:
         """One row per sketched source example: id, group."""
-        return pl.read_parquet(self.folder / _ASSIGNMENTS)
+        return _read_parquet(self.folder / _ASSIGNMENTS)
 
     def group_gradients(self) -> pl.DataFrame:
         """Per group: its sums over examples (alignment with the target's gradient, tokens, count,
         squared sketch lengths, squared tokens), its step scale, its own effect and that effect's
         95% interval, with its two parts (the noise over the group's examples, and over the
         target's validation examples)."""
-        return pl.read_parquet(self.folder / _GROUP_GRADIENTS)
+        return _read_parquet(self.folder / _GROUP_GRADIENTS)
 
     def group_products(self) -> np.ndarray:
         """2 × groups × groups: ⟨Σ_g g_j, Σ_h g_j⟩ and ⟨Σ_g T_j g_j, Σ_h g_j⟩."""
-        return np.load(self.folder / _GROUP_PRODUCTS, allow_pickle=False)
+        return _load(self.folder / _GROUP_PRODUCTS)
 
     def write(self, groups: list[str], subsets: np.ndarray, loss: np.ndarray, assignments: pl.DataFrame,
               group_gradients: pl.DataFrame, group_products: np.ndarray) -> None:
-        np.save(self.folder / _SUBSETS, subsets, allow_pickle=False)
-        np.save(self.folder / _LOSS, loss, allow_pickle=False)
+        _save(self.folder / _SUBSETS, subsets)
+        _save(self.folder / _LOSS, loss)
         assignments.write_parquet(self.folder / _ASSIGNMENTS)
         (self.folder / _GROUPS).write_text(json.dumps(groups))
         group_gradients.write_parquet(self.folder / _GROUP_GRADIENTS)
-        np.save(self.folder / _GROUP_PRODUCTS, group_products, allow_pickle=False)
+        _save(self.folder / _GROUP_PRODUCTS, group_products)
 
 
 @dataclass(frozen=True)
@@ -195,7 +220,7 @@ class Selection(StageOutput):
     """The select stage's folder: per group its score, interval, rank, decision and reason."""
 
     def read(self) -> pl.DataFrame:
-        return pl.read_parquet(self.folder / _SELECTION)
+        return _read_parquet(self.folder / _SELECTION)
 
     def write(self, groups: pl.DataFrame) -> None:
         groups.write_parquet(self.folder / _SELECTION)
@@ -223,20 +248,20 @@ class Verification:
     def results(self) -> pl.DataFrame | None:
         """One row per verified subset; None when verify has not run."""
         path = self.folder / _RESULTS
-        return pl.read_parquet(path) if path.exists() else None
+        return _read_parquet(path) if path.exists() else None
 
     def memberships(self) -> np.ndarray | None:
         """Each verified subset's groups (rows: results' subsets; columns: the estimate stage's
-        groups); None when verify has not run (or ran before it kept them)."""
+        groups); None when the folder holds none."""
         path = self.folder / _MEMBERSHIPS
-        return np.load(path) if path.exists() else None
+        return _load(path) if path.exists() else None
 
     def summary(self) -> dict:
         return json.loads((self.folder / _SUMMARY).read_text())
 
     def write_results(self, results: pl.DataFrame, memberships: np.ndarray) -> None:
         results.write_parquet(self.folder / _RESULTS)
-        np.save(self.folder / _MEMBERSHIPS, memberships, allow_pickle=False)
+        _save(self.folder / _MEMBERSHIPS, memberships)
 
     def write_summary(self, summary: dict) -> None:
         (self.folder / _SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -1,31 +1,31 @@
-"""The `dataselect` command: a thin layer over `dataselect.pipeline.run`."""
+"""The `dataselect` command: a thin layer over `dataselect.pipeline.run`.
+
+Its commands come from the stage table (`pipeline.STAGES`) and the selectors' registry, which load
+no torch; the modules that do (the stages, verify, report) are imported when a command runs, so
+`dataselect --help` answers at once.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from pathlib import Path
-
 from . import build, selectors
-from .export import ExportError
-from .outputs import OutputError, read_manifest
+from .artifacts import MANIFEST
+from .errors import UserError
+from .outputs import read_manifest
 from .pipeline import STAGES, Stage, run, run_shard
-from .push import PushError
-from .push import push as upload
-from .recipe import RecipeError, load_recipe
-from .report import report as write_report
-from .shards import Shard
-from .sources import SourceError
-from .store import StoreMismatch
-from .tokens import ModelError
-from .verify import verify as run_verify
+
+if TYPE_CHECKING:
+    from .shards import Shard
 
 # OSError: a full disk, a missing permission; its message names the file.
-USER_ERRORS = (RecipeError, SourceError, ModelError, ExportError, PushError, OutputError, StoreMismatch, OSError)
+USER_ERRORS = (UserError, OSError)
 
 
 def _output_options(f):
@@ -67,6 +67,8 @@ def _make_command(name: str, until: Stage, about: str) -> click.Command:
     @_options
     def command(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool,
                 method: str | None = None, shard: str | None = None, overwrite: bool = False) -> None:
+        from .recipe import load_recipe
+
         _setup_logging(quiet or as_json)
         if method:
             overrides = (*overrides, f"select.method={method}")
@@ -89,7 +91,7 @@ def _make_command(name: str, until: Stage, about: str) -> click.Command:
         else:
             _report(until.name, summaries, quiet, writes_output)
 
-    if until.shard is not None:
+    if until.shards is not None:
         command = click.option(
             "--shard", metavar="I/N",
             help="Sketch only shard I of N (0 ≤ I < N) as an independent job, e.g. a Slurm array task; "
@@ -109,6 +111,8 @@ def _make_command(name: str, until: Stage, about: str) -> click.Command:
 
 
 def _parse_shard(text: str) -> Shard:
+    from .shards import Shard  # torch.distributed: only for a shard job
+
     try:
         return Shard.parse(text)
     except ValueError as e:
@@ -132,7 +136,7 @@ def _report(until: str, summaries: dict, quiet: bool, wrote_output: bool) -> Non
     if wrote_output:
         out = summaries[until]
         click.echo(f"mixture: {out['rows']} rows written to {out['path']} (fingerprint {out['fingerprint']})")
-        click.echo(f"manifest: {out['path']}/manifest.json")
+        click.echo(f"manifest: {out['path']}/{MANIFEST}")
         if "push" in summaries:
             push = summaries["push"]
             click.echo(f"pushed to {push['repo_id']} ({'private' if push['private'] else 'public'})")
@@ -151,6 +155,9 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
            repeats: int) -> None:
     """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
     the similarity baselines, the truth's own noise, scatter plot) in runs/<name>/verify/."""
+    from .recipe import load_recipe
+    from .verify import verify as run_verify
+
     _setup_logging(quiet or as_json)
     try:
         loaded = load_recipe(recipe, overrides)
@@ -165,6 +172,8 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
 @_output_options
 def report(output: Path, quiet: bool, as_json: bool) -> None:
     """Write OUTPUT/report/index.html (self-contained, with plots) and summary.md for a finished build."""
+    from .report import report as write_report
+
     _setup_logging(quiet or as_json)
     try:
         written = write_report(output)
@@ -183,6 +192,9 @@ def push(output: Path, repo_id: str | None, public: bool, dry_run: bool, quiet: 
     """Upload a finished build in OUTPUT to the Hugging Face Hub with a generated dataset card.
 
     The token comes from HF_TOKEN or `hf auth login`, never from the command line."""
+    from .push import PushError
+    from .push import push as upload
+
     _setup_logging(quiet or as_json)
     try:
         spec = read_manifest(output)["recipe"]["output"]

@@ -11,8 +11,6 @@ import re
 
 import polars as pl
 
-ROLES = ("source", "validation", "test")
-
 EXAMPLE_SCHEMA = {
     "id": pl.String, "source": pl.String, "role": pl.String, "row": pl.Int64, "group": pl.String,
     "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),

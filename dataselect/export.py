@@ -17,16 +17,16 @@ from pathlib import Path
 
 import polars as pl
 
-from .artifacts import Estimates, FineTune, Ingested, Selection, Sketches
+from .artifacts import MANIFEST, ROWS, USAGE, Estimates, FineTune, Ingested, Selection, Sketches
 from .duplicates import summary as duplicates_summary
+from .errors import UserError
 from .examples import reasons_by_class, usable
-from .outputs import MANIFEST
 from .recipe import Recipe
 from .tokens import load_tokenizer
 from .usage import usage_markdown
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The output folder cannot be written, named by its path."""
 
 
@@ -155,7 +155,7 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
     train = dataset["train"]
     dataset.save_to_disk(str(tmp))
     files = write_files(dataset, recipe.output.files, tmp)
-    accounted.select("id", "source", "row", "group", "status", "reason").write_parquet(tmp / "rows.parquet")
+    accounted.select("id", "source", "row", "group", "status", "reason").write_parquet(tmp / ROWS)
     manifest = {
         "tool": "dataselect", "version": version("dataselect"), "recipe": recipe.model_dump(mode="json"),
         "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "peft", "traker")},
@@ -167,7 +167,7 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     usage = usage_markdown(final, recipe.output, train.column_names, files, recipe.select)
-    (tmp / "USAGE.md").write_text(usage)
+    (tmp / USAGE).write_text(usage)
     return files
 
 

@@ -294,13 +294,9 @@ def _source_rows(source: Source, run_dir: Path, seed: int) -> tuple[Iterator[dic
         {"max_rows": source.max_rows, **sampling}
 
 
-def read_examples(recipe: Recipe) -> pl.DataFrame:
-    """Every row of every source and of the target splits, mapped or rejected."""
-    return _read_examples(recipe)[0]
-
-
-def _read_examples(recipe: Recipe) -> tuple[pl.DataFrame, dict[str, dict]]:
-    """The examples, and per source how it was sampled."""
+def read_examples(recipe: Recipe) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """Every row of every source and of the target splits, mapped or rejected; and per source how
+    it was sampled."""
     rows: list[dict] = []
     sampling: dict[str, dict] = {}
     for source in recipe.sources:
@@ -356,7 +352,7 @@ def ingest_summary(examples: pl.DataFrame) -> dict:
 def stage(recipe: Recipe, out: Path) -> dict:
     """Read, map and tokenize everything; for a tiny model, train its tokenizer and build it here."""
     folder = Ingested(out)
-    examples, sampling = _read_examples(recipe)
+    examples, sampling = read_examples(recipe)
     if recipe.model.tiny is not None:
         usable = examples.filter((pl.col("status") == "ok") & (pl.col("role") != "test"))
         texts = (m["content"] for turns in usable["messages"] for m in turns)

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from .artifacts import MANIFEST
+from .errors import UserError
 
 
-class OutputError(RuntimeError):
+class OutputError(UserError, RuntimeError):
     """The folder holds no dataselect output."""
 
 

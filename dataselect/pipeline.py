@@ -9,7 +9,8 @@ editing a setting reruns only the stage that reads it and the stages after it.
 The executor knows stages only through their `Stage` entry: the recipe settings and the earlier
 stages' outputs they read (it hands those outputs in, typed: a stage never looks for another's
 folder), whether they can be split into shard jobs, and how a finished one checks it is still
-current.
+current. An entry names its functions as `module:function` in dataselect, imported when the stage
+runs, so reading the table (the CLI builds its commands from it) loads no torch.
 """
 
 from __future__ import annotations
@@ -17,19 +18,28 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import estimate, export, ingest, meta_init, select, sketch
 from .artifacts import Run, StageOutput, key_file, write_record
-from .recipe import Recipe, RecipeError
-from .shards import Shard, barrier, init_process_group
+from .errors import RecipeError
+
+if TYPE_CHECKING:  # pydantic and torch.distributed: loaded by a run, not by reading the stage table
+    from .recipe import Recipe
+    from .shards import Shard
 
 log = logging.getLogger(__name__)
+
+
+def _function(reference: str) -> Callable:
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(f"dataselect.{module}"), name)
 
 
 @dataclass(frozen=True)
@@ -37,36 +47,48 @@ class Stage:
     name: str
     settings: tuple[str, ...]  # recipe settings this stage reads
     reads: tuple[str, ...]  # earlier stages whose outputs it receives, in its parameters' order
-    run: Callable[..., dict]  # (recipe, its unfinished folder, *the outputs it reads) -> its summary
+    runs: str  # "module:function": (recipe, its unfinished folder, *the outputs it reads) -> its summary
     about: str
-    version: str = "3"  # bump when this stage's output format or meaning changes: it and later stages rerun
-    # Computes one shard of N of the stage into its unfinished folder, as an independent job; the
-    # stage's own `run` then merges the shards. None: the stage runs in one process.
-    shard: Callable[..., dict] | None = None  # (recipe, folder, shard, *the outputs it reads) -> summary
-    # Whether a finished stage (its stage.json record given) still stands, beyond its key matching:
-    # for a stage whose output lives outside the run directory. None: the key is enough.
-    current: Callable[[Recipe, dict], bool] | None = None
+    # Part of the stage's key: bump it when the stage's output format or meaning changes, so that it
+    # and the stages after it rerun (and say why in CHANGELOG.md).
+    version: str = "3"
+    # "module:function" computing one shard of N of the stage into its unfinished folder, as an
+    # independent job: (recipe, folder, shard, *the outputs it reads) -> summary; the stage's own
+    # function then merges the shards. None: the stage runs in one process.
+    shards: str | None = None
+    # "module:function" saying whether a finished stage (its stage.json record given) still stands,
+    # beyond its key matching: for a stage whose output lives outside the run directory. None: the
+    # key is enough.
+    checks: str | None = None
+
+    @property
+    def run(self) -> Callable[..., dict]:
+        return _function(self.runs)
+
+    @property
+    def shard(self) -> Callable[..., dict] | None:
+        return _function(self.shards) if self.shards else None
+
+    @property
+    def current(self) -> Callable[[Recipe, dict], bool] | None:
+        return _function(self.checks) if self.checks else None
 
 
 STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
-                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), (), ingest.stage,
-          "read sources and target, map rows to examples, tokenize, count rejections",
-          version="5"),  # 4: max_rows a seeded, stratified sample; 5: the duplicate pairs written here
-    Stage("meta_init", ("meta_init", "sketch_path"), ("ingest",), meta_init.stage,
+                     "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), (), "ingest:stage",
+          "read sources and target, map rows to examples, tokenize, count rejections", version="5"),
+    Stage("meta_init", ("meta_init", "sketch_path"), ("ingest",), "meta_init:stage",
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
-    Stage("sketch", ("sketch",), ("ingest", "meta_init"), sketch.stage,
+    Stage("sketch", ("sketch",), ("ingest", "meta_init"), "sketch:stage",
           "per-example loss gradients at points of meta-init's path, randomly projected; cluster sources",
-          shard=sketch.sketch_shard, version="4"),
-    Stage("estimate", ("estimate",), ("ingest", "sketch"), estimate.stage,
-          "first-order target loss after fine-tuning on random subsets of groups",
-          # 5: the target's noise in a group's interval; 6: AdamW's step scale; 7: batches without replacement
-          version="7"),
-    Stage("select", ("select",), ("ingest", "meta_init", "sketch", "estimate"), select.stage,
-          "score each group from the subset estimates and apply the keep-rules",
-          version="5"),  # 5: confidence over all groups at once (Holm)
-    Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select"), export.stage,
-          "write the mixture as a Hugging Face dataset with a manifest", current=export.is_current),
+          shards="sketch:sketch_shard", version="5"),
+    Stage("estimate", ("estimate",), ("ingest", "sketch"), "estimate:stage",
+          "first-order target loss after fine-tuning on random subsets of groups", version="7"),
+    Stage("select", ("select",), ("ingest", "meta_init", "sketch", "estimate"), "select:stage",
+          "score each group from the subset estimates and apply the keep-rules", version="5"),
+    Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select"), "export:stage",
+          "write the mixture as a Hugging Face dataset with a manifest", checks="export:is_current"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -97,7 +119,7 @@ def inputs(recipe: Recipe, stage: Stage) -> list[StageOutput]:
 
 def sharded_stage() -> Stage:
     """The one stage that can be split into shard jobs (`--shard`, or ranks under a launcher)."""
-    (stage,) = (s for s in STAGES if s.shard is not None)
+    (stage,) = (s for s in STAGES if s.shards is not None)
     return stage
 
 
@@ -109,6 +131,8 @@ def run(recipe: Recipe, until: str = STAGE_NAMES[-1], force: bool = False) -> di
     """
     if until not in STAGE_NAMES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
+    from .shards import Shard
+
     shard = Shard.from_env()
     if shard.count > 1 and STAGE_NAMES.index(until) >= STAGE_NAMES.index(sharded_stage().name):
         return _run_distributed(recipe, until, force, shard)
@@ -116,6 +140,8 @@ def run(recipe: Recipe, until: str = STAGE_NAMES[-1], force: bool = False) -> di
 
 
 def _run_distributed(recipe: Recipe, until: str, force: bool, shard: Shard) -> dict[str, dict]:
+    from .shards import barrier, init_process_group
+
     init_process_group()
     sharded = sharded_stage()
     if shard.index == 0:

@@ -99,6 +99,3 @@ class KroneckerProjector(AbstractProjector):
             part = (p_out.T @ g.to(p_out.dtype) @ p_in).reshape(g.shape[0], -1)
             total = part if total is None else total + part
         return total
-
-    def free_memory(self) -> None:
-        self._factors.clear()

@@ -21,17 +21,19 @@ from typing import Any
 
 import yaml
 
-from .outputs import MANIFEST, cell, read_manifest
+from .artifacts import MANIFEST, ROWS, USAGE
+from .errors import UserError
+from .outputs import cell, read_manifest
 
 CARD = "README.md"
 DATA_DIR = "data"
-EXTRA_FILES = (MANIFEST, "rows.parquet", "USAGE.md")  # uploaded when present, beside data/
+EXTRA_FILES = (MANIFEST, ROWS, USAGE)  # uploaded when present, beside data/
 NO_TOKEN = "no Hugging Face token: set HF_TOKEN or run `hf auth login`"
 SPLIT_ORDER = ("train", "validation", "test")
 RECORDED_VERSIONS = ("python", "dataselect", "torch", "transformers", "datasets")
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """A push that cannot go ahead, with a message naming why."""
 
 

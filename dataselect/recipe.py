@@ -17,15 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifacts import Run
+from .errors import RecipeError
 from .selectors import METHOD_NAMES, SELECTORS
 
 
 Training = Literal["epochs", "steps"]  # how a mixture is trained: passes over its rows, or a fixed count of steps
 KeepSide = Literal["low_end", "estimate", "high_end"]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be read or validated; the message names the file and key."""
 
 
 class Strict(BaseModel):

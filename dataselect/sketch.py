@@ -337,7 +337,7 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune) -> dict
     counts[TARGET_TOKENS] = sum(len(ids) - n_prompt for ids, n_prompt in token_rows(p.parts[-1].examples))
     if shards:
         shutil.rmtree(shards)  # merged: the stores hold every chunk now
-    return folder.write_manifest(p.settings, counts, bool(shards), folder.cluster_summaries())
+    return folder.write_settings(p.settings, counts, bool(shards), folder.cluster_summaries())
 
 
 TARGET_TOKENS = "target validation tokens"

@@ -26,6 +26,7 @@ import zstandard
 
 from . import demo
 from .artifacts import Run
+from .errors import UserError
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _TEXT_BUILDERS = ("json", "csv")
@@ -39,7 +40,7 @@ _EMPTY = "the file is empty (0 rows)"
 _HTTP_BLOCK = 1 << 20  # bytes per Range request: a stream that stops early downloads at most this much more
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A dataset that cannot be opened, or a field the format names that it lacks."""
 
 

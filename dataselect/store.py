@@ -1,6 +1,6 @@
 """A sketch store: one folder per source with memory-mapped sketches, F⁰ and ids.
 
-`manifest.json` records everything the numbers depend on (model and adapter hashes, seed,
+`store.json` records everything the numbers depend on (model and adapter hashes, seed,
 dimension, projection, parameter set, output function). Opening a store with other settings is
 refused rather than mixing sketches from two runs. Rows are written in chunks; `progress.json`
 names the chunks finished, so a run killed at any point resumes at the next chunk and ends with
@@ -16,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 
-class StoreMismatch(RuntimeError):
+# A store's files, named here only: the format is this module's.
+SETTINGS, SKETCHES, F0, IDS, PROGRESS = "store.json", "sketches.npy", "f0.npy", "ids.json", "progress.json"
+
+
+class StoreMismatch(UserError, RuntimeError):
     """A store on disk was made with other settings than the ones asked for."""
 
 
@@ -35,20 +40,20 @@ class SketchStore:
     def open(cls, folder: Path, settings: dict, ids: list[str], dim: int, chunk_rows: int) -> "SketchStore":
         """Create a store, or reopen a partial one made with exactly these settings and rows."""
         store = cls(folder, settings, ids, dim, chunk_rows)
-        manifest = store.folder / "manifest.json"
+        recorded = store.folder / SETTINGS
         wanted = {"settings": settings, "rows": len(ids), "dim": dim, "chunk_rows": chunk_rows}
-        if manifest.exists():
-            found = json.loads(manifest.read_text())
+        if recorded.exists():
+            found = json.loads(recorded.read_text())
             check_settings(store.folder, found, wanted)
-            if json.loads((store.folder / "ids.json").read_text()) != ids:
+            if json.loads((store.folder / IDS).read_text()) != ids:
                 raise StoreMismatch(f"{store.folder}: holds sketches of other examples; remove it to re-sketch")
             return store
         store.folder.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(store.folder / "sketches.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
-        np.lib.format.open_memmap(store.folder / "f0.npy", mode="w+", dtype=np.float32, shape=(len(ids),))
-        (store.folder / "ids.json").write_text(json.dumps(ids))
-        _write_json(store.folder / "progress.json", {"chunks_done": 0, "complete": False})
-        _write_json(manifest, wanted)
+        np.lib.format.open_memmap(store.folder / SKETCHES, mode="w+", dtype=np.float32, shape=(len(ids), dim))
+        np.lib.format.open_memmap(store.folder / F0, mode="w+", dtype=np.float32, shape=(len(ids),))
+        (store.folder / IDS).write_text(json.dumps(ids))
+        _write_json(store.folder / PROGRESS, {"chunks_done": 0, "complete": False})
+        _write_json(recorded, wanted)
         return store
 
     @property
@@ -56,7 +61,7 @@ class SketchStore:
         return -(-len(self.ids) // self.chunk_rows)
 
     def progress(self) -> dict:
-        return json.loads((self.folder / "progress.json").read_text())
+        return json.loads((self.folder / PROGRESS).read_text())
 
     def pending_chunks(self) -> Iterator[int]:
         yield from range(self.progress()["chunks_done"], self.n_chunks)
@@ -64,17 +69,16 @@ class SketchStore:
     def write_chunk(self, chunk: int, rows: np.ndarray, sketches: np.ndarray, f0: np.ndarray) -> None:
         """Write one chunk's rows, flush them to disk, then record the chunk as done."""
         assert chunk == self.progress()["chunks_done"], "chunks are written in order"
-        for name, values in (("sketches.npy", sketches), ("f0.npy", f0)):
+        for name, values in ((SKETCHES, sketches), (F0, f0)):
             array = np.load(self.folder / name, mmap_mode="r+")
             array[rows] = values
             array.flush()
             del array
-        _write_json(self.folder / "progress.json", {"chunks_done": chunk + 1, "complete": False})
+        _write_json(self.folder / PROGRESS, {"chunks_done": chunk + 1, "complete": False})
 
     def finish(self) -> None:
-        """Mark the store done: readers refuse a store until then. (Stores written before this
-        version also hold an `index.faiss` that nothing reads.)"""
-        _write_json(self.folder / "progress.json", {"chunks_done": self.n_chunks, "complete": True})
+        """Mark the store done: readers refuse a store until then."""
+        _write_json(self.folder / PROGRESS, {"chunks_done": self.n_chunks, "complete": True})
 
 
 def check_settings(folder: Path, found: dict, wanted: dict) -> None:
@@ -96,10 +100,10 @@ def check_settings(folder: Path, found: dict, wanted: dict) -> None:
 def read_store(folder: Path, settings: dict | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, sketches memory-mapped, F⁰) of a finished store, checked against `settings` if given."""
     folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    recorded = json.loads((folder / SETTINGS).read_text())
     if settings is not None:
-        check_settings(folder, {"settings": manifest["settings"]}, {"settings": settings})
-    if not json.loads((folder / "progress.json").read_text())["complete"]:
+        check_settings(folder, {"settings": recorded["settings"]}, {"settings": settings})
+    if not json.loads((folder / PROGRESS).read_text())["complete"]:
         raise StoreMismatch(f"{folder}: sketching did not finish; rerun the sketch stage to resume it")
-    return (json.loads((folder / "ids.json").read_text()), np.load(folder / "sketches.npy", mmap_mode="r"),
-            np.load(folder / "f0.npy"))
+    return (json.loads((folder / IDS).read_text()), np.load(folder / SKETCHES, mmap_mode="r"),
+            np.load(folder / F0))

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .artifacts import Ingested
+from .errors import UserError
 from .recipe import Model, Recipe
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model or tokenizer that cannot be loaded, named by its path or Hub id."""
 
 

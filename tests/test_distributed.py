@@ -47,7 +47,7 @@ def _sets(folder: Path) -> list[str]:
 def _store_files(folder: Path) -> dict[str, bytes]:
     root = Run(folder / "run").stage_dir("sketch")
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix in (".npy", ".json")
-            and p.name not in ("stage.json", "manifest.json")}
+            and p.name not in ("stage.json", "sketch_settings.json")}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def _copy(meta_initialized, name: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_two_shard_jobs_merge_into_the_single_process_store(meta_initialized):
     folder = _copy(meta_initialized, "shards")
     _finish(*(_start("sketch", "-r", str(DEMO), "-q", "--shard", f"{i}/2", *_sets(folder)) for i in range(2)))  # at once, as array jobs run
@@ -77,6 +78,7 @@ def test_two_shard_jobs_merge_into_the_single_process_store(meta_initialized):
     assert merged == meta_initialized[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_on_gloo_equals_the_single_process_store(meta_initialized):
     folder = _copy(meta_initialized, "torchrun")
     torchrun = (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "dataselect")
@@ -84,6 +86,7 @@ def test_torchrun_two_ranks_on_gloo_equals_the_single_process_store(meta_initial
     assert _store_files(folder) == meta_initialized[1]
 
 
+@pytest.mark.slow
 def test_merge_refuses_until_every_shard_has_finished(meta_initialized):
     folder = _copy(meta_initialized, "partial")
     recipe = demo_recipe(folder, *FAST)

@@ -1,10 +1,15 @@
 """The package's modules import each other without a cycle, counting every intra-package import:
-at the top of a module and inside functions, so a cycle cannot hide in a function body."""
+at the top of a module and inside functions, so a cycle cannot hide in a function body. Reading a
+recipe and asking the CLI for help load no torch."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import dataselect
 from dataselect.selectors import SELECTORS
@@ -108,3 +113,39 @@ def test_a_stage_receives_what_it_reads_and_looks_for_no_other_folder():
                 assert len(inspect.signature(function).parameters) == fixed + len(stage.reads), function
         source = (PACKAGE / f"{stage.run.__module__.rsplit('.', 1)[1]}.py").read_text(encoding="utf-8")
         assert "recipe.run." not in source and ".run_dir /" not in source, stage.name
+
+
+def _loaded(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has imported once it has run `code`, as
+    `python -X importtime` lists them (the measure the CLI's start-up is judged by)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.split("|") for line in done.stderr.splitlines() if line.startswith("import time:")]
+    return {parts[-1].strip().split(".")[0] for parts in lines if len(parts) == 3}
+
+
+ML = {"torch", "transformers", "datasets", "peft", "faiss"}
+
+
+def test_the_import_listing_sees_what_is_loaded():
+    """So that the tests below cannot pass by reading an empty listing (the store needs numpy,
+    which is quicker to load than torch)."""
+    assert {"numpy", "dataselect"} <= _loaded("import dataselect.store")
+
+
+@pytest.mark.parametrize("code", ["import dataselect.recipe", "import dataselect", "import dataselect.cli"])
+def test_reading_a_recipe_or_loading_the_cli_imports_no_torch(code):
+    loaded = _loaded(code)
+    assert "dataselect" in loaded and not loaded & ML, sorted(loaded & ML)
+
+
+def test_the_cli_help_loads_no_stage_module():
+    """`dataselect --help` and a stage command's help build every command from the stage table and
+    the selectors' registry: no stage module, so neither torch nor numpy nor polars, which would
+    make every invocation wait for them."""
+    code = ("from dataselect.cli import main\n"
+            "for args in (['--help'], ['sketch', '--help'], ['build', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit as done:\n        assert done.code == 0, args\n")
+    loaded = _loaded(code)
+    assert not loaded & (ML | {"numpy", "polars", "matplotlib"}), sorted(loaded & (ML | {"numpy", "polars"}))

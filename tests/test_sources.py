@@ -84,7 +84,7 @@ def test_bad_paths_and_splits_fail_with_the_name(tmp_path, qa_rows):
 
 
 def test_demo_rows_are_all_accounted(tmp_path):
-    examples = read_examples(demo_recipe(tmp_path))
+    examples, _ = read_examples(demo_recipe(tmp_path))
     trivia = examples.filter(pl.col("source") == "trivia")
     assert trivia.height == 303
     rejected = trivia.filter(pl.col("status") == "rejected")
@@ -97,7 +97,7 @@ def test_demo_rows_are_all_accounted(tmp_path):
 def test_real_gsm8k_rows_map(tmp_path):
     recipe = demo_recipe(tmp_path, f"sources.0.dataset={SHARED / 'gsm8k' / 'train.jsonl'}",
                          "sources.0.max_rows=50", "sources.0.group_by=null")
-    examples = read_examples(recipe)
+    examples, _ = read_examples(recipe)
     gsm = examples.filter(pl.col("source") == "lexicon")
     assert gsm.height == 50 and (gsm["status"] == "ok").all()
     assert gsm["response"][0].rstrip().split("#### ")[-1].strip().isdigit()

@@ -253,6 +253,7 @@ def served(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
     thread.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_a_url_source_with_max_rows_is_streamed_and_reads_little(served, tmp_path):
     server, sizes = served
     total = sum(sizes.values())
@@ -279,6 +280,7 @@ def test_a_url_source_with_max_rows_is_streamed_and_reads_little(served, tmp_pat
     assert other.height == 50 and set(other["id"]) != set(examples["id"])
 
 
+@pytest.mark.slow
 def test_a_streamed_sample_is_stratified_within_its_window(served, tmp_path):
     server, sizes = served
     total = sum(sizes.values())
@@ -296,7 +298,7 @@ def test_a_streamed_sample_is_stratified_within_its_window(served, tmp_path):
     assert [r["prompt"] for r in other] != [r["prompt"] for r in rows]
 
 
-@pytest.mark.parametrize("name", ["pool.parquet", "pool.jsonl.zst"])
+@pytest.mark.parametrize("name", [pytest.param("pool.parquet", marks=pytest.mark.slow), "pool.jsonl.zst"])
 def test_one_remote_file_of_another_type_is_streamed(served, tmp_path, name, monkeypatch):
     """A parquet file is read by row group (the stream's shards, shuffled), by HTTP Range requests."""
     import datasets
@@ -320,7 +322,7 @@ def test_without_max_rows_a_url_is_read_whole(served, tmp_path):
     server, sizes = served
     recipe = load_recipe(make_recipe(tmp_path, {"dataset": f"{server.data}/shard-0*.jsonl.gz"}))
     server.reset()
-    examples = read_examples(recipe).filter(pl.col("role") == "source")
+    examples = read_examples(recipe)[0].filter(pl.col("role") == "source")
     assert examples.height == 10 * SHARD_ROWS  # shards 00 to 09
     assert server.sent >= sum(size for name, size in sizes.items() if name.startswith("shard-0"))
 
@@ -361,6 +363,7 @@ def hub_pool(tmp_path, monkeypatch) -> Iterator[tuple[HubStandIn, int]]:
         HfFileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_a_hub_dataset_with_max_rows_is_streamed_and_reads_little(hub_pool, tmp_path):
     """A Hub id goes through datasets' Hub loader (repo info, tree listing, Range reads of the
     shards), as for a real Hub dataset; the sample reads a small part of the repo's bytes, and a
