@@ -12,11 +12,15 @@ import base64
 import html
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from .artifacts import Run
 from .outputs import cell, read_manifest, text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def group_table(manifest: dict) -> pl.DataFrame:
@@ -41,7 +45,7 @@ DUPLICATES = "Duplicates and contamination"
 
 def duplicates_section(manifest: dict) -> tuple[str, list[pl.DataFrame]] | None:
     """The manifest's duplicates section as a sentence, a table per kind and example pairs; None
-    for a manifest written before export reported them."""
+    for a manifest without one."""
     found = manifest.get("duplicates")
     if found is None:
         return None
@@ -110,8 +114,15 @@ SCORE_MEANING = {
 
 
 def plot_scores(groups: pl.DataFrame, method: str) -> bytes:
-    """One bar per group with its interval; plain tick labels (no ×1e-3 offset text, which
-    overlapped the axis label) and a label wrapped to the figure's width."""
+    """The scores figure as PNG bytes."""
+    return _png(scores_figure(groups, method))
+
+
+def scores_figure(groups: pl.DataFrame, method: str) -> Figure:
+    """One bar per group with its interval (a group without a score: a bar of 0), and an axis label
+    naming the method and what its score means; plain tick labels (no ×1e-3 offset text, which
+    overlapped the axis label) and a label wrapped to the figure's width. Returned unrendered, so
+    that what it says can be read back."""
     import textwrap
 
     from matplotlib.ticker import FuncFormatter
@@ -128,7 +139,7 @@ def plot_scores(groups: pl.DataFrame, method: str) -> bytes:
     ax.set_xlabel(textwrap.fill(f"{method} score: {meaning} (±95% interval)", 55))
     ax.set_title("Groups (green: selected)")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def plot_sources(sources: pl.DataFrame) -> bytes:

@@ -47,6 +47,15 @@ def write_small_recipe(tmp: Path, name: str, sources: list[dict], target: Path, 
     return path
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that needs the session's demo build is `slow`: the build takes minutes on a CPU,
+    so `pytest -m "not slow"` (the inner loop) leaves them, and the build, out. Other slow tests
+    carry the mark themselves."""
+    for item in items:
+        if "demo_build" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def demo_recipe(tmp: Path, *overrides: str):
     return load_recipe(DEMO, [f"workdir={tmp / 'run'}", f"output.path={tmp / 'out'}", *overrides])
 

@@ -667,6 +667,7 @@ def built(tmp_path_factory):
     return path, out, json.loads((out / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_rejected_rows_reach_the_manifest_and_rows_parquet(built):
     _, out, manifest = built
     counts = manifest["sources"]["s"]
@@ -695,6 +696,7 @@ def _fill_disk_at_manifest(monkeypatch) -> None:
     monkeypatch.setattr(pathlib.Path, "write_text", write_text)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_error_line_and_the_previous_mixture_stays(built, monkeypatch):
     path, out, _ = built
     before = _snapshot(out)
@@ -705,6 +707,7 @@ def test_a_full_disk_is_one_error_line_and_the_previous_mixture_stays(built, mon
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_a_failed_export_removes_its_temporary_folder(built, monkeypatch):
     path, out, _ = built
     for leftover in out.parent.glob(f".{out.name}.tmp-*"):  # from the test before
@@ -714,6 +717,7 @@ def test_a_failed_export_removes_its_temporary_folder(built, monkeypatch):
     assert list(out.parent.glob(f".{out.name}.tmp-*")) == []
 
 
+@pytest.mark.slow
 def test_an_output_path_holding_other_files_is_left_alone(built, tmp_path):
     path, _, _ = built
     mine = tmp_path / "mine"
@@ -725,9 +729,58 @@ def test_an_output_path_holding_other_files_is_left_alone(built, tmp_path):
     assert _snapshot(mine) == {"notes.txt": b"keep me"}
 
 
-def test_the_cli_names_user_errors_it_catches():
-    # The error types the cases above rely on are the CLI's user errors (printed, not a traceback).
-    from dataselect.cli import USER_ERRORS
+def _user_error_kinds() -> dict[str, type[Exception]]:
+    """Every error dataselect raises for a user to fix: the subclasses of UserError, found from
+    the modules that define them (all imported above or by them)."""
+    from dataselect.errors import UserError
 
-    for kind in (RecipeError, SourceError, ModelError, ExportError, StoreMismatch, OSError):
-        assert issubclass(kind, USER_ERRORS)
+    found, pending = {}, [UserError]
+    while pending:
+        for kind in pending.pop().__subclasses__():
+            found[kind.__name__] = kind
+            pending.append(kind)
+    return found
+
+
+USER_ERROR_NAMES = {"RecipeError", "SourceError", "ModelError", "ExportError", "PushError", "OutputError",
+                    "StoreMismatch"}
+
+
+def test_every_user_error_is_one_the_cli_reports():
+    """The cases above raise these; each must be a UserError, or the CLI would show a traceback."""
+    from dataselect.outputs import OutputError
+    from dataselect.push import PushError
+
+    assert set(_user_error_kinds()) >= USER_ERROR_NAMES
+    for kind in (RecipeError, SourceError, ModelError, ExportError, StoreMismatch, OutputError, PushError):
+        assert kind is _user_error_kinds()[kind.__name__]
+
+
+@pytest.mark.parametrize("name", sorted(USER_ERROR_NAMES) + ["OSError"])
+def test_each_user_error_reaches_the_cli_as_one_clean_line(name, monkeypatch):
+    """Raised while a command runs, a user error is printed as `Error: <its message>` with exit
+    code 1 and no traceback; a full disk (OSError) too."""
+    import dataselect.cli
+
+    error = (OSError(errno.ENOSPC, "No space left on device", "out/x") if name == "OSError"
+             else _user_error_kinds()[name]("sources.0.dataset: data.jsonl, line 3: not JSON"))
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dataselect.cli, "run", fails)
+    result = CliRunner().invoke(main, ["ingest", "-q", "--recipe", str(DEMO)])
+    assert result.exit_code == 1 and result.output == f"Error: {error}\n", result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
+    """An error that is not the user's (a bug) is not caught: it keeps its traceback."""
+    import dataselect.cli
+
+    def fails(*args, **kwargs):
+        raise KeyError("group")
+
+    monkeypatch.setattr(dataselect.cli, "run", fails)
+    result = CliRunner().invoke(main, ["ingest", "-q", "--recipe", str(DEMO)])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError) and "Error:" not in result.output

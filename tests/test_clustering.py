@@ -57,11 +57,20 @@ def test_every_seed_finds_the_planted_clusters(seed):
 
 
 def test_margins_flag_rows_between_clusters():
+    """A row's margin is its cosine to its own cluster's centre (the mean direction of the cluster's
+    rows, where Lloyd's iterations end) minus its cosine to the nearest other centre: positive,
+    since every row sits with its nearest centre, and small for a row between two clusters."""
     x, _ = planted()
-    between = unit_rows(x[:1] + x[-1:])  # halfway between a row of the first and one of the last cluster
-    found = spherical_kmeans(np.vstack([x, between]), 3, seed=0)
-    assert found.margins[-1] < np.median(found.margins)
-    assert found.margins.min() >= 0 and found.summary()["near_boundary"] == int((found.margins < NEAR_BOUNDARY).sum())
+    rows = np.vstack([x, unit_rows(x[:1] + x[-1:])])  # the last: halfway between the first and last cluster
+    found = spherical_kmeans(rows, 3, seed=0)
+    centres = unit_rows(np.stack([rows[found.labels == c].sum(0) for c in range(3)]))
+    cosines = rows @ centres.T
+    own = cosines[np.arange(len(rows)), found.labels]
+    other = np.where(np.arange(3) == found.labels[:, None], -np.inf, cosines).max(1)
+    np.testing.assert_allclose(found.margins, own - other, atol=1e-9)
+    assert (own - other).min() > 0  # each row's label is its nearest centre
+    assert found.margins[-1] < np.quantile(found.margins, 0.05)
+    assert found.summary()["near_boundary"] == int((found.margins < NEAR_BOUNDARY).sum())
 
 
 def _scored(ci: float) -> pl.DataFrame:

@@ -60,6 +60,7 @@ def _half_written_store(run: Run, sources: list[str]) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_in_meta_init_and_in_sketching_resumes_to_the_same_mixture(tmp_path):
     recipe = demo_recipe(tmp_path / "uninterrupted", *SETTINGS)
     summaries = build(recipe)

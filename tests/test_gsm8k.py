@@ -16,6 +16,7 @@ from .conftest import DEMO, SHARED
 GSM8K = SHARED / "gsm8k"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="../shared/data/gsm8k not present")
 def test_gsm8k_cot_recipe_builds_end_to_end_on_the_shared_files(tmp_path):
     sets = [f"sources.0.dataset={GSM8K}/train.jsonl", "sources.0.config=null", "sources.0.split=train[:120]",

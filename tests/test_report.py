@@ -70,14 +70,25 @@ def test_a_pipe_in_a_value_does_not_break_the_markdown_table():
 
 
 def test_the_scores_plot_draws_groups_without_a_score_and_names_the_method():
-    import io
-
-    import matplotlib.image
+    """`all` and the similarity baselines give some groups no score: each is still a bar (of 0),
+    and the axis label says which method scored the groups and what its score means."""
+    import matplotlib.pyplot as plt
     import polars as pl
+    from matplotlib.text import Text
 
-    from dataselect.report import plot_scores
+    from dataselect.report import SCORE_MEANING, plot_scores, scores_figure
 
-    groups = pl.DataFrame({"group": ["a", "b"], "score": [None, None], "ci95": [None, None], "selected": [True, True]},
+    groups = pl.DataFrame({"group": ["a", "b", "c"], "score": [None, None, 0.25], "ci95": [None, None, 0.1],
+                           "selected": [True, True, False]},
                           schema={"group": pl.String, "score": pl.Float64, "ci95": pl.Float64, "selected": pl.Boolean})
-    image = matplotlib.image.imread(io.BytesIO(plot_scores(groups, "all")), format="png")  # method all: no scores
-    assert image.shape[0] > 100 and image.shape[1] > 100
+    for method, meaning in (("all", SCORE_MEANING["all"]), ("gradient_similarity", "against the average group")):
+        fig = scores_figure(groups, method)
+        fig.canvas.draw()  # categorical tick labels are set when drawn
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+        assert [bar.get_width() for bar in ax.patches] == [0.0, 0.0, 0.25]
+        texts = [" ".join(t.get_text().split()) for t in fig.findobj(Text)]
+        label = " ".join(ax.get_xlabel().split())
+        assert label.startswith(f"{method} score: ") and meaning in label and label in texts
+        plt.close(fig)
+    assert plot_scores(groups, "all")[:4] == b"\x89PNG"

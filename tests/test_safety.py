@@ -36,14 +36,6 @@ def test_the_source_grep_catches_each_unsafe_spelling():
     assert not any(re.search(p, "yaml.safe_load(text)") for p in UNSAFE_PATTERNS)
 
 
-def test_the_recipe_loader_is_a_safe_loader():
-    import yaml
-
-    from dataselect.recipe import _RecipeLoader
-
-    assert issubclass(_RecipeLoader, yaml.SafeLoader)
-
-
 def test_a_finished_run_holds_only_safe_formats(demo_build):
     recipe, _, _ = demo_build
     files = [p for p in recipe.run_dir.rglob("*") if p.is_file()]

@@ -30,6 +30,7 @@ def test_leave_one_out_calibration_never_uses_the_subset_itself():
     assert fitted[3] == pytest.approx(np.exp(7.0)) and fitted[0] != pytest.approx(np.e)
 
 
+@pytest.mark.slow
 def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     recipe = demo_recipe(tmp_path, "meta_init.epochs=1", "estimate.subsets=40", "select.keep_fraction=0.5", *SMALL)
     summary = verify(recipe, k_random=2, repeats=1)
