@@ -147,5 +147,5 @@ def test_the_cli_help_loads_no_stage_module():
     code = ("from dataselect.cli import main\n"
             "for args in (['--help'], ['sketch', '--help'], ['build', '--help']):\n"
             "    try:\n        main(args)\n    except SystemExit as done:\n        assert done.code == 0, args\n")
-    loaded = _loaded(code)
-    assert not loaded & (ML | {"numpy", "polars", "matplotlib"}), sorted(loaded & (ML | {"numpy", "polars"}))
+    heavy = _loaded(code) & (ML | {"numpy", "polars", "matplotlib"})
+    assert not heavy, sorted(heavy)
