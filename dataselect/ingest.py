@@ -25,7 +25,7 @@ from jinja2 import TemplateError
 from . import duplicates
 from .artifacts import Ingested
 from .examples import EXAMPLE_SCHEMA, reasons_by_class
-from .meta_init import build_tiny_model
+from .trainer import build_tiny_model
 from .progress import progress
 from .recipe import Messages, Recipe, Source, Split, Target
 from .sources import SourceError, is_remote, open_dataset, open_stream

@@ -42,7 +42,7 @@ import torch
 from .artifacts import Estimates, FineTune, Ingested, Run, Selection, Sketches
 from .estimate import load_pool
 from .examples import token_rows, usable
-from .meta_init import load_theta_star
+from .trainer import load_trained
 from .recipe import Recipe, RecipeError, Select
 from .selectors import SELECTORS
 from .sketch import directions, stacked_sources, target_sketches
@@ -154,7 +154,7 @@ def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000
 
 def representation_similarity(recipe: Recipe, ingested: Ingested, theta: Path, ids: list[str]) -> np.ndarray:
     """Per example: cosine of its mean-pooled last hidden state at θ* to the target's mean."""
-    model = load_theta_star(recipe, ingested, theta)
+    model = load_trained(recipe, ingested, theta)
     pad = load_tokenizer(recipe, ingested).pad_token_id
     examples = ingested.examples()
 

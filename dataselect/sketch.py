@@ -36,7 +36,8 @@ from torch import nn
 from .artifacts import FineTune, Ingested, Sketches
 from .clustering import Clusters, spherical_kmeans, unit_rows
 from .examples import token_rows, usable
-from .meta_init import load_base_model, path_weights, with_trainable
+from .meta_init import path_weights
+from .trainer import load_base_model, with_trainable
 from .progress import progress
 from .projection import KIND as PROJECTION
 from .projection import KroneckerProjector

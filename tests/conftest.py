@@ -87,7 +87,7 @@ def demo_copy(demo_build, tmp_path):
 def tiny(tmp_path_factory):
     """A tiny model and tokenizer built the way `model.tiny` builds them, untrained."""
     from dataselect.demo import materialize
-    from dataselect.meta_init import build_tiny_model
+    from dataselect.trainer import build_tiny_model
     from dataselect.tokens import train_tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("tiny")

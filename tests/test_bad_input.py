@@ -28,7 +28,7 @@ from dataselect.artifacts import Run
 from dataselect.cli import main
 from dataselect.examples import reason_class, reasons_by_class
 from dataselect.export import ExportError
-from dataselect.meta_init import load_base_model
+from dataselect.trainer import load_base_model
 from dataselect.pipeline import run
 from dataselect.recipe import RecipeError, load_recipe
 from dataselect.sources import SourceError

@@ -216,7 +216,8 @@ def test_sketched_alignments_are_the_gradients_inner_products(demo_build):
 
 
 def test_path_weights_share_out_meta_inits_learning_rate():
-    from dataselect.meta_init import lr_factor, path_weights
+    from dataselect.meta_init import path_weights
+    from dataselect.trainer import lr_factor
     from dataselect.recipe import MetaInit
 
     spec = MetaInit(lr=1e-3, warmup_ratio=0.1)
