@@ -32,6 +32,7 @@ _COUNTS = ("examples", "merged_from_shards", "clusters")  # sketch_settings.json
 _SUBSETS, _LOSS, _GROUPS = "subsets.npy", "loss.npy", "groups.json"
 _ASSIGNMENTS, _GROUP_GRADIENTS, _GROUP_PRODUCTS = "assignments.parquet", "group_gradients.parquet", "group_products.npy"
 _SELECTION = "groups.parquet"
+_CANDIDATES, _MIXTURE = "candidates.parquet", "mixture.json"
 _RESULTS, _MEMBERSHIPS, _SUMMARY = "results.parquet", "memberships.npy", "summary.json"
 
 # The output folder's files beside the dataset: export writes them, push uploads them, and every
@@ -227,15 +228,28 @@ class Selection(StageOutput):
 
 
 @dataclass(frozen=True)
+class Confirmation(StageOutput):
+    """The confirm stage's folder: every candidate mixture with its estimate, what its fine-tunes
+    measured and cost, and why it won or lost; and the chosen mixture, as each group's repeats."""
+
+    def candidates(self) -> pl.DataFrame:
+        return _read_parquet(self.folder / _CANDIDATES)
+
+    def mixture(self) -> dict[str, int]:
+        """Group -> how many times its rows are in the mixture (groups left out are not named)."""
+        return json.loads((self.folder / _MIXTURE).read_text())
+
+    def write(self, candidates: pl.DataFrame, mixture: dict[str, int]) -> None:
+        candidates.write_parquet(self.folder / _CANDIDATES)
+        (self.folder / _MIXTURE).write_text(json.dumps(mixture, indent=2, sort_keys=True))
+
+
+@dataclass(frozen=True)
 class Verification:
     """What `dataselect verify` writes: per subset its estimate and true loss, each subset's
-    groups, the summary, the report and its plot, and the real fine-tunes it trained."""
+    groups, the summary, the report and its plot (its fine-tunes are the run's `finetunes`)."""
 
     folder: Path
-
-    @property
-    def finetunes(self) -> Path:
-        return self.folder / "finetunes"
 
     @property
     def report(self) -> Path:
@@ -268,8 +282,8 @@ class Verification:
 
 
 # The one link from a stage's name to the class of what it writes.
-_OUTPUTS: dict[str, type[StageOutput]] = {"ingest": Ingested, "meta_init": FineTune, "sketch": Sketches,
-                                          "estimate": Estimates, "select": Selection}
+OUTPUTS: dict[str, type[StageOutput]] = {"ingest": Ingested, "meta_init": FineTune, "sketch": Sketches,
+                                         "estimate": Estimates, "select": Selection, "confirm": Confirmation}
 
 
 @dataclass(frozen=True)
@@ -306,13 +320,19 @@ class Run:
         return self.root / ".lock"
 
     @property
+    def finetunes(self) -> Path:
+        """Real fine-tunes (`trainer.finetuned`), each in a folder named by everything it depends
+        on: the confirm stage and verify share them, and a rerun reuses them."""
+        return self.root / "finetunes"
+
+    @property
     def demo_data(self) -> Path:
         """Where `demo:` datasets are generated."""
         return self.root / "demo_data"
 
     def output(self, stage: str) -> StageOutput:
         """A finished stage's folder, typed: what the pipeline hands each stage that reads it."""
-        return _OUTPUTS[stage](self.stage_dir(stage))
+        return OUTPUTS[stage](self.stage_dir(stage))
 
     @property
     def ingested(self) -> Ingested:
@@ -334,6 +354,10 @@ class Run:
     @property
     def selection(self) -> Selection:
         return self.output("select")
+
+    @property
+    def confirmation(self) -> Confirmation:
+        return self.output("confirm")
 
     @property
     def verification(self) -> Verification:

@@ -135,6 +135,11 @@ def _setup_logging(quiet: bool) -> None:
 def _report(until: str, summaries: dict, quiet: bool, wrote_output: bool) -> None:
     if wrote_output:
         out = summaries[until]
+        confirm = summaries.get("confirm") or {}
+        if confirm.get("confirmed"):
+            click.echo(f"confirmed: '{confirm['chosen']}', validation loss {confirm['validation_loss']:.4f} against all "
+                       f"sources' {confirm['all_sources_validation_loss']:.4f} ({confirm['candidates']} candidates, "
+                       f"{confirm['cost']:.2f} full fine-tunes)")
         click.echo(f"mixture: {out['rows']} rows written to {out['path']} (fingerprint {out['fingerprint']})")
         click.echo(f"manifest: {out['path']}/{MANIFEST}")
         if "push" in summaries:

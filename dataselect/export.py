@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .artifacts import MANIFEST, ROWS, USAGE, Estimates, FineTune, Ingested, Selection, Sketches
+from .artifacts import MANIFEST, ROWS, USAGE, Confirmation, Estimates, FineTune, Ingested, Selection, Sketches
 from .duplicates import summary as duplicates_summary
 from .errors import UserError
 from .examples import reasons_by_class, usable
@@ -30,15 +30,43 @@ class ExportError(UserError, RuntimeError):
     """The output folder cannot be written, named by its path."""
 
 
+def final_groups(groups: pl.DataFrame, mixture: dict[str, int], confirmed: dict) -> pl.DataFrame:
+    """The select stage's per-group decisions, settled by the mixture the confirm stage chose: each
+    group's repeats (0: left out) and share of the mixture's rows, and why. The keep rule's own
+    decision stays beside it (`rule_selected`)."""
+    repeats = pl.col("group").replace_strict(mixture, default=0, return_dtype=pl.Int64)
+    table = groups.rename({"selected": "rule_selected"}).with_columns(repeats=repeats)
+    table = table.with_columns(selected=pl.col("repeats") > 0,
+                               share=pl.col("examples") * pl.col("repeats") / (pl.col("examples") * pl.col("repeats")).sum())
+    if not confirmed.get("confirmed"):
+        return table
+    chosen = confirmed["chosen"]
+    verdict = (pl.when(pl.col("repeats") > 1).then(pl.format(f"in the confirmed mixture '{chosen}', its rows ×{{}}",
+                                                            pl.col("repeats")))
+               .when(pl.col("selected")).then(pl.lit(f"in the confirmed mixture '{chosen}'"))
+               .otherwise(pl.lit(f"not in the confirmed mixture '{chosen}'")))
+    return table.with_columns(reason=pl.format("{}; keep rule: {}", verdict, pl.col("reason")))
+
+
 def account_rows(examples: pl.DataFrame, assignments: pl.DataFrame, groups: pl.DataFrame) -> pl.DataFrame:
-    """One row per input row of every source: its group and its fate, with the reason."""
-    decisions = groups.select("group", "selected", group_reason="reason", score="score")
+    """One row per input row of every source: its group and its fate, with the reason and how many
+    times it is in the mixture."""
+    decisions = groups.select("group", "selected", "repeats", group_reason="reason", score="score")
     table = (examples.filter(pl.col("role") == "source").drop("group")
              .join(assignments, on="id", how="left").join(decisions, on="group", how="left"))
     status = (pl.when(pl.col("status") == "rejected").then(pl.lit("rejected"))
               .when(pl.col("selected")).then(pl.lit("selected")).otherwise(pl.lit("not_selected")))
     reason = pl.when(pl.col("status") == "rejected").then(pl.col("reason")).otherwise(pl.col("group_reason"))
-    return table.with_columns(status.alias("status"), reason.alias("reason"))
+    repeats = pl.when((pl.col("status") != "rejected") & pl.col("selected")).then(pl.col("repeats")).otherwise(0)
+    return table.with_columns(status.alias("status"), reason.alias("reason"), repeats.cast(pl.Int64).alias("repeats"))
+
+
+def mixture_rows(accounted: pl.DataFrame) -> pl.DataFrame:
+    """The selected rows, each as many times as its group is repeated: the rows' first copies in
+    order, then the second copies, and so on, so any training stack reproduces the weights."""
+    selected = accounted.filter(pl.col("status") == "selected")
+    most = int(selected["repeats"].max() or 1)
+    return pl.concat([selected.filter(pl.col("repeats") >= k) for k in range(1, most + 1)])
 
 
 PROVENANCE = ["source", "group", "id", "score"]
@@ -75,7 +103,7 @@ def output_splits(recipe: Recipe, accounted: pl.DataFrame, examples: pl.DataFram
     """`train` is the mixture; `validation`, when asked, the target's validation split."""
     template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
     spec = recipe.output
-    splits = {"train": accounted.filter(pl.col("status") == "selected")}
+    splits = {"train": mixture_rows(accounted)}
     if spec.validation:
         splits["validation"] = usable(examples, "validation").with_columns(pl.lit(None, pl.Float64).alias("score"))
     return {name: split_table(rows, spec.format, spec.provenance, template) for name, rows in splits.items()}
@@ -113,13 +141,13 @@ def write_files(dataset_dict, files: list[str], folder: Path) -> list[str]:
 
 
 def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketches: Sketches, estimates: Estimates,
-          selection: Selection) -> dict:
+          selection: Selection, confirmation: Confirmation) -> dict:
     """The mixture and its manifest, which accounts for every stage (the summaries of all it reads)."""
     import datasets  # datasets takes seconds to import: only when a mixture is written
 
     examples = ingested.examples()
     assignments = estimates.assignments()
-    groups = selection.read()
+    groups = final_groups(selection.read(), confirmation.mixture(), confirmation.summary())
     accounted = account_rows(examples, assignments, groups)
     splits = output_splits(recipe, accounted, examples, load_tokenizer(recipe, ingested))
     selected = accounted.filter(pl.col("status") == "selected")["id"]
@@ -133,8 +161,9 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        stages = {output.stage(): output.summary() for output in (ingested, meta, sketches, estimates, selection)}
-        files = _write_output(recipe, dataset, accounted, groups, tmp, final, copies, stages)
+        stages = {output.stage(): output.summary()
+                  for output in (ingested, meta, sketches, estimates, selection, confirmation)}
+        files = _write_output(recipe, dataset, accounted, groups, confirmation.candidates(), tmp, final, copies, stages)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed export (a full disk, say) leaves nothing behind
         raise
@@ -150,17 +179,17 @@ def is_current(recipe: Recipe, record: dict) -> bool:
     return manifest.exists() and json.loads(manifest.read_text())["mixture"]["fingerprint"] == written
 
 
-def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, tmp: Path,
-                  final: Path, copies: dict, stages: dict) -> list[str]:
+def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.DataFrame, candidates: pl.DataFrame,
+                  tmp: Path, final: Path, copies: dict, stages: dict) -> list[str]:
     train = dataset["train"]
     dataset.save_to_disk(str(tmp))
     files = write_files(dataset, recipe.output.files, tmp)
-    accounted.select("id", "source", "row", "group", "status", "reason").write_parquet(tmp / ROWS)
+    accounted.select("id", "source", "row", "group", "status", "repeats", "reason").write_parquet(tmp / ROWS)
     manifest = {
         "tool": "dataselect", "version": version("dataselect"), "recipe": recipe.model_dump(mode="json"),
         "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "peft", "traker")},
         "stages": stages, "sources": per_source_counts(accounted),
-        "groups": groups.to_dicts(),
+        "groups": groups.to_dicts(), "candidates": candidates.to_dicts(),
         "mixture": {"rows": train.num_rows, "columns": train.column_names, "fingerprint": train._fingerprint,
                     "splits": {k: v.num_rows for k, v in dataset.items()}, "files": files},
         "duplicates": copies,

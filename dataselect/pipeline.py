@@ -87,8 +87,10 @@ STAGES = (
           "first-order target loss after fine-tuning on random subsets of groups", version="7"),
     Stage("select", ("select",), ("ingest", "meta_init", "sketch", "estimate"), "select:stage",
           "score each group from the subset estimates and apply the keep-rules", version="5"),
-    Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select"), "export:stage",
-          "write the mixture as a Hugging Face dataset with a manifest", checks="export:is_current"),
+    Stage("confirm", ("select",), ("ingest", "meta_init", "estimate", "select"), "confirm:stage",
+          "fine-tune the candidate mixtures the scores propose, as the mixture will be trained; keep the best"),
+    Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select", "confirm"), "export:stage",
+          "write the mixture as a Hugging Face dataset with a manifest", checks="export:is_current", version="4"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 STAGE_BY_NAME = {s.name: s for s in STAGES}

@@ -202,6 +202,10 @@ class Estimate(Strict):
     subset_fraction: float = Field(0.5, gt=0, lt=1, description="the fraction of the groups in each subset")
 
 
+class StepBudget(Strict):
+    steps: int = Field(ge=1, description="a budget of fine-tune steps, over all the confirm stage's fine-tunes")
+
+
 class Select(Strict):
     method: Literal[METHOD_NAMES] = Field("group_effect", description=(
         "how groups are scored (the selectors of `dataselect/selectors.py`): "
@@ -230,6 +234,24 @@ class Select(Strict):
         "an example budget: skip a group that would take the mixture past it"))
     max_tokens: int | None = Field(None, ge=1, description=(
         "a token budget: skip a group that would take the mixture past it"))
+    confirm: float | StepBudget = Field(2.0, description=(
+        "what the confirm stage may spend on real fine-tunes to choose among the candidate mixtures that the "
+        "scores propose (the confidently helpful groups, all but the confidently harmful, top fractions, "
+        "repeats, all sources): a number of full fine-tunes of the pool (meta-init's steps), or `{steps: N}`. "
+        "Each candidate is trained as `training` says and scored on the validation split; the lowest loss "
+        "wins. 0: no fine-tune, the keep rule's mixture as the estimates chose it (evidence: "
+        "[Results](results.md))"))
+
+    @field_validator("confirm")
+    @classmethod
+    def _confirm_not_negative(cls, value: float | StepBudget) -> float | StepBudget:
+        if isinstance(value, float) and value < 0:
+            raise ValueError("a number of full fine-tunes, 0 or more")
+        return value
+
+    def confirm_budget(self, full_steps: int) -> float:
+        """`confirm` as a number of full fine-tunes of the pool, whose training takes `full_steps`."""
+        return self.confirm.steps / max(full_steps, 1) if isinstance(self.confirm, StepBudget) else self.confirm
 
     @property
     def side(self) -> KeepSide:

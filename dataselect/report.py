@@ -2,8 +2,9 @@
 
 Writes `<output>/report/index.html` (one self-contained page, plots embedded as PNG) and
 `<output>/report/summary.md` (the same tables, plots beside it as PNG files): per-group scores
-with 95% intervals, selected / dropped / rejected examples and tokens per source, and the
-estimates against real fine-tunes when `dataselect verify` has run for the recipe.
+with 95% intervals, selected / dropped / rejected examples and tokens per source, the confirm
+stage's candidate mixtures (predicted against measured), and the estimates against real
+fine-tunes when `dataselect verify` has run for the recipe.
 """
 
 from __future__ import annotations
@@ -24,9 +25,36 @@ if TYPE_CHECKING:
 
 
 def group_table(manifest: dict) -> pl.DataFrame:
-    return (pl.DataFrame(manifest["groups"])
-            .select("rank", "group", "source", "score", "ci95", "examples", "tokens", "selected", "reason")
-            .sort("rank"))
+    groups = pl.DataFrame(manifest["groups"])
+    weights = [c for c in ("repeats", "share") if c in groups.columns]
+    return groups.select("rank", "group", "source", "score", "ci95", "examples", "tokens", "selected", *weights,
+                         "reason").sort("rank")
+
+
+def candidate_table(manifest: dict) -> pl.DataFrame | None:
+    """The confirm stage's account: each candidate mixture, its estimate, what its fine-tunes
+    measured and cost, the loss predicted for it from the others, and why it won or lost."""
+    found = manifest.get("candidates")
+    if not found or len(found) < 2:
+        return None
+    return pl.DataFrame(found).select("candidate", "groups", "rows", "cost", "estimate", "estimate_ci95", "short_loss",
+                                      "validation_loss", "predicted", "predicted_interval90", "decision")
+
+
+def confirm_sentence(manifest: dict) -> str | None:
+    """What the confirmation chose and spent, in words; None where it did not run."""
+    c = manifest["stages"].get("confirm")
+    if not c:
+        return None
+    if not c.get("confirmed"):
+        return f"Not confirmed by fine-tunes ({c.get('why', 'select.confirm is 0')}): the keep rule's groups."
+    predicted = ("" if c["predicted_validation_loss"] is None else
+                 f" A retrain is predicted at {c['predicted_validation_loss']:.4f} ± {c['predicted_interval90']:.3f} "
+                 "(90%).")
+    return (f"Confirmed by real fine-tunes ({c['training']}): '{c['chosen']}' reached validation loss "
+            f"{c['validation_loss']:.4f} against all sources' {c['all_sources_validation_loss']:.4f}, among "
+            f"{c['candidates']} candidates, for {c['cost']:.2f} full fine-tunes of the pool (budget "
+            f"{c['budget']:.2f}).{predicted}")
 
 
 def source_table(manifest: dict) -> pl.DataFrame:
@@ -182,6 +210,29 @@ def plot_verify(results: pl.DataFrame, title: str | None = None) -> bytes:
     return _png(fig)
 
 
+def plot_candidates(candidates: pl.DataFrame) -> bytes:
+    """Each candidate trained in full: its validation loss against the one predicted for it from the
+    other candidates (leave one out), with the prediction's 90% interval; the diagonal is a perfect
+    prediction."""
+    plt = _pyplot()
+
+    measured = candidates.filter(pl.col("validation_loss").is_not_null() & pl.col("predicted").is_not_null())
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.errorbar(measured["predicted"].to_list(), measured["validation_loss"].to_list(),
+                xerr=measured["predicted_interval90"].to_list(), fmt="o", capsize=3, color="tab:blue")
+    for name, x, y in measured.select("candidate", "predicted", "validation_loss").iter_rows():
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if measured.height:
+        low = min(measured["predicted"].min(), measured["validation_loss"].min())
+        high = max(measured["predicted"].max(), measured["validation_loss"].max())
+        ax.plot([low, high], [low, high], color="gray", linewidth=0.8)
+    ax.set_xlabel("predicted validation loss (from the other candidates; 90% interval)")
+    ax.set_ylabel("measured validation loss")
+    ax.set_title("Candidate mixtures: predicted against measured")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _markdown_table(frame: pl.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
@@ -201,10 +252,15 @@ def report(output_dir: Path) -> dict:
     groups, sources = group_table(manifest), source_table(manifest)
     verified = verify_results(manifest)
     method = manifest["recipe"]["select"]["method"]
+    candidates = candidate_table(manifest)
     plots = {"scores.png": plot_scores(groups, method), "sources.png": plot_sources(sources)}
+    if candidates is not None:
+        plots["candidates.png"] = plot_candidates(candidates)
     if verified is not None:
         plots["verify.png"] = plot_verify(verified)
     tables = {"Sources": sources, "Groups": groups}
+    if candidates is not None:
+        tables["Candidate mixtures (the confirm stage)"] = candidates
     steady = stability_table(manifest)
     if steady is not None:
         tables["Stability"] = steady
@@ -219,7 +275,8 @@ def report(output_dir: Path) -> dict:
     mixture = manifest["mixture"]
     title = f"dataselect report: {manifest['recipe']['name']}"
     intro = (f"{mixture['rows']} rows selected for target {manifest['recipe']['target']['name']} "
-             f"(fingerprint {mixture['fingerprint']}), method {manifest['recipe']['select']['method']}.")
+             f"(fingerprint {mixture['fingerprint']}), method {manifest['recipe']['select']['method']}. "
+             + (confirm_sentence(manifest) or ""))
     md = [f"# {title}", "", intro, ""]
     md += [f"![{name}]({name})" for name in plots] + [""]
     for heading, frame in tables.items():

@@ -52,12 +52,14 @@ def usage_markdown(path: Path, spec: Output, columns: list[str], files: list[str
 
 
 def _trained_for(rules: Select) -> str:
+    weights = (" Rows of a group that the mixture repeats appear that many times in the files (the manifest gives "
+               "each group's `repeats` and `share`): train on the files as they are.")
     if rules.training == "epochs":
         return ("Chosen to be trained for a number of epochs over these rows (`select.training: epochs`). To train "
                 "for a fixed number of steps whatever the mixture's size, rebuild with `--set select.training=steps`: "
-                "a few groups repeated many times select worse there.")
+                "a few groups repeated many times select worse there." + weights)
     return ("Chosen to be trained for a fixed number of steps (`select.training: steps`). To train for a number of "
-            "epochs over it, rebuild with `--set select.training=epochs`.")
+            "epochs over it, rebuild with `--set select.training=epochs`." + weights)
 
 
 def _trl_args(fmt: str) -> str:

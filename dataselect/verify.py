@@ -26,7 +26,7 @@ import polars as pl
 
 from .artifacts import Verification
 from .estimate import load_pool
-from .evaluate import finetune_and_score
+from .trainer import finetune_and_score
 from .examples import token_rows, usable
 from .pipeline import run
 from .progress import progress
@@ -137,13 +137,14 @@ def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, finetunes: Path)
 
 def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None = None,
            finetunes: Path | None = None, force: bool = False) -> dict:
-    """`finetunes`: where real fine-tunes are kept and looked up (default `out/finetunes`); recipes
-    that share a base model and training rows (targets of one pool) share them there. `force`
+    """`finetunes`: where real fine-tunes are kept and looked up (default: the run's, which the
+    confirm stage shares); recipes that share a base model and training rows (targets of one
+    pool) share them there. `force`
     reruns the stages up to the selection (the fine-tunes stay cached)."""
     run(recipe, until="select", force=force)
     folder = Verification(out) if out else recipe.run.verification
     folder.folder.mkdir(parents=True, exist_ok=True)
-    finetunes = finetunes or folder.finetunes
+    finetunes = finetunes or recipe.run.finetunes
     pool = load_pool(recipe, recipe.run.ingested, recipe.run.sketches)
     ids, groups = pool.ids, pool.groups
     chosen = choose_subsets(recipe, groups, k_random)

@@ -7,7 +7,7 @@ from scipy import stats
 
 from dataselect.artifacts import Run
 from dataselect.estimate import load_pool
-from dataselect.evaluate import finetune_and_score, finetune_folder
+from dataselect.trainer import finetune_and_score, finetune_folder
 from dataselect.examples import token_rows, usable
 from dataselect.verify import kendall, leave_one_out_calibrated, spearman, verify
 
@@ -59,10 +59,10 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     examples = recipe.run.ingested.examples()
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources]).join(assigned, on="id")
     rows = token_rows(sources.filter(pl.col("group_right").is_in(kept)))
-    first = finetune_and_score(recipe, rows, out.finetunes)["validation"]["loss"]
+    first = finetune_and_score(recipe, rows, recipe.run.finetunes)["validation"]["loss"]
     assert first == pytest.approx(results["true_loss"][0], rel=1e-6)
     again = recipe.model_copy(update={"seed": recipe.seed + 1})
-    second = finetune_and_score(again, rows, out.finetunes)["validation"]["loss"]
+    second = finetune_and_score(again, rows, recipe.run.finetunes)["validation"]["loss"]
     assert summary["truth_noise"]["repeats"] == 1 and second != first
     assert summary["truth_noise"]["median_relative_difference"] == pytest.approx(abs(second - first) / first)
     assert set(summary["estimate"]) == {"spearman", "kendall", "r2", "median_relative_error",
@@ -71,7 +71,7 @@ def test_verify_bookkeeping_on_a_tiny_run(tmp_path):
     assert out.scatter.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| predictor | Spearman |" in out.report.read_text()
     # one real fine-tune per subset and one repeat with the next seed, kept for reuse
-    assert len(list(out.finetunes.iterdir())) == 5
+    assert len(list(recipe.run.finetunes.iterdir())) == 5
 
 
 def test_finetunes_are_keyed_by_what_they_depend_on(tmp_path):

@@ -1,0 +1,299 @@
+"""Stage 6, confirm: a few real fine-tunes, proposed by the estimates, choose the mixture.
+
+The estimates rank groups like real fine-tunes do, but they are linear in the mixture: they
+cannot see saturation, repetition or forgetting, which decide how many groups to keep and how
+often to repeat them. So the select stage's scores propose a short list of candidate mixtures
+(the groups confidently helpful, all but the confidently harmful, the top fractions of the
+ranking, helpful groups repeated, all sources), each with its estimate and interval; the base
+model is fine-tuned on each as the user will train it (`select.training`), scored on the target's
+validation split, and the lowest wins. The cost is cut the way hyper-parameter search cuts it
+(successive halving): when the budget cannot train every candidate in full, all are trained
+short first and the better half in full. All sources trained in full is meta-init's own θ*, so
+the user's default alternative is always measured, at no cost.
+
+The confirmed candidates are landmarks for a calibrated prediction: a line from the estimate to
+the measured validation loss, whose residuals set the interval of every prediction (leave one
+out for each landmark, so no candidate grades itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .artifacts import Confirmation, Estimates, FineTune, Ingested, Selection
+from .estimate import GroupSums, group_sums, subset_losses
+from .examples import token_rows, usable
+from .recipe import Recipe, Training
+from .trainer import Rows, finetune_and_score, score_trained
+
+log = logging.getLogger(__name__)
+
+FRACTIONS = ((2, "top half"), (4, "top quarter"), (8, "top eighth"))
+REPEAT = 2  # how often the helpful groups are repeated in the weighted candidate
+SHORT = (0.5, 0.25, 0.125)  # the short rung's share of a full fine-tune, the longest that fits the budget
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A mixture: how many times each group's rows appear in it (groups not named are left out)."""
+
+    name: str
+    weights: dict[str, int]
+
+    def key(self) -> tuple:
+        return tuple(sorted(self.weights.items()))
+
+    def membership(self, groups: list[str]) -> np.ndarray:
+        return np.array([float(self.weights.get(g, 0)) for g in groups])
+
+
+def propose(decided: pl.DataFrame, training: Training) -> list[Candidate]:
+    """The short list, from the select stage's groups (score, ci95, and the confidence tests the
+    keep rules use): all sources first, then distinct mixtures in the order they are worth trying
+    for this training (a budget that cannot try them all drops them from the end).
+
+    For `epochs` a smaller mixture also trains for fewer steps, so the focused mixtures come first
+    (the groups confidently helpful, the top fractions of the ranking, the helpful groups twice);
+    for `steps` a small mixture is repeated many times, so the broad ones do (all but the
+    confidently harmful, the same with the helpful groups repeated, the top half)."""
+    from .select import confidently_past
+
+    ranked = decided.sort(["score", "group"], descending=[True, False], nulls_last=True)
+    groups = ranked["group"].to_list()
+    scored = ranked.filter(pl.col("score").is_not_null())["group"].to_list()
+    has_intervals = "ci95" in ranked.columns and ranked["ci95"].is_not_null().any()
+    helpful = [g for g in groups if g in confidently_past(ranked, 0.0, "low_end")] if has_intervals else []
+    harmful = confidently_past(ranked, 0.0, "high_end") if has_intervals else set()
+    kept = [g for g in groups if g not in harmful]
+    top = {name: scored[: max(1, math.ceil(len(groups) / divisor))] for divisor, name in FRACTIONS if scored}
+    proposals = {
+        "confidently helpful": dict.fromkeys(helpful, 1),
+        f"confidently helpful ×{REPEAT}": dict.fromkeys(helpful, REPEAT),
+        "all but the confidently harmful": dict.fromkeys(kept, 1),
+        f"helpful ×{REPEAT}, the rest once, harmful dropped": {g: REPEAT if g in helpful else 1 for g in kept},
+        **{name: dict.fromkeys(chosen, 1) for name, chosen in top.items()},
+    }
+    order = (["confidently helpful", "top eighth", "top quarter", f"confidently helpful ×{REPEAT}", "top half",
+              "all but the confidently harmful"] if training == "epochs" else
+             ["all but the confidently harmful", f"helpful ×{REPEAT}, the rest once, harmful dropped", "top half",
+              "top quarter", "confidently helpful", "top eighth"])
+    distinct = {Candidate("all sources", dict.fromkeys(groups, 1)).key(): Candidate("all sources",
+                                                                                   dict.fromkeys(groups, 1))}
+    for name in order:
+        weights = proposals.get(name) or {}
+        if weights:
+            distinct.setdefault(Candidate(name, weights).key(), Candidate(name, weights))
+    return list(distinct.values())
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a candidate's full fine-tune costs, as a share of one full fine-tune of the pool
+    (meta-init's steps): its rows' share at `epochs`, one at `steps`."""
+
+    rows: dict[str, int]  # per group
+    training: Training
+
+    def rows_of(self, c: Candidate) -> int:
+        return sum(self.rows[g] * w for g, w in c.weights.items())
+
+    def of(self, c: Candidate) -> float:
+        return 1.0 if self.training == "steps" else self.rows_of(c) / sum(self.rows.values())
+
+
+def plan(candidates: list[Candidate], cost: Callable[[Candidate], float], budget: float,
+         free: Candidate) -> tuple[float | None, int, list[Candidate]]:
+    """(the short rung's share of each fine-tune's steps, or None for none; how many go on to the
+    end; the candidates tried), within `budget` full fine-tunes of the pool. `free` (all sources,
+    whose fine-tune is meta-init's own) costs nothing. Every candidate in full when that fits; else
+    successive halving: all trained for the longest share of their steps that leaves room for the
+    better half to go on to the end (a finalist continues from where it stopped, so its short rung
+    is not spent twice); else the same with the list cut from its end (the candidates last
+    proposed go first)."""
+    paid = [c for c in candidates if c is not free]
+    while paid:
+        total = sum(cost(c) for c in paid)
+        if total <= budget:
+            return None, len(paid), paid
+        finalists = max(1, math.ceil(len(paid) / 2))
+        costliest = sum(sorted((cost(c) for c in paid), reverse=True)[:finalists])
+        for share in SHORT:
+            if share * total + (1 - share) * costliest <= budget:
+                return share, finalists, paid
+        paid = paid[:-1]
+    return None, 0, []
+
+
+@dataclass
+class Calibration:
+    """The measured validation loss as a line in the estimate, from the landmarks: a + b·f̂, with
+    a t prediction interval (90%) from the residuals."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def predict(self, x: float) -> tuple[float | None, float | None]:
+        n = len(self.x)
+        if n < 3 or np.ptp(self.x) == 0:
+            return None, None
+        b, a = np.polyfit(self.x, self.y, 1)
+        resid = self.y - (a + b * self.x)
+        s = math.sqrt(float(resid @ resid) / (n - 2))
+        sxx = float(((self.x - self.x.mean()) ** 2).sum())
+        half = _t90(n - 2) * s * math.sqrt(1 + 1 / n + (x - self.x.mean()) ** 2 / sxx)
+        return float(a + b * x), half
+
+    def leave_one_out(self) -> list[tuple[float | None, float | None]]:
+        keep = np.ones(len(self.x), dtype=bool)
+        out = []
+        for i in range(len(self.x)):
+            keep[:] = True
+            keep[i] = False
+            out.append(Calibration(self.x[keep], self.y[keep]).predict(float(self.x[i])))
+        return out
+
+
+def _t90(dof: int) -> float:
+    """The two-sided 90% quantile of Student's t."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.95, dof))
+
+
+def candidate_estimates(candidates: list[Candidate], groups: list[str], sums: GroupSums, effects: pl.DataFrame,
+                        base_loss: float, training: Training) -> list[tuple[float, float]]:
+    """Each candidate's f̂ as it will be trained, and the half-width of its 95% interval: the
+    groups' per-token noise over their rows added (independent), and over the target's rows added
+    in step (the same rows for every group: the conservative sum), times the step scale and length."""
+    membership = np.stack([c.membership(groups) for c in candidates])
+    estimate = subset_losses(membership, sums, base_loss, training)
+    frame = effects.select("group", "tokens", "scale", "ci95_examples", "ci95_target")
+    order = {g: i for i, g in enumerate(frame["group"])}
+    rows = [order[g] for g in groups]
+    tokens = frame["tokens"].to_numpy()[rows]
+    scale = np.maximum(frame["scale"].to_numpy()[rows], 1e-300)
+    per_token_ex = frame["ci95_examples"].to_numpy()[rows] / scale  # 95% of the group's per-token alignment
+    per_token_t = frame["ci95_target"].to_numpy()[rows] / scale
+    length = sums.training_lengths(membership, training) * sums.step_scales(membership)
+    weighted_tokens = np.maximum(membership @ tokens, 1.0)
+    examples = np.sqrt((membership * tokens * per_token_ex) ** 2 @ np.ones(len(groups))) / weighted_tokens
+    target = (membership * tokens * per_token_t) @ np.ones(len(groups)) / weighted_tokens
+    return [(float(e), float(h)) for e, h in zip(estimate, length * np.hypot(examples, target))]
+
+
+def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, estimates: Estimates,
+          selection: Selection) -> dict:
+    """Propose, fine-tune within the budget, choose; write every candidate's account and the
+    chosen mixture's repeats per group."""
+    spec, training = recipe.select, recipe.select.training
+    decided = selection.read()
+    by_rule = Candidate("the keep rule's groups", dict.fromkeys(sorted(decided.filter(pl.col("selected"))["group"]), 1))
+    folder = Confirmation(out)
+    budget = spec.confirm_budget(meta.summary()["steps"])
+    candidates = propose(decided, training) if spec.method == "group_effect" else []
+    if budget <= 0 or len(candidates) < 2:
+        why = ("select.confirm is 0" if budget <= 0 else f"method {spec.method} proposes no candidates"
+               if spec.method != "group_effect" else "the candidates are all one mixture")
+        folder.write(_account([_row(by_rule, f"chosen: not confirmed ({why})")]), by_rule.weights)
+        return {"confirmed": False, "chosen": by_rule.name, "why": why, "candidates": 1, "cost": 0.0}
+    if by_rule.key() not in {c.key() for c in candidates}:  # a keep rule set in the recipe
+        candidates.insert(1, by_rule)
+    groups = estimates.read()[0]
+    estimated = dict(zip((c.key() for c in candidates), candidate_estimates(
+        candidates, groups, group_sums(recipe, estimates), estimates.group_gradients(),
+        estimates.summary()["base_loss"], training)))
+    sources = usable(ingested.examples(), "source").drop("group").join(estimates.assignments(), on="id")
+    costs = Costs(dict(sources.group_by("group").len().iter_rows()), training)
+    free = candidates[0]
+    short, finalists, tried = plan(candidates, costs.of, budget, free)
+    trial = Trial(recipe, sources, costs)
+    measured: dict[tuple, dict] = {free.key(): {"full": score_trained(recipe, ingested, meta)["validation"]["loss"]}}
+    spent: dict[tuple, float] = {free.key(): 0.0}
+    ahead = tried
+    if short is not None:
+        for c in tried:
+            measured[c.key()] = {"short": trial.loss(c, short)}
+            spent[c.key()] = short * costs.of(c)
+        ahead = sorted(tried, key=lambda c: measured[c.key()]["short"])[:finalists]
+    for c in ahead:  # a finalist goes on from where its short rung stopped
+        measured.setdefault(c.key(), {})["full"] = trial.loss(c, 1.0)
+        spent[c.key()] = costs.of(c)
+    final = [c for c in candidates if "full" in measured.get(c.key(), {})]
+    chosen = min(final, key=lambda c: (measured[c.key()]["full"], c is not free))
+    landmarks = Calibration(np.array([estimated[c.key()][0] for c in final]),
+                            np.array([measured[c.key()]["full"] for c in final]))
+    loo = dict(zip((c.key() for c in final), landmarks.leave_one_out()))
+    rows = []
+    for c in candidates:
+        m = measured.get(c.key(), {})
+        why = ("chosen: the lowest validation loss of the candidates trained in full" if c is chosen else
+               "trained in full: a higher validation loss" if "full" in m else
+               f"trained short ({short:.0%} of its steps): not among the best {finalists}" if "short" in m else
+               "not trained: over the budget")
+        predicted = loo[c.key()] if c.key() in loo else landmarks.predict(estimated[c.key()][0])
+        rows.append(_row(c, why, costs, estimated[c.key()], m, predicted, spent.get(c.key())))
+    prediction = landmarks.predict(estimated[chosen.key()][0])
+    folder.write(_account(rows), chosen.weights)
+    log.info("confirm: chose '%s' (validation loss %.4f; all sources %.4f) for %.2f full fine-tunes",
+             chosen.name, measured[chosen.key()]["full"], measured[free.key()]["full"], sum(spent.values()))
+    return {"confirmed": True, "chosen": chosen.name, "candidates": len(candidates), "training": training,
+            "budget": budget, "cost": round(sum(spent.values()), 3), "short_rung": short, "finalists": finalists,
+            "validation_loss": measured[chosen.key()]["full"],
+            "all_sources_validation_loss": measured[free.key()]["full"],
+            "predicted_validation_loss": prediction[0], "predicted_interval90": prediction[1]}
+
+
+def training_rows(sources: pl.DataFrame, weights: dict[str, int]) -> Rows:
+    """A mixture's rows as its fine-tune trains on them, and as export writes them: every row of
+    the kept groups in the sources' order, then the rows of the groups repeated twice or more
+    again, and so on."""
+    repeats = sources["group"].replace_strict(weights, default=0, return_dtype=pl.Int64)
+    most = max(weights.values(), default=0)
+    return [row for k in range(1, most + 1) for row in token_rows(sources.filter(repeats >= k))]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A candidate fine-tuned from the base as the mixture will be trained (`share` of its steps:
+    a short rung of successive halving, or 1), and its validation loss. Fine-tunes are the run's,
+    shared with verify and reused on a rerun."""
+
+    recipe: Recipe
+    sources: pl.DataFrame
+    costs: Costs
+
+    def loss(self, c: Candidate, share: float) -> float:
+        rows = training_rows(self.sources, c.weights)
+        spec = self.recipe.meta_init
+        pool = sum(self.costs.rows.values())
+        epochs = spec.epochs * (pool / len(rows) if self.costs.training == "steps" else 1.0)
+        trained = self.recipe.model_copy(update={"meta_init": spec.model_copy(update={"epochs": epochs})})
+        return finetune_and_score(trained, rows, self.recipe.run.finetunes, exact_on=(), until=share)["validation"][
+            "loss"]
+
+
+def _row(c: Candidate, why: str, costs: Costs | None = None, estimate: tuple[float, float] | None = None,
+         measured: dict | None = None, predicted: tuple | None = None, spent: float | None = None) -> dict:
+    measured, predicted = measured or {}, predicted or (None, None)
+    return {"candidate": c.name, "groups": len(c.weights), "repeated": sum(w > 1 for w in c.weights.values()),
+            "rows": costs.rows_of(c) if costs else None, "cost": spent,
+            "estimate": estimate[0] if estimate else None, "estimate_ci95": estimate[1] if estimate else None,
+            "short_loss": measured.get("short"), "validation_loss": measured.get("full"),
+            "predicted": predicted[0], "predicted_interval90": predicted[1], "decision": why,
+            "chosen": why.startswith("chosen"), "weights": [f"{g}×{w}" for g, w in sorted(c.weights.items())]}
+
+
+def _account(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={"candidate": pl.String, "groups": pl.Int64, "repeated": pl.Int64,
+                                      "rows": pl.Int64, "cost": pl.Float64, "estimate": pl.Float64,
+                                      "estimate_ci95": pl.Float64, "short_loss": pl.Float64,
+                                      "validation_loss": pl.Float64, "predicted": pl.Float64,
+                                      "predicted_interval90": pl.Float64, "decision": pl.String,
+                                      "chosen": pl.Boolean, "weights": pl.List(pl.String)})

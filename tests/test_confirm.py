@@ -1,0 +1,137 @@
+"""The confirm stage: candidates proposed by the scores, fine-tuned within a budget, the best kept."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dataselect.confirm import Calibration, Candidate, Costs, plan, propose, training_rows
+from dataselect.artifacts import FineTune
+from dataselect.trainer import finetune_folder, finetuned, load_trained
+
+from .conftest import TINY, demo_recipe
+
+
+def decided(scores: dict[str, tuple[float, float]]) -> pl.DataFrame:
+    return pl.DataFrame({"group": list(scores), "score": [s for s, _ in scores.values()],
+                         "ci95": [c for _, c in scores.values()], "examples": [10] * len(scores),
+                         "tokens": [100] * len(scores)})
+
+
+GROUPS = decided({"good": (2.0, 0.1), "fine": (1.0, 0.1), "meh": (0.05, 0.2), "bad": (-2.0, 0.1),
+                  "z1": (0.5, 0.1), "z2": (0.3, 0.1), "z3": (0.2, 0.1), "z4": (0.1, 0.1)})
+
+
+def test_the_candidates_are_distinct_mixtures_all_sources_first():
+    for training in ("epochs", "steps"):
+        found = propose(GROUPS, training)
+        assert found[0].name == "all sources" and set(found[0].weights) == set(GROUPS["group"])
+        assert len({c.key() for c in found}) == len(found)
+        by_name = {c.name: c.weights for c in found}
+        assert all("bad" not in w for name, w in by_name.items() if name != "all sources")
+    epochs = {c.name: c.weights for c in propose(GROUPS, "epochs")}
+    assert set(epochs["confidently helpful"]) == {"good", "fine", "z1", "z2", "z3"}  # 0.1 ± 0.1 is not (Holm)
+    assert set(epochs["top eighth"]) == {"good"} and set(epochs["top quarter"]) == {"good", "fine"}
+    assert epochs["confidently helpful ×2"]["good"] == 2
+    steps = propose(GROUPS, "steps")
+    assert steps[1].name == "all but the confidently harmful" and set(steps[1].weights) == set(GROUPS["group"]) - {"bad"}
+    weighted = next(c for c in steps if c.name.startswith("helpful ×2"))
+    assert weighted.weights["good"] == 2 and weighted.weights["meh"] == 1 and "bad" not in weighted.weights
+
+
+def test_the_plan_trains_everything_in_full_when_the_budget_allows_it():
+    candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c")]
+    cost = {"all": 1.0, "a": 0.2, "b": 0.3, "c": 0.5}
+    short, finalists, tried = plan(candidates, lambda c: cost[c.name], 2.0, candidates[0])
+    assert short is None and [c.name for c in tried] == ["a", "b", "c"] and finalists == 3
+
+
+def test_the_plan_halves_when_the_budget_is_short_and_stays_within_it():
+    candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c", "d", "e", "f")]
+    cost = dict(zip("abcdef", (0.1, 0.125, 0.25, 0.2, 0.5, 0.95)))
+    short, finalists, tried = plan(candidates, lambda c: cost.get(c.name, 1.0), 2.0, candidates[0])
+    assert short == 0.5 and finalists == 3 and len(tried) == 6
+    worst = short * sum(cost.values()) + (1 - short) * sum(sorted(cost.values())[-finalists:])
+    assert worst <= 2.0
+
+
+def test_at_a_fixed_number_of_steps_the_plan_keeps_what_fits_from_the_front_of_the_list():
+    candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c", "d")]
+    short, finalists, tried = plan(candidates, lambda c: 1.0, 2.0, candidates[0])
+    assert short is None and [c.name for c in tried] == ["a", "b"]
+    assert plan(candidates, lambda c: 1.0, 0.5, candidates[0])[2] == []
+
+
+def test_a_weighted_mixture_is_its_rows_then_the_repeated_groups_rows_again():
+    sources = pl.DataFrame({"group": ["a", "b", "a", "c"], "input_ids": [[1], [2], [3], [4]],
+                            "n_prompt_tokens": [0, 0, 0, 0]})
+    rows = training_rows(sources, {"a": 2, "b": 1})
+    assert [ids for ids, _ in rows] == [[1], [2], [3], [1], [3]]
+    costs = Costs({"a": 2, "b": 1, "c": 1}, "epochs")
+    assert costs.rows_of(Candidate("x", {"a": 2, "b": 1})) == 5 and costs.of(Candidate("x", {"a": 2})) == 1.0
+    assert Costs({"a": 2, "b": 1}, "steps").of(Candidate("x", {"a": 1})) == 1.0
+
+
+def test_leave_one_out_predictions_never_use_the_landmark_itself():
+    x = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    y = 1.0 + 0.5 * x
+    y[4] = 10.0  # far off the line the others draw
+    loo = Calibration(x, y).leave_one_out()
+    assert loo[4][0] == pytest.approx(3.0) and abs(y[4] - loo[4][0]) > loo[4][1]  # outside its interval
+    assert all(abs(yi - p) <= h for yi, (p, h) in zip(y[:4], loo[:4]))
+    assert Calibration(x[:2], y[:2]).predict(1.0) == (None, None)  # two points leave no residual
+
+
+@pytest.mark.slow
+def test_a_fine_tune_stopped_short_and_continued_ends_where_an_uninterrupted_one_does(tmp_path):
+    recipe = demo_recipe(tmp_path, f"model.tiny={json.dumps(TINY)}", "meta_init.epochs=2", "sources.0.max_rows=40")
+    from dataselect import run
+
+    run(recipe, until="ingest")
+    from dataselect.examples import token_rows, usable
+    from dataselect.tokens import load_tokenizer
+
+    rows = token_rows(usable(recipe.run.ingested.examples(), "source", "lexicon"))
+    pad = load_tokenizer(recipe, recipe.run.ingested).pad_token_id
+    halfway = finetuned(recipe, rows, tmp_path / "a", pad, until=0.5)
+    folder = FineTune(finetune_folder(recipe, rows, tmp_path / "a"))
+    assert folder.checkpoint.exists() and not folder.theta.exists()
+    finetuned(recipe, rows, tmp_path / "a", pad)  # goes on from the checkpoint
+    finetuned(recipe, rows, tmp_path / "b", pad)  # never stopped
+    continued = load_trained(recipe, recipe.run.ingested, folder.theta)
+    straight = load_trained(recipe, recipe.run.ingested, FineTune(finetune_folder(recipe, rows, tmp_path / "b")).theta)
+    for (name, a), (_, b) in zip(continued.named_parameters(), straight.named_parameters()):
+        assert bool((a == b).all()), name
+    assert any(bool((a != b).any()) for a, b in zip(halfway.parameters(), straight.parameters()))
+
+
+def test_the_demo_build_confirms_its_mixture_within_the_budget(demo_build):
+    recipe, summaries, manifest = demo_build
+    confirm = summaries["confirm"]
+    assert confirm["confirmed"] and 0 < confirm["cost"] <= recipe.select.confirm
+    candidates = pl.DataFrame(manifest["candidates"])
+    assert candidates["candidate"][0] == "all sources" and candidates["cost"][0] == 0.0
+    trained = candidates.filter(pl.col("validation_loss").is_not_null())
+    chosen = candidates.filter("chosen").row(0, named=True)
+    assert chosen["validation_loss"] == trained["validation_loss"].min() == confirm["validation_loss"]
+    assert chosen["candidate"] == confirm["chosen"]
+    groups = {g["group"]: g for g in manifest["groups"]}
+    weights = dict(w.rsplit("×", 1) for w in chosen["weights"])
+    assert {g for g, row in groups.items() if row["selected"]} == set(weights)
+    assert sum(row["examples"] * row["repeats"] for row in groups.values()) == manifest["mixture"]["rows"]
+    assert sum(row["share"] for row in groups.values()) == pytest.approx(1.0)
+    assert not any(g.startswith("wrong_") for g in weights)  # the demo's corrupted groups stay out
+
+
+def test_without_confirmation_the_mixture_is_the_keep_rules(demo_copy):
+    recipe, _, _ = demo_copy
+    pure = recipe.model_copy(update={"select": recipe.select.model_copy(update={"confirm": 0.0})})
+    from dataselect import run
+
+    summary = run(pure, until="confirm")["confirm"]
+    kept = set(pure.run.selection.read().filter(pl.col("selected"))["group"])
+    assert not summary["confirmed"] and summary["cost"] == 0.0
+    assert pure.run.confirmation.mixture() == dict.fromkeys(sorted(kept), 1)
