@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import fnmatch
 import functools
 import glob
 import gzip
 import io
 import json
+import logging
 import lzma
 import os
 import urllib.parse
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -37,6 +40,9 @@ _BUILDERS = {**_FILE_BUILDERS, **{kind + c: builder for kind, builder in _FILE_B
 _SUPPORTED = (f"use one of {', '.join(_FILE_BUILDERS)}, or a .json, .jsonl or .csv file compressed as "
               f"{', '.join(_COMPRESSIONS[:-1])} or {_COMPRESSIONS[-1]}")
 _EMPTY = "the file is empty (0 rows)"
+_JSONL_HINT = "each line of a JSON Lines file must be one complete JSON object"
+_UTF8_HINT = "save the file as UTF-8"
+BAD_LINES_SHOWN = 20  # the bad lines a malformed file's error lists; the rest are counted
 _HTTP_BLOCK = 1 << 20  # bytes per Range request: a stream that stops early downloads at most this much more
 
 
@@ -95,21 +101,25 @@ def _load_files(dataset: str, files: list[Path], builder: str, split: str, patte
     if not pattern and files[0].stat().st_size == 0:
         raise SourceError(f"{dataset}: {_EMPTY}")
     # pyarrow reads invalid UTF-8 into JSON strings unchecked; it would fail later, nameless
+    not_utf8 = []
     for file in files if builder in _TEXT_BUILDERS else ():
         try:
             problem = _not_utf8(file)
         except _decompress_errors() as e:  # a corrupt or truncated .gz, .zst, ...: the whole stream was read
             raise SourceError(f"{at(file)}: cannot read it as {_file_type(file)}: {type(e).__name__}: {e}") from e
         if problem:
-            raise SourceError(f"{at(file)}: {problem}")
+            not_utf8.append(f"{at(file)}: {problem}")
+    if not_utf8:
+        raise SourceError("\n".join(not_utf8))  # every file at fault in one run, not one per run
     data_files = [str(f) for f in files] if pattern else str(files[0])
     try:
-        return datasets.load_dataset(builder, data_files=data_files, split=split)
+        with _quiet_json_builder():
+            return datasets.load_dataset(builder, data_files=data_files, split=split)
     except Exception as e:
-        problems = [(f, _diagnose_file(f, builder)) for f in files]  # the line at fault, found only now
-        for file, problem in problems:
-            if problem and problem != _EMPTY:
-                raise SourceError(f"{at(file)}: {problem}") from e
+        problems = [(f, _diagnose_file(f, builder)) for f in files]  # the lines at fault, found only now
+        faults = [f"{at(file)}: {problem}" for file, problem in problems if problem and problem != _EMPTY]
+        if faults:
+            raise SourceError("\n".join(faults)) from e
         if problems and all(problem == _EMPTY for _, problem in problems):
             raise SourceError(f"{dataset}: {_EMPTY}" if not pattern else
                               f"{dataset}: all {len(files)} matching files are empty (0 rows)") from e
@@ -121,6 +131,20 @@ def _load_files(dataset: str, files: list[Path], builder: str, split: str, patte
         if "corresponds to no data" in str(e):  # e.g. a CSV file with only its header line
             raise SourceError(f"{dataset}: {noun} 0 rows") from e
         raise
+
+
+@contextlib.contextmanager
+def _quiet_json_builder() -> Iterator[None]:
+    """Silence datasets' JSON builder while it loads: on a malformed file it logs pyarrow's parse
+    error ("Invalid encoding in string. in row 10", a row counted from 0 within a block) before it
+    raises, which would print ahead of, and contradict, the diagnosis that names the lines."""
+    logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _train_only(dataset: str, split: str, what: str) -> None:
@@ -317,8 +341,9 @@ def _row_count(builder: str, data_files: str | list[str], noun: str = "the file 
 
 
 def _not_utf8(path: Path) -> str | None:
-    """Where a text file first stops being UTF-8 ("line N: ..."), or None. A fast pass over the
-    whole file first; the line-by-line pass runs only when it found something."""
+    """Every line of a text file that is not UTF-8 ("line N: ..."), or None. A fast pass over the
+    whole file first; the line-by-line pass runs only when it found something, and for JSON Lines
+    it also names the lines that are not one JSON object, so one run reports every bad line."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
         with _open_bytes(path) as f:
@@ -328,19 +353,70 @@ def _not_utf8(path: Path) -> str | None:
         return None
     except UnicodeDecodeError:
         pass
+    found = _bad_lines(path, json_lines=_file_type(path).split(".")[1] == "jsonl")
+    return _describe(*found) if found[1] else f"not UTF-8 text; {_UTF8_HINT}"
+
+
+Problem = tuple[str, str | None]  # what is wrong where ("line 3: ..."), and how to fix it
+
+
+def _line_problem(n: int, raw: bytes, json_lines: bool) -> Problem | None:
+    """What is wrong with line `n` of a text file: not UTF-8, or (JSON Lines) not one JSON object
+    of text pyarrow can hold; None when nothing is."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)", _UTF8_HINT
+    if not json_lines:
+        return None
+    line = line.rstrip("\r\n")
+    line = line.removeprefix("\ufeff") if n == 1 else line
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:  # "Invalid control character at": the position follows
+        return f"line {n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})", _JSONL_HINT
+    if not isinstance(row, dict):
+        return f"line {n}: a JSON {type(row).__name__}, not an object with one field per column", None
+    if "\\ud" in line.lower():  # an escaped UTF-16 surrogate: Python accepts half a pair, pyarrow does not
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return (f"line {n}: a string holds half of a UTF-16 surrogate pair (an escape \\ud800-\\udfff "
+                    "without its other half), which is not text"), None
+    return None
+
+
+def _bad_lines(path: Path, json_lines: bool) -> tuple[list[Problem], int]:
+    """The first BAD_LINES_SHOWN bad lines of a text file (`_line_problem`), and how many there are."""
+    shown, total = [], 0
     with _open_bytes(path) as f:
         for n, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (f"line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
-                        "save the file as UTF-8")
-    return "not UTF-8 text; save the file as UTF-8"
+            problem = _line_problem(n, raw, json_lines)
+            if problem:
+                total += 1
+                if len(shown) < BAD_LINES_SHOWN:
+                    shown.append(problem)
+    return shown, total
+
+
+def _describe(shown: list[Problem], total: int, unit: str = "line") -> str:
+    """One bad line as one sentence (what, where, how to fix it); several as a count and the fixes,
+    then one line each, and how many more were not listed."""
+    hints = list(dict.fromkeys(hint for _, hint in shown if hint))
+    if total == 1:
+        return "; ".join([shown[0][0], *hints])
+    listed = "".join(f"\n  {what}" for what, _ in shown)
+    rest = total - len(shown)
+    more = f"\n  and {rest} more bad {unit}{'s' if rest > 1 else ''} (the first {len(shown)} are listed)" if rest else ""
+    return f"{total} bad {unit}s{''.join(f'; {h}' for h in hints)}:{listed}{more}"
 
 
 def _diagnose_file(path: Path, builder: str) -> str | None:
-    """Why a local JSON, JSON Lines or CSV file (already known to be UTF-8) does not load, naming the
-    line: a line that is not JSON or not an object, or no rows at all. None: none of these."""
+    """Why a local JSON, JSON Lines or CSV file (already known to be UTF-8) does not load, naming
+    every bad line (up to BAD_LINES_SHOWN, then a count): a line that is not JSON or not an object,
+    or no rows at all. None: none of these."""
     if builder not in _TEXT_BUILDERS:
         return None
     with _open_bytes(path) as f:
@@ -353,26 +429,12 @@ def _diagnose_file(path: Path, builder: str) -> str | None:
             with _open_bytes(path) as f:
                 document = json.loads(f.read().decode("utf-8-sig"))
         except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
-                return f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            if e.msg != "Extra data":  # past a syntax error a document cannot be read on: one error
+                return f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg.removesuffix(' at')}"
         else:
             items = document if isinstance(document, list) else [document]
-            for i, item in enumerate(items):
-                if not isinstance(item, dict):
-                    return f"item {i} is a JSON {type(item).__name__}, not an object with one field per column"
-            return None
-    with _open_bytes(path) as f:
-        for n, raw in enumerate(f, 1):
-            line = raw.decode("utf-8").rstrip("\r\n")
-            line = line.removeprefix("\ufeff") if n == 1 else line
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                return (f"line {n}: not valid JSON ({e.msg} at column {e.colno}); "
-                        "each line of a JSON Lines file must be one complete JSON object")
-            if not isinstance(row, dict):
-                return f"line {n}: a JSON {type(row).__name__}, not an object with one field per column"
-    return None
-
+            bad = [(f"item {i} is a JSON {type(item).__name__}, not an object with one field per column", None)
+                   for i, item in enumerate(items) if not isinstance(item, dict)]
+            return _describe(bad[:BAD_LINES_SHOWN], len(bad), "item") if bad else None
+    shown, total = _bad_lines(path, json_lines=True)
+    return _describe(shown, total) if total else None

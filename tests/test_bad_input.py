@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -352,6 +353,60 @@ def test_malformed_json_names_the_file_and_line(tmp_path, name, content, message
     assert out == f"Error: source s: {tmp_path / message}\n"
 
 
+def _lines_with_faults(n: int, faults: dict[int, str]) -> str:
+    """A JSON Lines file of `n` good rows, the 1-based lines in `faults` replaced by their text."""
+    return "".join(faults.get(i, json.dumps(row)) + "\n" for i, row in enumerate(good_rows(n), 1))
+
+
+def test_two_malformed_lines_are_both_reported_in_one_run_and_ours_comes_first(tmp_path):
+    """A user who fixes line 11 must not find line 58 on the next run; and pyarrow's log line
+    ("Invalid encoding in string. in row 10", a row counted from 0) must not print before ours.
+    Run as the user runs it (a subprocess), since datasets logs to the terminal, not through click."""
+    import subprocess
+    import sys
+
+    content = _lines_with_faults(60, {11: '{"q": "ctl \x01 char", "a": "x"}', 58: '{"q": "x" "a": "y"}'})
+    (tmp_path / "s.jsonl").write_text(content)
+    recipe = make_recipe(tmp_path, dataset=str(tmp_path / "s.jsonl"))
+    done = subprocess.run([sys.executable, "-m", "dataselect", "ingest", "-r", str(recipe)], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "TQDM_DISABLE": "1"}, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = (done.stderr + done.stdout).splitlines()
+    first = next(line for line in lines if re.search(r"rror|[Ff]ailed|in row \d", line))
+    assert first == (f"Error: source s: {tmp_path / 's.jsonl'}: 2 bad lines; "
+                     "each line of a JSON Lines file must be one complete JSON object:"), "\n".join(lines)
+    listed = lines[lines.index(first) + 1:]
+    assert listed[:2] == ["  line 11: not valid JSON (Invalid control character at column 12)",
+                          "  line 58: not valid JSON (Expecting ',' delimiter at column 11)"]
+
+
+def test_a_file_with_many_bad_lines_lists_the_first_twenty_and_counts_the_rest(tmp_path):
+    bad = {i: '{"q": "unclosed' for i in range(3, 75, 3)}  # 24 bad lines among 80
+    (tmp_path / "s.jsonl").write_text(_lines_with_faults(80, bad))
+    with pytest.raises(SourceError) as e:
+        ingest(make_recipe(tmp_path, dataset=str(tmp_path / "s.jsonl")))
+    head, *listed = str(e.value).split("\n")
+    assert head.startswith(f"source s: {tmp_path / 's.jsonl'}: 24 bad lines; ")
+    assert [re.match(r"  line (\d+):", line)[1] for line in listed[:20]] == [str(i) for i in range(3, 61, 3)]
+    assert listed[20:] == ["  and 4 more bad lines (the first 20 are listed)"]
+
+
+def test_bad_lines_of_every_kind_are_reported_together(tmp_path):
+    """Not UTF-8, not JSON, not an object, half a surrogate pair (JSON to Python, not to pyarrow):
+    one run names them all."""
+    content = _lines_with_faults(12, {2: '["a", "list"]', 5: '{"q": "\\ud800 alone", "a": "x"}',
+                                      9: '{"q": "x", "a": }'}).encode()
+    content = content.replace(b"what is 6 plus 6", b"caf\xe9 6")  # line 7
+    (tmp_path / "s.jsonl").write_bytes(content)
+    with pytest.raises(SourceError) as e:
+        ingest(make_recipe(tmp_path, dataset=str(tmp_path / "s.jsonl")))
+    head, *listed = str(e.value).split("\n")
+    assert head.startswith(f"source s: {tmp_path / 's.jsonl'}: 4 bad lines; ")
+    assert "save the file as UTF-8" in head
+    assert [line.split(":")[0].strip() for line in listed] == ["line 2", "line 5", "line 7", "line 9"]
+    assert "surrogate" in listed[1] and "not UTF-8" in listed[2] and "not valid JSON" in listed[3]
+
+
 @pytest.mark.parametrize("name, content, message", [
     pytest.param("s.jsonl", b'{"q": "a", "a": "b"}\n{"q": "caf\xe9", "a": "d"}\n',
                  "s.jsonl: line 2: not UTF-8 text (byte 0xe9 at byte 11 of the line); save the file as UTF-8",
@@ -620,6 +675,31 @@ def test_loading_the_weights_of_a_broken_gguf_names_the_file(tmp_path):
     recipe = load_recipe(make_recipe(tmp_path), ["model.tiny=null", f"model.base={model}"])
     with pytest.raises(ModelError, match=re.escape(str(model))):
         load_base_model(recipe, recipe.run.ingested)
+
+
+# transformers' words when the `gguf` package is missing (modeling_gguf_pytorch_utils.py)
+NO_GGUF = "Please install torch and gguf>=0.10.0 to load a GGUF checkpoint in PyTorch."
+
+
+def test_a_gguf_base_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    import transformers
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF\x03\x00\x00\x00")
+
+    def no_gguf(*args, **kwargs):
+        raise ImportError(NO_GGUF)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_gguf)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    expected = (f"model.base: reading the GGUF file {model} needs the `gguf` package, which is not installed: "
+                "pip install 'dataselect[gguf]' (or pip install 'gguf>=0.10')")
+    out = cli_error("ingest", "-r", make_recipe(tmp_path), "--set", "model.tiny=null", "--set", f"model.base={model}")
+    assert out == f"Error: {expected}\n"
+    recipe = load_recipe(make_recipe(tmp_path), ["model.tiny=null", f"model.base={model}"])
+    with pytest.raises(ModelError) as e:
+        load_base_model(recipe, recipe.run.ingested)
+    assert str(e.value) == expected
 
 
 # --- a sketch store from another model -------------------------------------------------------
