@@ -41,7 +41,7 @@ def _options(f):
                      help="Override a recipe setting, e.g. --set estimate.subsets=200 or "
                           "--set sources.0.dataset=./data/cot.jsonl (value parsed as YAML).")(f)
     f = click.option("--recipe", "-r", required=True, type=click.Path(dir_okay=False),
-                     help="Recipe YAML file (see README, 'Recipe reference').")(f)
+                     help="Recipe YAML file (every key: docs/recipes.md, 'Recipe reference').")(f)
     return f
 
 

@@ -49,13 +49,17 @@ class Lora(Strict):
 class Model(Strict):
     """`base` is a Hub id, a local model folder, or a `.gguf` file; `tiny` builds one from scratch."""
 
-    base: str | None = Field(None, description="a Hub id, a local model folder, or a `.gguf` file; "
-                                               "set exactly one of `base` and `tiny`")
+    base: str | None = Field(None, description="a Hub id, a local model folder, or a `.gguf` file (read with the "
+                                               "`gguf` package: `pip install 'dataselect[gguf]'`); set exactly "
+                                               "one of `base` and `tiny`")
     gguf_file: str | None = Field(None, description="the GGUF file to load from inside the Hub repo or folder "
                                                     "that `base` names")
     revision: str | None = Field(None, description="the Hub revision of `base`, passed to `from_pretrained`")
-    tiny: TinyModel | None = Field(None, description="instead of `base`: build a small Llama of this size from "
-                                                     "scratch, with a tokenizer trained on the sources")
+    tiny: TinyModel | None = Field(None, description=(
+        "instead of `base`: build a small Llama of this size at ingest, initialised at random from `seed`, with "
+        "a BPE tokenizer trained on the recipe's own text (sources and the target's validation split), and "
+        "train it from scratch at meta-init; nothing is downloaded. The demo uses it; it shows the pipeline "
+        "working, not which data suits a pretrained model"))
     lora: Lora | None = Field(None, description="train LoRA adapters (null: full fine-tuning); the sketched "
                                                 "parameters are exactly the trained ones")
     trust_remote_code: bool = Field(False, description="passed to `from_pretrained`; remote code stays off "

@@ -8,6 +8,7 @@ ships beside its model; `meta_init` loads the model from the same place.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -34,6 +35,21 @@ PLAIN_CHAT_TEMPLATE = (
 
 class ModelError(UserError, RuntimeError):
     """A model or tokenizer that cannot be loaded, named by its path or Hub id."""
+
+
+GGUF_INSTALL = "pip install 'dataselect[gguf]' (or pip install 'gguf>=0.10')"
+
+
+def model_error(spec: Model, what: str, error: Exception) -> ModelError:
+    """`what` (the model, its tokenizer) did not load from `model.base`: the error names it and the
+    cause. A GGUF file read without the `gguf` package, which transformers reports as "Please
+    install torch and gguf>=0.10.0", says how to install it instead: torch is there, and the
+    `gguf` extra is what is missing."""
+    if (isinstance(error, ImportError) and error.name == "gguf") or re.search(r"install\b[^.]*\bgguf", str(error), re.I):
+        file = spec.base if not spec.gguf_file else f"{spec.gguf_file} in {spec.base}"
+        return ModelError(f"model.base: reading the GGUF file {file} needs the `gguf` package, which is not "
+                          f"installed: {GGUF_INSTALL}")
+    return ModelError(f"model.base: cannot load {what} from {spec.base}: {error}")
 
 
 def pretrained_args(spec: Model) -> tuple[str, dict]:
@@ -82,7 +98,7 @@ def load_tokenizer(recipe: Recipe, ingested: Ingested):
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
     except Exception as e:  # transformers raises many types; the user needs the name and cause
-        raise ModelError(f"model.base: cannot load tokenizer from {recipe.model.base}: {e}") from e
+        raise model_error(recipe.model, "tokenizer", e) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:

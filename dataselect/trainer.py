@@ -34,7 +34,7 @@ from .artifacts import FineTune, Ingested
 from .examples import token_rows, usable
 from .progress import progress
 from .recipe import MetaInit, Recipe
-from .tokens import ModelError, load_tokenizer, pad_batch, pretrained_args, response_logprobs
+from .tokens import ModelError, load_tokenizer, model_error, pad_batch, pretrained_args, response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def load_base_model(recipe: Recipe, ingested: Ingested):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
                                                     **kwargs)
     except Exception as e:
-        raise ModelError(f"model.base: cannot load model from {recipe.model.base or path}: {e}") from e
+        if recipe.model.tiny is not None:
+            raise ModelError(f"model.tiny: cannot load the tiny model from {path}: {e}") from e
+        raise model_error(recipe.model, "model", e) from e
 
 
 def with_trainable(model, recipe: Recipe):

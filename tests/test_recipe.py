@@ -149,6 +149,30 @@ def test_recipe_reference_documents_every_field_of_every_recipe_model():
     assert "`low_end`" in by_path["select.threshold_on"].type and "`cut_prompt`" in by_path["sketch.overlong"].type
 
 
+def test_the_committed_recipe_reference_is_current():
+    """docs/recipes.md holds the reference where people read it; it must say what recipe.py says,
+    and the built site renders that table once, in the same place."""
+    hook = _recipe_reference_hook()
+    text = hook.PAGE.read_text()
+    assert text.count(hook.MARKER) == 1 and text.count(hook.END) == 1 and hook.GENERATED in text
+    assert hook.with_reference(text) == text, "run `python docs/hooks/recipe_reference.py --write`"
+    assert "| `model.tiny.vocab_size` |" in text and "dataselect[gguf]" in text
+    rendered = hook.on_page_markdown(text, None, None, None)
+    assert rendered.count("| key | type | default | meaning |") == 1 and hook.MARKER not in rendered
+
+
+def test_the_help_points_at_the_recipe_reference():
+    from click.testing import CliRunner
+
+    from dataselect.cli import main
+
+    from .conftest import ROOT
+
+    help_text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
+    assert "docs/recipes.md, 'Recipe reference'" in help_text
+    assert "\n## Recipe reference\n" in (ROOT / "docs" / "recipes.md").read_text()
+
+
 def test_the_keep_rule_follows_how_the_mixture_will_be_trained():
     """At a number of epochs a smaller mixture also trains less, and keeping only what confidently
     helps measured best; at a fixed number of steps its few groups repeat, and dropping only what

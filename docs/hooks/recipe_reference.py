@@ -1,18 +1,23 @@
-"""mkdocs hook: the recipe reference, generated from the pydantic models in `dataselect.recipe`.
+"""The recipe reference, generated from the pydantic models in `dataselect.recipe`: a table with
+one row per key path of a recipe (`sources[].group_by`, `select.threshold_on`, ...), its type, its
+default and its meaning, the `description` of the model's field.
 
-A page that holds the marker `<!-- recipe-reference -->` gets, in its place, a table with one row
-per key path of a recipe (`sources[].group_by`, `select.threshold_on`, ...): its type, its default
-and its meaning, the `description` of the model's field. So the reference cannot drift from the
-models; a field without a description fails a strict build (and is a warning otherwise).
+It is committed in `docs/recipes.md`, between `<!-- recipe-reference -->` and
+`<!-- /recipe-reference -->`, so it reads where people look (the repository, an editor) and not
+only on the built site: `python docs/hooks/recipe_reference.py --write` rewrites it there after a
+recipe model changes, and `tests/test_recipe.py` fails while it is out of date.
 
-`tests/test_recipe.py` imports this file to check that every field of every recipe model is in the
-reference with a description.
+As an mkdocs hook it renders the same table into the page as it is built (a bare marker, without
+its closing one, is replaced too), so the site cannot drift from the models either; a field
+without a description fails a strict build (and is a warning otherwise).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -24,6 +29,10 @@ from pydantic import BaseModel
 from dataselect.recipe import Recipe
 
 MARKER = "<!-- recipe-reference -->"
+END = "<!-- /recipe-reference -->"
+GENERATED = ("<!-- generated from dataselect/recipe.py by `python docs/hooks/recipe_reference.py --write`; "
+             "edit the Field descriptions there, not this table -->")
+PAGE = Path(__file__).resolve().parents[1] / "recipes.md"
 log = logging.getLogger("mkdocs.plugins.recipe_reference")
 
 _NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
@@ -71,6 +80,13 @@ def reference_markdown(rows: list[Row] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_reference(markdown: str, rows: list[Row] | None = None) -> str:
+    """`markdown` with the region between MARKER and END (or a bare MARKER) holding the current
+    table, markers kept: what `--write` commits."""
+    start, stop = _region(markdown)
+    return f"{markdown[:start]}{MARKER}\n{GENERATED}\n\n{reference_markdown(rows)}\n{END}{markdown[stop:]}"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if MARKER not in markdown:
         return markdown
@@ -85,7 +101,17 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             # an error, not a warning: `mkdocs build --strict -q` drops warnings before counting them
             raise PluginError(message)
         log.warning(message)
-    return markdown.replace(MARKER, reference_markdown(rows))
+    start, stop = _region(markdown)  # the committed table is replaced, not repeated
+    return markdown[:start] + reference_markdown(rows) + markdown[stop:]
+
+
+def _region(markdown: str) -> tuple[int, int]:
+    """Where the reference is: from MARKER to the end of END, or the bare MARKER alone."""
+    start = markdown.find(MARKER)
+    if start < 0:
+        raise ValueError(f"no {MARKER} in the page")
+    end = markdown.find(END, start)
+    return start, start + len(MARKER) if end < 0 else end + len(END)
 
 
 def _add(rows: dict[str, Row], row: Row) -> None:
@@ -173,3 +199,26 @@ def _cell(text: str) -> str:
     """A table cell: one line, with `|` escaped outside code spans (inside them it does not split)."""
     parts = re.split(r"(`[^`]*`)", " ".join(text.split()))
     return "".join(p if p.startswith("`") else p.replace("|", r"\|") for p in parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`--write`: rewrite the reference in docs/recipes.md; `--check`: exit 1 while it is out of date."""
+    parser = argparse.ArgumentParser(description="The recipe reference in docs/recipes.md, from dataselect/recipe.py.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="rewrite the table in docs/recipes.md")
+    action.add_argument("--check", action="store_true", help="exit 1 if the committed table is out of date")
+    args = parser.parse_args(argv)
+    text = PAGE.read_text()
+    current = with_reference(text)
+    if args.check:
+        if current != text:
+            print(f"{PAGE} is out of date: run `python docs/hooks/recipe_reference.py --write`", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(current)
+    print(f"wrote the recipe reference in {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
