@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import polars as pl
@@ -175,9 +176,45 @@ def representation_similarity(recipe: Recipe, ingested: Ingested, theta: Path, i
     return reps @ target / (np.linalg.norm(reps, axis=1) * np.linalg.norm(target)).clip(1e-30)
 
 
-def confidently_past(groups: pl.DataFrame, min_score: float, side: str) -> set[str]:
-    """The groups whose score is, with confidence, below `min_score` (side "high_end": even the
-    interval's high end is) or above it ("low_end"), simultaneously over all the groups.
+HOLM_ALPHA = 0.025  # one-sided, over all the groups at once: the level of one group's own 95% interval
+
+
+@dataclass(frozen=True)
+class HolmTest:
+    """One group's place in Holm's step-down over the m groups with an interval: the k-th smallest
+    p-value is compared with α/(m − k + 1), and the step-down stops at its first failure, so no
+    group after it is called confident. `bound` is the score's one-sided bound at that level
+    (score − z·se for the low end, score + z·se for the high end, z the level's normal quantile):
+    it is past `min_score` exactly when the p-value clears the level, so a reason can show the
+    number the rule compared, which is wider than the group's own 95% interval. For a group after
+    the first failure it is the bound at the level it would have needed."""
+
+    group: str
+    p_value: float
+    step: int  # k: 1 for the smallest p-value
+    groups: int  # m
+    reached: bool  # the step-down got to this step (False after its first failure)
+    passed: bool  # confidently past min_score: reached, and the p-value cleared its level
+    bound: float
+
+    @property
+    def divisor(self) -> int:
+        return self.groups - self.step + 1
+
+    @property
+    def level(self) -> float:
+        return HOLM_ALPHA / self.divisor
+
+    @property
+    def clears(self) -> bool:
+        """Whether its p-value clears its own level (for a group the step-down never reached:
+        whether it would have)."""
+        return self.p_value <= self.level
+
+
+def holm_step_down(groups: pl.DataFrame, min_score: float, side: str) -> dict[str, HolmTest]:
+    """Each group's test of being, with confidence over all the groups at once, below `min_score`
+    (side "high_end": even the bound's high end is) or above it ("low_end").
 
     Each group's own 95% interval is a one-sided test at 2.5%; over dozens of groups some neutral
     group would fail it by chance (36 groups: one or two). Holm's step-down keeps the chance that
@@ -191,12 +228,21 @@ def confidently_past(groups: pl.DataFrame, min_score: float, side: str) -> set[s
         gap = sign * (row["score"] - min_score)
         return 0.5 * math.erfc(gap / (se * math.sqrt(2))) if se > 0 else float(gap <= 0)
 
-    past = set()
-    for k, (p, group) in enumerate(sorted((p_value(r), r["group"]) for r in rows)):
-        if p > 0.025 / (len(rows) - k):
-            break
-        past.add(group)
-    return past
+    ordered = sorted(((p_value(r), r["group"], r) for r in rows), key=lambda t: (t[0], t[1]))
+    tests, going = {}, True
+    for k, (p, group, row) in enumerate(ordered, start=1):
+        level = HOLM_ALPHA / (len(ordered) - k + 1)
+        z = NormalDist().inv_cdf(1 - level)
+        tests[group] = HolmTest(group, p, k, len(ordered), going, going and p <= level,
+                                row["score"] - sign * z * row["ci95"] / 1.96)
+        going = tests[group].passed
+    return tests
+
+
+def confidently_past(groups: pl.DataFrame, min_score: float, side: str) -> set[str]:
+    """The groups whose score is, with confidence over all the groups at once (Holm's step-down,
+    `holm_step_down`), below `min_score` (side "high_end") or above it ("low_end")."""
+    return {group for group, test in holm_step_down(groups, min_score, side).items() if test.passed}
 
 
 def _with_interval(groups: pl.DataFrame) -> list[dict]:
@@ -204,47 +250,104 @@ def _with_interval(groups: pl.DataFrame) -> list[dict]:
     return [r for r in groups.iter_rows(named=True) if r["score"] is not None and r.get("ci95") is not None]
 
 
+# What each group's row says about the test its decision rests on (null where none was made).
+TEST_SCHEMA = {"p_value": pl.Float64, "holm_level": pl.Float64, "holm_reached": pl.Boolean,
+               "adjusted_bound": pl.Float64}
+
+
+def with_test_columns(groups: pl.DataFrame) -> pl.DataFrame:
+    """`groups` with the columns of `TEST_SCHEMA` (null where missing): every decided frame has them."""
+    return groups.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in TEST_SCHEMA.items() if c not in groups.columns])
+
+
+def holm_clause(test: HolmTest, min_score: float, side: str, stop: HolmTest | None) -> str:
+    """The simultaneous test in words, with the numbers it compared: the Holm-adjusted bound (at the
+    level the group's p-value was, or would have been, compared with) against `min_score`; `stop`
+    is the step-down's first failure."""
+    end, past = ("low end", "above") if side == "low_end" else ("high end", "below")
+    bound = f"its Holm-adjusted {end} {test.bound:.3g} (step {test.step} of {test.groups}, level {HOLM_ALPHA}/{test.divisor})"
+    if test.passed:
+        return f"confidently {past} min_score {min_score}: {bound} is {past} it"
+    if test.reached or not test.clears or stop is None:
+        after = "" if test.reached or stop is None else f" (nor tested: Holm's step-down stopped at step {stop.step})"
+        return f"not confidently {past} min_score {min_score}: {bound} is not {past} it{after}"
+    return (f"not confidently {past} min_score {min_score}: {bound} is {past} it, but Holm's step-down stopped "
+            f"before it, at step {stop.step} ({stop.group}: {end} {stop.bound:.3g} at level "
+            f"{HOLM_ALPHA}/{stop.divisor}, not {past} it), and calls no group after its first failure confident")
+
+
+def _threshold_clause(row: dict, rules: Select, holm: dict[str, HolmTest], stop: HolmTest | None) -> str:
+    """Why the group clears `min_score` or not, with the number compared."""
+    test = holm.get(row["group"])
+    if test is not None:
+        return holm_clause(test, rules.min_score, rules.side, stop)
+    how = "threshold_on: estimate" if rules.side == "estimate" else "no interval"
+    relation = "below" if row["score"] < rules.min_score else "not below"
+    return f"{relation} min_score {rules.min_score} ({how}: the score itself compared)"
+
+
 def apply_keep_rules(groups: pl.DataFrame, rules: Select) -> pl.DataFrame:
-    """Mark groups kept, best score first, with the reason for each decision.
+    """Mark groups kept, best score first, with the reason for each decision, kept or dropped, and
+    the numbers it was made with.
 
     `groups` has columns group, score, examples, tokens (and ci95). Rules: keep the top
     `keep_fraction` of groups, only those with score ≥ `min_score` (compared as `rules.side`
     says: the estimate, or, where the method gives intervals, confidence over all the groups at
     once that a group is above it (`low_end`) or not below it (`high_end`)), and skip a group
     that would exceed `max_examples` or `max_tokens`.
+
+    Where `min_score` is tested with confidence, each row also carries its Holm test
+    (`TEST_SCHEMA`): its `p_value`, `holm_level` (the level the p-value was compared with, or for
+    a group after the step-down's first failure, would have been), `holm_reached`, and
+    `adjusted_bound`, the one-sided bound at that level (the low end for `low_end`, the high end
+    for `high_end`): the number the rule compared with `min_score`.
     """
     ranked = groups.sort(["score", "group"], descending=[True, False], nulls_last=True)
     n_keep = max(1, math.ceil(rules.keep_fraction * ranked.height))
-    side = rules.side
-    confident = confidently_past(ranked, rules.min_score, side) if rules.min_score is not None and side != "estimate" \
-        else set()
-    tested = len(_with_interval(ranked))
+    holm = holm_step_down(ranked, rules.min_score, rules.side) \
+        if rules.min_score is not None and rules.side != "estimate" else {}
+    stop = min((t for t in holm.values() if t.reached and not t.passed), key=lambda t: t.step, default=None)
     kept, reasons, examples, tokens = [], [], 0, 0
     for rank, row in enumerate(ranked.iter_rows(named=True), start=1):
         where = f"rank {rank}/{ranked.height} by {rules.method}"
         if row["score"] is None:
-            keep, why = False, "no score: the group was in too few or too many sampled subsets"
-        elif rank > n_keep:
-            keep, why = False, f"{where}, outside the top {rules.keep_fraction:.0%} of groups"
-        elif rules.min_score is not None and _below_threshold(row, rules, confident):
-            if side == "estimate" or row.get("ci95") is None:
-                test = f"below min_score {rules.min_score}"
-            else:
-                test = (f"{'not confidently above' if side == 'low_end' else 'confidently below'} min_score "
-                        f"{rules.min_score} (95% over all {tested} groups, Holm)")
-            margin = f" ± {row['ci95']:.2g}" if row.get("ci95") is not None else ""
-            keep, why = False, f"{where}, score {row['score']:.4g}{margin}: {test}"
+            kept.append(False)
+            reasons.append("dropped: no score: the group was in too few or too many sampled subsets")
+            continue
+        if rank > n_keep:
+            kept.append(False)
+            reasons.append(f"dropped: {where}, outside the top {rules.keep_fraction:.0%} of groups ({n_keep})")
+            continue
+        margin = f", 95% interval ±{row['ci95']:.2g}" if row.get("ci95") is not None else ""
+        parts = [f"{where}, score {row['score']:.3g}{margin}"]
+        if rules.min_score is not None:
+            parts.append(_threshold_clause(row, rules, holm, stop))
+        if rules.min_score is not None and _below_threshold(row, rules, holm):
+            keep = False
         elif rules.max_examples is not None and examples + row["examples"] > rules.max_examples:
-            keep, why = False, f"{where}, would exceed max_examples={rules.max_examples}"
+            keep = False
+            parts.append(f"but it would exceed max_examples={rules.max_examples} "
+                         f"({examples} kept before it + its {row['examples']})")
         elif rules.max_tokens is not None and tokens + row["tokens"] > rules.max_tokens:
-            keep, why = False, f"{where}, would exceed max_tokens={rules.max_tokens}"
+            keep = False
+            parts.append(f"but it would exceed max_tokens={rules.max_tokens} ({tokens} kept before it + its {row['tokens']})")
         else:
-            keep, why = True, f"{where}, within the top {rules.keep_fraction:.0%} and the rules"
+            keep = True
             examples, tokens = examples + row["examples"], tokens + row["tokens"]
+            if rules.keep_fraction < 1 or rules.min_score is None:
+                parts.append(f"within the top {rules.keep_fraction:.0%} of groups ({n_keep})")
+            if rules.max_examples is not None:
+                parts.append(f"{examples} of max_examples={rules.max_examples} with it")
+            if rules.max_tokens is not None:
+                parts.append(f"{tokens} of max_tokens={rules.max_tokens} with it")
         kept.append(keep)
-        reasons.append(why)
+        reasons.append(("kept: " if keep else "dropped: ") + "; ".join(parts))
+    tests = [holm.get(g) for g in ranked["group"]]
+    columns = {"p_value": [t and t.p_value for t in tests], "holm_level": [t and t.level for t in tests],
+               "holm_reached": [t and t.reached for t in tests], "adjusted_bound": [t and t.bound for t in tests]}
     return ranked.with_columns(pl.Series("selected", kept), pl.Series("reason", reasons),
-                               pl.Series("rank", range(1, ranked.height + 1)))
+                               pl.Series("rank", range(1, ranked.height + 1)),
+                               *(pl.Series(c, v, dtype=TEST_SCHEMA[c]) for c, v in columns.items()))
 
 
 def stability(scored: pl.DataFrame, rules: Select, kept: set[str], seed: int, draws: int = 200) -> dict | None:
@@ -270,12 +373,13 @@ def stability(scored: pl.DataFrame, rules: Select, kept: set[str], seed: int, dr
             "close_calls": dict(sorted(close.items(), key=lambda item: abs(item[1] - 0.5))[:20])}
 
 
-def _below_threshold(row: dict, rules: Select, confident: set[str]) -> bool:
+def _below_threshold(row: dict, rules: Select, holm: dict[str, HolmTest]) -> bool:
     """Whether the group fails `min_score`: by its estimate, or where it has an interval, by the
-    simultaneous test of `confidently_past` (low_end: not confidently above; high_end: confidently below)."""
-    if rules.side == "estimate" or row.get("ci95") is None:
+    simultaneous test of `holm_step_down` (low_end: not confidently above; high_end: confidently below)."""
+    test = holm.get(row["group"])
+    if test is None:
         return row["score"] < rules.min_score
-    return row["group"] not in confident if rules.side == "low_end" else row["group"] in confident
+    return not test.passed if rules.side == "low_end" else test.passed
 
 
 def nothing_kept(decided: pl.DataFrame, rules: Select) -> str:
@@ -386,33 +490,105 @@ def _per_group(inputs: Inputs, per_example: np.ndarray, target_side: pl.DataFram
     return frame.with_columns(ci95=1.96 * pl.col("se")).select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), None
 
 
+def forward_decisions(scored: pl.DataFrame, forward_set: list[str], rules: Select) -> pl.DataFrame:
+    """Forward selection's groups in the order added, then the rest, each with why: the drop in
+    the estimate its addition gave (or, for a group not added, would have given at the last step)."""
+    n_keep = max(1, math.ceil(rules.keep_fraction * scored.height))
+    floor = "" if rules.min_score is None else f", at least min_score {rules.min_score}"
+    order = {g: i for i, g in enumerate(forward_set)}
+    rows = []
+    for row in scored.iter_rows(named=True):
+        step = order.get(row["group"])
+        if step is not None:
+            why = (f"kept: added at forward step {step + 1} of {len(forward_set)}, lowering the estimated loss by "
+                   f"{row['score']:.3g}{floor}")
+        else:
+            stopped = ("it had added the top " f"{rules.keep_fraction:.0%} of groups ({n_keep})"
+                       if len(forward_set) >= n_keep else "no addition lowered the estimate by min_score "
+                       f"{rules.min_score}")
+            why = (f"dropped: forward selection stopped before adding it ({stopped}); at the last step its addition "
+                   f"would have lowered the estimated loss by {row['score']:.3g}")
+        rows.append({"group": row["group"], "selected": step is not None, "reason": why,
+                     "rank": None if step is None else step + 1})
+    decisions = pl.DataFrame(rows, schema={"group": pl.String, "selected": pl.Boolean, "reason": pl.String,
+                                           "rank": pl.Int64})
+    return with_test_columns(scored.join(decisions, on="group").sort(["rank", "score", "group"],
+                                                                      descending=[False, True, False], nulls_last=True))
+
+
+def _tested(row: dict, rules: Select) -> tuple[bool, float, str] | None:
+    """The number a group's threshold test compared with `min_score`, what it was, and whether it
+    passed (kept by the threshold); None for a group without a score."""
+    if row["score"] is None:
+        return None
+    if row.get("adjusted_bound") is None:
+        return row["score"] >= rules.min_score, row["score"], "score"
+    confident = bool(row["holm_reached"]) and row["p_value"] <= row["holm_level"]
+    end = "low end" if rules.side == "low_end" else "high end"
+    passed = confident if rules.side == "low_end" else not confident
+    return passed, row["adjusted_bound"], f"Holm-adjusted {end}"
+
+
+def closest_calls(decided: pl.DataFrame, rules: Select) -> dict | None:
+    """Per side of `min_score`, the group whose tested number (its Holm-adjusted bound, or its score
+    where it has no interval) came nearest to it: the decisions most worth a second look. None
+    without a threshold."""
+    if rules.min_score is None:
+        return None
+    out: dict[str, dict | None] = {"passed": None, "failed": None}
+    for row in decided.iter_rows(named=True):
+        tested = _tested(row, rules)
+        if tested is None:
+            continue
+        passed, value, what = tested
+        side = "passed" if passed else "failed"
+        if out[side] is None or abs(value - rules.min_score) < abs(out[side]["value"] - rules.min_score):
+            level = row.get("holm_level")
+            out[side] = {"group": row["group"], "score": row["score"], "tested": what, "value": value,
+                         "level": level, "at": None if level is None else f"{HOLM_ALPHA}/{round(HOLM_ALPHA / level)}",
+                         "selected": row["selected"]}
+    return out
+
+
+def evidence(decided: pl.DataFrame, rules: Select, validation_rows: int) -> dict | None:
+    """Whether the scores separate any group from `min_score` with confidence (Holm, either way). When
+    none is, whatever the keep rule kept it kept by default (`high_end`: every group, since none is
+    confidently harmful), and the summary says so rather than passing a guess off as a selection.
+    None for a method without intervals, or without a threshold."""
+    if rules.min_score is None or not _with_interval(decided):
+        return None
+    tested = len(_with_interval(decided))
+    above = confidently_past(decided, rules.min_score, "low_end")
+    below = confidently_past(decided, rules.min_score, "high_end")
+    found = {"groups_tested": tested, "confidently_above": len(above), "confidently_below": len(below),
+             "validation_rows": validation_rows, "weak": not above and not below}
+    if found["weak"]:
+        kept = int(decided["selected"].sum())
+        why = {"high_end": "only because none is confidently below it",
+               "estimate": "by estimates that all lie within their noise of it"}.get(rules.side, "without evidence")
+        found["note"] = (f"weak evidence: no group is confidently above or below min_score {rules.min_score} "
+                         f"(Holm over all {tested} groups, on {validation_rows} validation rows); the keep rule kept "
+                         f"{kept} of {decided.height} groups {why}. More validation rows narrow the intervals")
+    return found
+
+
 def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketches: Sketches,
           estimates: Estimates) -> dict:
     """Per-group scores joined with sizes, then the keep decision and its reason."""
     inputs = Inputs(ingested, meta, sketches, estimates)
     assignments = estimates.assignments()
-    sizes = (ingested.examples().select("id", "source", "n_tokens")
+    examples = ingested.examples()
+    sizes = (examples.select("id", "source", "n_tokens")
              .join(assignments, on="id", how="inner")
              .group_by("group").agg(pl.col("source").first(), examples=pl.len(), tokens=pl.col("n_tokens").sum()))
     scores, forward_set = score_groups(recipe, inputs)
     scored = scores.join(sizes, on="group", how="left")
     rules = recipe.select
     if rules.method == "all":
-        decided = scored.sort("group").with_columns(selected=pl.lit(True), reason=pl.lit("method all: every group"),
-                                                    rank=pl.lit(None, dtype=pl.Int64))
+        decided = with_test_columns(scored.sort("group").with_columns(
+            selected=pl.lit(True), reason=pl.lit("kept: method all: every group"), rank=pl.lit(None, dtype=pl.Int64)))
     elif forward_set is not None:
-        order = {g: i for i, g in enumerate(forward_set)}
-        kept = apply_keep_rules(scored.filter(pl.col("group").is_in(forward_set)),
-                                rules.model_copy(update={"keep_fraction": 1.0, "min_score": None}))
-        dropped = scored.filter(~pl.col("group").is_in(forward_set)).with_columns(
-            selected=pl.lit(False), reason=pl.lit("forward selection stopped (keep_fraction, or no addition "
-                                                  "lowered the estimate by min_score) before adding it"),
-            rank=pl.lit(None, dtype=pl.Int64))
-        kept = kept.with_columns(rank=pl.col("group").replace_strict(order, return_dtype=pl.Int64) + 1,
-                                 reason=pl.format("added at forward step {}; {}",
-                                                  pl.col("group").replace_strict(order, return_dtype=pl.Int64) + 1,
-                                                  pl.col("reason")))
-        decided = pl.concat([kept.sort("rank"), dropped.select(kept.columns)], how="vertical_relaxed")
+        decided = forward_decisions(scored, forward_set, rules)
     else:
         decided = apply_keep_rules(scored, rules)
     kept = decided.filter(pl.col("selected"))
@@ -421,6 +597,9 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     Selection(out).write(decided)
     steady = None if forward_set is not None else stability(scored, rules, set(kept["group"]), recipe.seed)
     resolved = rules.model_copy(update={"threshold_on": rules.side}).model_dump(mode="json")
+    thresholded = rules.method not in ("all", "forward")
     return {"method": rules.method, "rules": resolved, "groups": decided.height,
             "groups_selected": kept.height, "examples_selected": int(kept["examples"].sum()),
-            "tokens_selected": int(kept["tokens"].sum()), "stability": steady}
+            "tokens_selected": int(kept["tokens"].sum()), "stability": steady,
+            "closest_calls": closest_calls(decided, rules) if thresholded else None,
+            "evidence": evidence(decided, rules, usable(examples, "validation").height) if thresholded else None}

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import polars as pl
@@ -243,8 +244,9 @@ def test_keep_rules_give_reasons():
     intervals = groups.with_columns(ci95=pl.Series([0.1, 0.1, 0.25, None]))
     unsure = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="low_end"))
     assert unsure.filter("selected")["group"].to_list() == ["a"]  # c: 0.2 ± 0.25 may be below 0
-    assert "0.2 ± 0.25: not confidently above min_score 0.0 (95% over all 3 groups, Holm)" in \
-        unsure.filter(pl.col("group") == "c")["reason"][0]
+    assert unsure.filter(pl.col("group") == "c")["reason"][0].startswith(
+        "dropped: rank 2/4 by group_effect, score 0.2, 95% interval ±0.25; not confidently above min_score 0.0: "
+        "its Holm-adjusted low end ")
     loose = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="estimate"))
     assert loose.filter("selected")["group"].to_list() == ["a", "c"]
     doubt = apply_keep_rules(intervals, Select(keep_fraction=1.0, min_score=0.0, threshold_on="high_end"))
@@ -278,6 +280,102 @@ def test_confidence_is_over_all_groups_at_once_by_holms_step_down():
     helpful = frame([0.02] + [0.5] * 35).with_columns(score=-pl.col("score"))
     assert confidently_past(helpful, 0.0, "low_end") == set()
     assert confidently_past(helpful, 0.0, "high_end") == set()
+
+
+def _p_frame(p_values: list[float], ci95: float = 0.1) -> pl.DataFrame:
+    """Groups g0, g1, ... whose one-sided p-values of being above 0 are `p_values`."""
+    from scipy.stats import norm
+
+    z = norm.isf(np.asarray(p_values))  # the score's distance above 0, in standard errors
+    return pl.DataFrame({"group": [f"g{i:02d}" for i in range(len(z))], "score": z * ci95 / 1.96, "ci95": ci95,
+                         "examples": 10, "tokens": 100})
+
+
+def test_a_holm_dropped_groups_reason_shows_the_adjusted_bound_that_excludes_its_score():
+    """Its own 95% interval lies above 0 (p = 0.01), but among 15 groups Holm compares its p-value
+    with 0.025/15: the reason and the row show that level's low end, which is below 0, not the
+    group's own ± that a reader would check against 0."""
+    from scipy.stats import norm
+
+    groups = _p_frame([0.01] + [0.5] * 14)
+    decided = apply_keep_rules(groups, Select(min_score=0.0, training="epochs"))
+    row = decided.filter(pl.col("group") == "g00").row(0, named=True)
+    assert row["score"] - row["ci95"] > 0 and not row["selected"]  # the interval shown excludes 0 ...
+    se = row["ci95"] / 1.96
+    assert row["holm_level"] == pytest.approx(0.025 / 15) and row["holm_reached"]
+    assert row["adjusted_bound"] == pytest.approx(row["score"] - norm.isf(0.025 / 15) * se)
+    assert row["adjusted_bound"] < 0  # ... the one tested does not
+    assert row["reason"].startswith(f"dropped: rank 1/15 by group_effect, score {row['score']:.3g}, "
+                                    f"95% interval ±{row['ci95']:.2g}; not confidently above min_score 0.0: ")
+    assert (f"its Holm-adjusted low end {row['adjusted_bound']:.3g} (step 1 of 15, level 0.025/15) is not above it"
+            in row["reason"])
+    later = decided.filter(pl.col("group") == "g01").row(0, named=True)  # after the first failure: not tested
+    assert not later["holm_reached"] and later["holm_level"] == pytest.approx(0.025 / 14)
+    assert "(nor tested: Holm's step-down stopped at step 1)" in later["reason"]
+
+
+def test_a_group_after_holms_first_failure_says_why_its_own_bound_did_not_count():
+    """p-values 0.02 and 0.021 over two groups: the first fails 0.025/2 and the step-down stops, so
+    the second is not confident even though its low end at 0.025/1 is above 0: its reason says so."""
+    decided = apply_keep_rules(_p_frame([0.02, 0.021]), Select(min_score=0.0, threshold_on="low_end"))
+    second = decided.filter(pl.col("group") == "g01").row(0, named=True)
+    assert not second["selected"] and not second["holm_reached"] and second["adjusted_bound"] > 0
+    assert (f"its Holm-adjusted low end {second['adjusted_bound']:.3g} (step 2 of 2, level 0.025/1) is above it, "
+            "but Holm's step-down stopped before it, at step 1 (g00: low end ") in second["reason"]
+
+
+def test_a_kept_groups_reason_names_its_adjusted_bound_and_its_budget():
+    from scipy.stats import norm
+
+    groups = _p_frame([1e-6, 1e-5] + [0.5] * 10)
+    decided = apply_keep_rules(groups, Select(min_score=0.0, training="epochs", max_examples=25))
+    best = decided.row(0, named=True)
+    assert best["selected"] and best["holm_level"] == pytest.approx(0.025 / 12)
+    assert best["adjusted_bound"] == pytest.approx(best["score"] - norm.isf(0.025 / 12) * best["ci95"] / 1.96)
+    assert best["reason"] == (f"kept: rank 1/12 by group_effect, score {best['score']:.3g}, 95% interval "
+                              f"±{best['ci95']:.2g}; confidently above min_score 0.0: its Holm-adjusted low end "
+                              f"{best['adjusted_bound']:.3g} (step 1 of 12, level 0.025/12) is above it; "
+                              "10 of max_examples=25 with it")
+    # the budget decided the second: its reason says it cleared the threshold and what the budget was
+    second = decided.row(1, named=True)
+    assert second["selected"] and "20 of max_examples=25 with it" in second["reason"]
+    cut = apply_keep_rules(groups, Select(min_score=0.0, training="epochs", max_examples=15)).row(1, named=True)
+    assert not cut["selected"] and "is above it; but it would exceed max_examples=15 (10 kept before it + its 10)" \
+        in cut["reason"]
+    # the high_end rule keeps what is not confidently below: its reason gives the high end it tested
+    steps = apply_keep_rules(groups, Select(min_score=0.0, training="steps"))
+    neutral = steps.filter(pl.col("group") == "g05").row(0, named=True)
+    assert neutral["selected"] and neutral["adjusted_bound"] > 0
+    assert neutral["reason"].startswith("kept: ") and re.search(
+        rf"; not confidently below min_score 0.0: its Holm-adjusted high end {neutral['adjusted_bound']:.3g} "
+        rf"\(step \d+ of 12, level 0.025/\d+\) is not below it", neutral["reason"])
+    # without intervals, the score itself against min_score
+    plain = apply_keep_rules(groups.with_columns(ci95=None), Select(min_score=0.0, training="epochs"))
+    assert plain["reason"][0] == (f"kept: rank 1/12 by group_effect, score {plain['score'][0]:.3g}; not below "
+                                  "min_score 0.0 (no interval: the score itself compared)")
+    assert plain["adjusted_bound"].is_null().all()
+
+
+def test_the_evidence_says_when_no_group_is_confidently_separated_from_min_score():
+    """`training: steps` keeps every group when none is confidently harmful; when none is
+    confidently helpful either, that is no selection, and the summary's evidence says so."""
+    from dataselect.select import closest_calls, evidence
+
+    rules = Select(min_score=0.0, training="steps")
+    neutral = apply_keep_rules(_p_frame([0.02] + [0.5] * 10), rules)
+    assert neutral["selected"].all()
+    found = evidence(neutral, rules, validation_rows=12)
+    assert found["weak"] and (found["confidently_above"], found["confidently_below"]) == (0, 0)
+    assert found["note"].startswith("weak evidence: no group is confidently above or below min_score 0.0 (Holm "
+                                    "over all 11 groups, on 12 validation rows); the keep rule kept 11 of 11 groups "
+                                    "only because none is confidently below it")
+    informed = evidence(apply_keep_rules(_p_frame([1e-6] + [0.5] * 10), rules), rules, validation_rows=200)
+    assert not informed["weak"] and informed["confidently_above"] == 1 and "note" not in informed
+    assert evidence(neutral.with_columns(ci95=None), rules, 12) is None  # no intervals: nothing to say
+    rules = Select(min_score=0.0)
+    calls = closest_calls(apply_keep_rules(_p_frame([1e-6, 0.004] + [0.5] * 10), rules), rules)
+    assert calls["passed"]["group"] == "g00" and calls["failed"]["group"] == "g01"
+    assert calls["failed"]["at"] == "0.025/11" and calls["failed"]["tested"] == "Holm-adjusted low end"
 
 
 def _additive(effects):
