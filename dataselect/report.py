@@ -27,8 +27,21 @@ if TYPE_CHECKING:
 def group_table(manifest: dict) -> pl.DataFrame:
     groups = pl.DataFrame(manifest["groups"])
     weights = [c for c in ("repeats", "share") if c in groups.columns]
-    return groups.select("rank", "group", "source", "score", "ci95", "examples", "tokens", "selected", *weights,
-                         "reason").sort("rank")
+    return groups.select("rank", "group", "source", "score", "ci95", *tested_columns(groups), "examples", "tokens",
+                         "selected", *weights, "reason").sort("rank")
+
+
+def tested_columns(groups: pl.DataFrame) -> list[pl.Expr]:
+    """Beside a group's own 95% interval, the number its keep rule compared with min_score: the
+    Holm-adjusted bound (`adjusted_bound`) and the level it was taken at, as `0.025/13` (marked
+    where the step-down stopped before it). None for a build whose rule tested no interval."""
+    if "adjusted_bound" not in groups.columns or groups["adjusted_bound"].is_null().all():
+        return []
+    divisor = (0.025 / pl.col("holm_level")).round(0).cast(pl.Int64).cast(pl.String)
+    level = (pl.when(pl.col("holm_level").is_null()).then(None)
+             .when(pl.col("holm_reached")).then(pl.format("0.025/{}", divisor))
+             .otherwise(pl.format("0.025/{} (not reached)", divisor)))
+    return [pl.col("adjusted_bound"), level.alias("holm_level")]
 
 
 def candidate_table(manifest: dict) -> pl.DataFrame | None:
@@ -141,32 +154,55 @@ SCORE_MEANING = {
 }
 
 
-def plot_scores(groups: pl.DataFrame, method: str) -> bytes:
+def plot_scores(groups: pl.DataFrame, method: str, rules: dict | None = None) -> bytes:
     """The scores figure as PNG bytes."""
-    return _png(scores_figure(groups, method))
+    return _png(scores_figure(groups, method, rules))
 
 
-def scores_figure(groups: pl.DataFrame, method: str) -> Figure:
-    """One bar per group with its interval (a group without a score: a bar of 0), and an axis label
-    naming the method and what its score means; plain tick labels (no ×1e-3 offset text, which
-    overlapped the axis label) and a label wrapped to the figure's width. Returned unrendered, so
-    that what it says can be read back."""
+def scores_figure(groups: pl.DataFrame, method: str, rules: dict | None = None) -> Figure:
+    """One bar per group with its own 95% interval (a group without a score: a bar of 0), and, where
+    the keep rule tested an interval, the bound it tested (`rules`: the select stage's resolved
+    rules): a red line from the score to its Holm-adjusted bound, which is wider than the group's
+    own interval since it answers for all the groups at once, with min_score marked, and a legend
+    saying which is which. An axis label names the method and what its score means; plain tick
+    labels (no ×1e-3 offset text, which overlapped the axis label) and a label wrapped to the
+    figure's width. Returned unrendered, so that what it says can be read back."""
     import textwrap
 
     from matplotlib.ticker import FuncFormatter
 
     plt = _pyplot()
     ordered = groups.sort("score", nulls_last=False)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * ordered.height + 1.6))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * ordered.height + 1.8))
     colors = ["tab:green" if s else "tab:gray" for s in ordered["selected"]]
-    ax.barh(ordered["group"].to_list(), ordered["score"].fill_null(0.0).to_list(),
-            xerr=ordered["ci95"].fill_null(0.0).to_list(), color=colors, capsize=3)
+    at = list(range(ordered.height))
+    ax.barh(at, ordered["score"].fill_null(0.0).to_list(), xerr=ordered["ci95"].fill_null(0.0).to_list(),
+            color=colors, capsize=3, label="score, ±95% interval (the group's own)")
+    ax.set_yticks(at, ordered["group"].to_list())
     ax.axvline(0, color="black", linewidth=0.8)
+    rules = rules or {}
+    tested = "adjusted_bound" in ordered.columns and ordered["adjusted_bound"].is_not_null().any()
+    if tested:
+        end = "high end" if rules.get("threshold_on") == "high_end" else "low end"
+        rows = [(y, score, bound) for y, score, bound in zip(at, ordered["score"], ordered["adjusted_bound"])
+                if bound is not None and score is not None]
+        for y, score, bound in rows:
+            ax.plot([score, bound], [y + 0.3, y + 0.3], color="tab:red", linewidth=1.5)
+        ax.scatter([b for _, _, b in rows], [y + 0.3 for y, _, _ in rows], marker="|", s=120, color="tab:red",
+                   zorder=3, label=f"Holm-adjusted {end}: what the keep rule compared with min_score")
+        if rules.get("min_score") is not None and rules["min_score"] != 0:
+            ax.axvline(rules["min_score"], color="tab:red", linestyle="--", linewidth=0.8,
+                       label=f"min_score {rules['min_score']}")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))
     meaning = SCORE_MEANING.get(method, "estimated target-loss reduction against the average group")
-    ax.set_xlabel(textwrap.fill(f"{method} score: {meaning} (±95% interval)", 55))
+    shown = "±95% interval; red: the Holm-adjusted bound tested" if tested else "±95% interval"
+    ax.set_xlabel(textwrap.fill(f"{method} score: {meaning} ({shown})", 55))
     ax.set_title("Groups (green: selected)")
-    fig.tight_layout()
+    if tested:  # below the axis label, where it hides no bar
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -253,7 +289,8 @@ def report(output_dir: Path) -> dict:
     verified = verify_results(manifest)
     method = manifest["recipe"]["select"]["method"]
     candidates = candidate_table(manifest)
-    plots = {"scores.png": plot_scores(groups, method), "sources.png": plot_sources(sources)}
+    rules = manifest["stages"]["select"].get("rules")
+    plots = {"scores.png": plot_scores(groups, method, rules), "sources.png": plot_sources(sources)}
     if candidates is not None:
         plots["candidates.png"] = plot_candidates(candidates)
     if verified is not None:

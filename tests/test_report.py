@@ -92,3 +92,46 @@ def test_the_scores_plot_draws_groups_without_a_score_and_names_the_method():
         assert label.startswith(f"{method} score: ") and meaning in label and label in texts
         plt.close(fig)
     assert plot_scores(groups, "all")[:4] == b"\x89PNG"
+
+
+def test_the_scores_plot_draws_the_bound_each_rule_tested_beside_the_groups_own_interval():
+    """The keep rule compares min_score with a Holm-adjusted bound, wider than the ±95% interval
+    of each bar: the plot marks that bound for every group tested, and its legend says which is which."""
+    import matplotlib.pyplot as plt
+    import polars as pl
+    from matplotlib.collections import PathCollection
+    from matplotlib.text import Text
+
+    from dataselect.report import scores_figure
+
+    groups = pl.DataFrame({"group": ["a", "b", "c"], "score": [0.3, 0.12, None], "ci95": [0.1, 0.1, None],
+                           "adjusted_bound": [0.17, -0.01, None], "selected": [True, False, False]})
+    fig = scores_figure(groups, "group_effect", {"threshold_on": "low_end", "min_score": 0.0})
+    fig.canvas.draw()
+    markers = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    assert len(markers) == 1 and sorted(markers[0].get_offsets()[:, 0].tolist()) == [-0.01, 0.17]
+    texts = " ".join(" ".join(t.get_text().split()) for t in fig.findobj(Text))
+    assert "Holm-adjusted low end: what the keep rule compared with min_score" in texts
+    assert "score, ±95% interval (the group's own)" in texts
+    plt.close(fig)
+    fig = scores_figure(groups.drop("adjusted_bound"), "group_effect")  # an older manifest: the bars alone
+    assert not [c for c in fig.axes[0].collections if isinstance(c, PathCollection)] and not fig.legends
+    plt.close(fig)
+
+
+def test_the_groups_table_shows_the_adjusted_bound_and_the_level_it_was_taken_at():
+    from dataselect.report import group_table
+
+    row = {"group": "s/a", "source": "s", "score": 0.06, "ci95": 0.045, "examples": 10, "tokens": 90,
+           "selected": False, "reason": "dropped: ..."}
+    manifest = {"groups": [{**row, "rank": 1, "p_value": 0.004, "holm_level": 0.025 / 13, "holm_reached": True,
+                            "adjusted_bound": -0.003},
+                           {**row, "group": "s/b", "rank": 2, "p_value": 0.3, "holm_level": 0.025 / 12,
+                            "holm_reached": False, "adjusted_bound": -0.08}]}
+    table = group_table(manifest)
+    assert table.columns.index("adjusted_bound") == table.columns.index("ci95") + 1
+    assert table["holm_level"].to_list() == ["0.025/13", "0.025/12 (not reached)"]
+    assert table["adjusted_bound"].to_list() == [-0.003, -0.08]
+    old = {"groups": [{k: v for k, v in g.items() if k not in ("p_value", "holm_level", "holm_reached",
+                                                               "adjusted_bound")} for g in manifest["groups"]]}
+    assert "adjusted_bound" not in group_table(old).columns  # a manifest from before: as it was
