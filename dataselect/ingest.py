@@ -27,7 +27,7 @@ from .artifacts import Ingested
 from .examples import EXAMPLE_SCHEMA, reasons_by_class
 from .trainer import build_tiny_model
 from .progress import progress
-from .recipe import Messages, Recipe, Source, Split, Target
+from .recipe import Messages, Recipe, RecipeError, Source, Split, Target
 from .sources import SourceError, is_remote, open_dataset, open_stream
 from .tokens import encode, load_tokenizer, train_tiny_tokenizer
 
@@ -366,9 +366,69 @@ def stage(recipe: Recipe, out: Path) -> dict:
     for s in recipe.sources:
         _require_usable(f"source {s.name} ({s.dataset})", source_rows.filter(pl.col("source") == s.name))
     _require_usable(f"target {recipe.target.name}: validation split", examples.filter(pl.col("role") == "validation"))
+    warnings = check_sizes(recipe, examples)
+    for warning in warnings:
+        log.warning("%s", warning)
     folder.write_examples(examples)
     folder.write_duplicates(duplicates.find(examples))  # once per pool, not at every export
-    return {"rows": ingest_summary(examples), "sampling": sampling}
+    return {"rows": ingest_summary(examples), "sampling": sampling, "warnings": warnings}
+
+
+# The sizes a selection needs, checked here rather than after meta-init's and sketching's minutes.
+# Every group's 95% interval counts the target's validation rows as a sample and estimates their
+# spread from them, as it does the group's own rows: a normal interval over n rows stands in for a
+# t interval with n − 1 degrees of freedom, whose spread is itself estimated to within about
+# ±1/√(2(n − 1)) of its size.
+MIN_VALIDATION_ROWS = 10  # below, 1.96 standard errors would need to be 2.3 or more, on a spread off by half: refused
+FEW_VALIDATION_ROWS = 30  # below, intervals are wide and somewhat less than 95% sure: a warning
+FEW_GROUP_ROWS = 10  # a group (or a cluster, on average) below this: its own spread rests on a handful of rows
+
+
+def check_sizes(recipe: Recipe, examples: pl.DataFrame) -> list[str]:
+    """The warnings a selection on these sizes deserves; a RecipeError, before any fine-tune, for a
+    validation split too small to give any group an interval. Groups are counted by their usable
+    rows; a clustered source's clusters are found only when it is sketched, so its rows are
+    counted against `clusters`."""
+    target, split = recipe.target, recipe.target.validation.split
+    ok = examples.filter(pl.col("status") == "ok")
+    n = ok.filter(pl.col("role") == "validation").height
+    where = f"target {target.name}: validation split {split!r}"
+    if n < MIN_VALIDATION_ROWS:
+        raise RecipeError(
+            f"{where} has {n} usable rows; selection needs at least {MIN_VALIDATION_ROWS}: every group's 95% "
+            "interval counts the validation rows as a sample, and fewer cannot estimate their spread (the "
+            "intervals would claim a confidence they do not have). Give target.validation a larger split, e.g. "
+            "'train[:200]' (a few hundred rows let the scores decide)")
+    warnings = []
+    if n < FEW_VALIDATION_ROWS:
+        warnings.append(
+            f"{where} has only {n} usable rows: every group's interval counts them as a sample, so the intervals "
+            "will be wide (the target's share of each shrinks as 1/√rows: 4× the rows halve it) and somewhat less "
+            "than 95% sure, and few groups, perhaps none, will be confidently helpful or harmful (`training: "
+            f"epochs` may keep none; `steps` may keep every group by default). {FEW_VALIDATION_ROWS} rows or "
+            "more, better a few hundred, let the scores decide")
+    sources = ok.filter(pl.col("role") == "source")
+    for source in recipe.sources:
+        rows = sources.filter(pl.col("source") == source.name)
+        if source.clusters:
+            if rows.height < FEW_GROUP_ROWS * source.clusters:
+                most = f"; k-means makes at most {rows.height} clusters" if rows.height < source.clusters else ""
+                warnings.append(
+                    f"source {source.name}: {rows.height} usable rows for clusters: {source.clusters}, about "
+                    f"{rows.height / source.clusters:.1f} a cluster{most}: a cluster's interval rests on the "
+                    f"spread of a handful of rows; fewer clusters (at least {FEW_GROUP_ROWS} rows each) give "
+                    "intervals that can be trusted")
+            continue
+        sizes = rows.group_by("group").len().filter(pl.col("len") < FEW_GROUP_ROWS).sort(["len", "group"])
+        if sizes.height:
+            smallest = ", ".join(f"{g} ({k})" for g, k in sizes.head(5).rows())
+            total = rows["group"].n_unique()
+            warnings.append(
+                f"source {source.name}: {sizes.height} of its {total} groups have fewer than {FEW_GROUP_ROWS} "
+                f"usable rows ({smallest}{', ...' if sizes.height > 5 else ''}): such a group's interval rests on "
+                "the spread of a handful of rows (one row has none: its interval counts only the target's side), "
+                "so it can look confident by chance; merge small groups or expect their decisions to be close calls")
+    return warnings
 
 
 def _require_usable(what: str, part: pl.DataFrame) -> None:

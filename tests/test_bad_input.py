@@ -60,7 +60,7 @@ def make_recipe(tmp: Path, rows: list | None = None, *, sources: list[dict] | No
         if "dataset" not in entry:
             entry["dataset"] = str(write_jsonl(tmp / "s.jsonl", good_rows() if rows is None else rows))
         sources = [entry]
-    target = write_jsonl(tmp / "t.jsonl", good_rows(6, " again") if target_rows is None else target_rows)
+    target = write_jsonl(tmp / "t.jsonl", good_rows(12, " again") if target_rows is None else target_rows)
     return write_small_recipe(tmp, "bad", sources, target, QA, max_length=32)
 
 

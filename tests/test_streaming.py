@@ -53,7 +53,7 @@ def planted_rows(n_by_group: dict[str, int], seed: int = 0) -> list[dict]:
 
 def make_recipe(tmp: Path, source: dict[str, Any]) -> Path:
     """A recipe with a tiny model, the one source given (name `pool`) and a small local target."""
-    target = write_jsonl(tmp / "target.jsonl", [{"question": f"target {i}", "answer": f"t{i}"} for i in range(8)])
+    target = write_jsonl(tmp / "target.jsonl", [{"question": f"target {i}", "answer": f"t{i}"} for i in range(12)])
     return write_small_recipe(tmp, "streaming", [{"name": "pool", "format": QA, **source}], target, QA, max_length=64)
 
 
