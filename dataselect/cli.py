@@ -10,22 +10,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from . import build, selectors
-from .artifacts import MANIFEST
+from .artifacts import MANIFEST, key_file
 from .errors import UserError
 from .outputs import read_manifest
-from .pipeline import STAGES, Stage, run, run_shard
+from .pipeline import STAGE_BY_NAME, STAGES, Stage, is_finished, run, run_shard, stage_keys
 
 if TYPE_CHECKING:
+    from .recipe import Recipe
     from .shards import Shard
 
 # OSError: a full disk, a missing permission; its message names the file.
 USER_ERRORS = (UserError, OSError)
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def _output_options(f):
@@ -70,10 +74,12 @@ def _make_command(name: str, until: Stage, about: str) -> click.Command:
         from .recipe import load_recipe
 
         _setup_logging(quiet or as_json)
+        again = _same_command(name, recipe, overrides, method=method, shard=shard, overwrite=overwrite)
         if method:
             overrides = (*overrides, f"select.method={method}")
         if overwrite:
             overrides = (*overrides, "output.overwrite=true")
+        loaded = None
         try:
             loaded = load_recipe(recipe, overrides)
             if shard:
@@ -86,6 +92,8 @@ def _make_command(name: str, until: Stage, about: str) -> click.Command:
                 return
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            _interrupted(loaded, runs, again, force)
         if as_json:
             click.echo(json.dumps(summaries, indent=2, default=str))
         else:
@@ -108,6 +116,54 @@ def _make_command(name: str, until: Stage, about: str) -> click.Command:
             help=f"Selector (same as --set select.method=...; default group_effect); {selectors.listing()}.",
         )(command)
     return command
+
+
+def _same_command(name: str, recipe: str, overrides: Sequence[str], **options: str | int | bool | None) -> str:
+    """The command as the user typed it (without --force, -q, --json): what resumes it."""
+    words = ["dataselect", name, "-r", recipe, *(w for o in overrides for w in ("--set", o))]
+    for option, value in options.items():
+        if value is not None and value is not False:
+            words += [f"--{option}"] if value is True else [f"--{option}", str(value)]
+    return shlex.join(words)
+
+
+def _interrupted(recipe: Recipe | None, stages: Sequence[Stage], again: str, force: bool,
+                 after: str | None = None) -> None:
+    """Ctrl-C: say what was kept and how to resume, instead of click's bare "Aborted!", and exit
+    130. Nothing is lost that a rerun could reuse: a finished stage is kept whole, and an
+    unfinished one keeps its folder, from which it resumes what it can; `after`: what the command
+    runs once its stages are done (verify's fine-tunes)."""
+    say = lambda text="": click.echo(text, err=True)  # noqa: E731
+    say()
+    if recipe is None:
+        say("Interrupted before anything started.")
+        raise click.exceptions.Exit(INTERRUPTED)
+    keys = stage_keys(recipe)
+    finished = [s.name for s in stages if is_finished(recipe, s.name, keys[s.name])]
+    cut = next((s.name for s in stages if s.name not in finished), None)
+    during = cut or after
+    say(f"Interrupted{f' during {during}' if during else ''}.")
+    if finished:
+        say(f"Kept: {', '.join(finished)}, finished in {recipe.run_dir}; a rerun reuses "
+            f"{'it' if len(finished) == 1 else 'them'}.")
+    if cut:
+        unfinished = recipe.run.unfinished_dir(cut)
+        marker = key_file(unfinished)
+        started = marker.exists() and marker.read_text() == keys[cut] and any(
+            p != marker for p in unfinished.iterdir())
+        if started:
+            say(f"Kept: {cut}'s work so far, in {unfinished}; a rerun resumes from it where the stage keeps its "
+                "progress (meta-init from its last checkpoint, sketching from its last finished chunk) and starts "
+                "it over otherwise.")
+        else:
+            say(f"{cut} had written nothing to keep; a rerun starts it.")
+    finetunes = recipe.run.finetunes
+    if finetunes.is_dir() and any(finetunes.iterdir()):
+        say(f"Kept: the real fine-tunes in {finetunes} (the confirm stage and verify reuse them; an unfinished one "
+            "continues from its checkpoint).")
+    without = " without --force (which would start every stage over)" if force else ""
+    say(f"Resume with the same command{without}: {again}")
+    raise click.exceptions.Exit(INTERRUPTED)
 
 
 def _parse_shard(text: str) -> Shard:

@@ -4,12 +4,15 @@
 `manifest.json` (resolved recipe, stage summaries, per-group scores and decisions, per-source
 counts), `rows.parquet` (every input row: selected, not selected, or rejected with its reason)
 and the mixture as jsonl and/or parquet. The folder is written beside its final place and moved
-in, so a reader never sees half a mixture.
+in, so a reader never sees half a mixture. An earlier dataselect output there is replaced when it
+holds the same mixture (the same fingerprint); one that differs is kept, moved to
+`<output.path>.previous` (replacing the one kept before it), so two settings can be compared.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from importlib.metadata import version
@@ -24,6 +27,9 @@ from .examples import reasons_by_class, usable
 from .recipe import Recipe
 from .tokens import load_tokenizer
 from .usage import usage_markdown
+
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(UserError, RuntimeError):
@@ -156,7 +162,7 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     train = dataset["train"]
 
     final = Path(recipe.output.path)
-    _check_replaceable(final, recipe.output.overwrite)
+    earlier = _check_replaceable(final, recipe.output.overwrite, train._fingerprint)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +173,13 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed export (a full disk, say) leaves nothing behind
         raise
-    _move_into_place(tmp, final)
-    return {"path": str(final), "rows": train.num_rows, "fingerprint": train._fingerprint, "files": files}
+    kept = _move_into_place(tmp, final, keep_previous=earlier is not None)
+    summary = {"path": str(final), "rows": train.num_rows, "fingerprint": train._fingerprint, "files": files}
+    if kept:
+        summary["previous"] = {"path": str(kept), "fingerprint": earlier}
+        log.info("export: the earlier mixture at %s (fingerprint %s) differs from this one: kept in %s; "
+                 "`dataselect report` works on either folder, to compare them", final, earlier, kept)
+    return summary
 
 
 def is_current(recipe: Recipe, record: dict) -> bool:
@@ -200,23 +211,53 @@ def _write_output(recipe: Recipe, dataset, accounted: pl.DataFrame, groups: pl.D
     return files
 
 
-def _check_replaceable(final: Path, overwrite: bool) -> None:
-    """Replace only an earlier dataselect output; anything else in the way is the user's."""
-    if not final.exists() or overwrite:
-        return
-    manifest = final / MANIFEST
+def previous_output(final: Path) -> Path:
+    """Where an earlier dataselect mixture at `final` that differs from the new one is kept."""
+    return final.with_name(f"{final.name}.previous")
+
+
+def _earlier_output(folder: Path) -> dict | None:
+    """The manifest of the dataselect output in `folder`; None when there is none."""
     try:
-        ours = final.is_dir() and json.loads(manifest.read_text()).get("tool") == "dataselect"
+        manifest = json.loads((folder / MANIFEST).read_text()) if folder.is_dir() else None
     except (OSError, ValueError):
-        ours = False
-    if not ours:
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("tool") == "dataselect" else None
+
+
+def _check_replaceable(final: Path, overwrite: bool, fingerprint: str) -> str | None:
+    """Replace only an earlier dataselect output; anything else in the way is the user's. Returns
+    the earlier mixture's fingerprint when it differs from `fingerprint` (it is then kept beside the
+    new one), None when there is nothing to keep."""
+    if not final.exists():
+        return None
+    earlier = _earlier_output(final)
+    if earlier is None:
+        if overwrite:
+            return None
         raise ExportError(f"output.path {final} exists and is not a dataselect output; "
                           "remove it, choose another output.path, or pass --overwrite")
+    written = (earlier.get("mixture") or {}).get("fingerprint")
+    if written == fingerprint:
+        return None
+    previous = previous_output(final)
+    if previous.exists() and _earlier_output(previous) is None and not overwrite:
+        raise ExportError(f"{previous} exists and is not a dataselect output, so the earlier mixture at {final} "
+                          "cannot be kept there; remove it, choose another output.path, or pass --overwrite")
+    return written or "unknown"
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
+def _move_into_place(tmp: Path, final: Path, keep_previous: bool = False) -> Path | None:
+    """Move the finished folder in; with `keep_previous`, the one it replaces goes to
+    `previous_output` (returned), else it is removed."""
     old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
+    previous = previous_output(final) if keep_previous and final.exists() else None
+    if previous is not None:
+        if previous.exists():
+            previous.rename(old)
+        final.rename(previous)
+    elif final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    return previous

@@ -264,7 +264,8 @@ class Select(Strict):
 
 
 class Output(Strict):
-    path: Path = Field(description="the folder the mixture is written to")
+    path: Path = Field(description=("the folder the mixture is written to; an earlier dataselect mixture there "
+                                    "that differs from the new one is moved to `<path>.previous`"))
     format: Literal["messages", "prompt_completion", "text"] = Field("messages", description=(
         "`messages`: [{role, content}]; `prompt_completion`: two strings (TRL's prompt-completion); "
         "`text`: the whole conversation rendered with the model's chat template"))
