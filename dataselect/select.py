@@ -496,18 +496,23 @@ def forward_decisions(scored: pl.DataFrame, forward_set: list[str], rules: Selec
     n_keep = max(1, math.ceil(rules.keep_fraction * scored.height))
     floor = "" if rules.min_score is None else f", at least min_score {rules.min_score}"
     order = {g: i for i, g in enumerate(forward_set)}
+
+    def change(gain: float, tense: int) -> str:  # tense 0: "lowering", 1: "lowered"
+        verb = ("lowering", "lowered")[tense] if gain >= 0 else ("raising", "raised")[tense]
+        return f"{verb} the estimated loss by {abs(gain):.3g}"
+
     rows = []
     for row in scored.iter_rows(named=True):
         step = order.get(row["group"])
         if step is not None:
-            why = (f"kept: added at forward step {step + 1} of {len(forward_set)}, lowering the estimated loss by "
-                   f"{row['score']:.3g}{floor}")
+            why = (f"kept: added at forward step {step + 1} of {len(forward_set)}, its addition "
+                   f"{change(row['score'], 0)}{floor}")
         else:
             stopped = ("it had added the top " f"{rules.keep_fraction:.0%} of groups ({n_keep})"
                        if len(forward_set) >= n_keep else "no addition lowered the estimate by min_score "
                        f"{rules.min_score}")
             why = (f"dropped: forward selection stopped before adding it ({stopped}); at the last step its addition "
-                   f"would have lowered the estimated loss by {row['score']:.3g}")
+                   f"would have {change(row['score'], 1)}")
         rows.append({"group": row["group"], "selected": step is not None, "reason": why,
                      "rank": None if step is None else step + 1})
     decisions = pl.DataFrame(rows, schema={"group": pl.String, "selected": pl.Boolean, "reason": pl.String,

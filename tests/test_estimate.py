@@ -395,6 +395,21 @@ def test_forward_selection_adds_the_best_group_at_each_step_up_to_its_budget():
     assert chosen == [0, 4, 2, 5]  # stops once no addition lowers the estimate (5's gain is 0, 3's negative)
 
 
+def test_forward_selections_reasons_give_each_groups_change_to_the_estimate():
+    from dataselect.select import forward_decisions
+
+    scored = pl.DataFrame({"group": ["a", "b", "c"], "score": [0.3, -0.1, 0.02], "ci95": None, "examples": 1,
+                           "tokens": 1}, schema_overrides={"ci95": pl.Float64})
+    decided = forward_decisions(scored, ["a", "c"], Select(method="forward", keep_fraction=0.5, min_score=None))
+    assert decided["group"].to_list() == ["a", "c", "b"] and decided["selected"].to_list() == [True, True, False]
+    assert decided["reason"].to_list() == [
+        "kept: added at forward step 1 of 2, its addition lowering the estimated loss by 0.3",
+        "kept: added at forward step 2 of 2, its addition lowering the estimated loss by 0.02",
+        "dropped: forward selection stopped before adding it (it had added the top 50% of groups (2)); at the last "
+        "step its addition would have raised the estimated loss by 0.1"]
+    assert decided["adjusted_bound"].is_null().all()  # no interval tested: the columns are there, empty
+
+
 def test_surrogate_recovers_additive_effects_up_to_their_mean():
     from dataselect.select import surrogate_scores
 

@@ -74,5 +74,23 @@ def test_the_build_summary_prints_the_closest_calls_the_evidence_and_the_warning
     assert printed[:4] == [
         "warning: target t: validation split 'train' has only 15 usable rows: ...",
         "keep rule: 11 of 11 groups (group_effect, threshold_on high_end, min_score 0.0)",
-        "  closest to min_score 0.0: passed s/a (Holm-adjusted high end 0.0123, level 0.025/11)",
+        "  closest calls, min_score 0.0: cleared by s/a (Holm-adjusted high end 0.0123, level 0.025/11)",
         "evidence: weak evidence: no group is confidently above or below min_score 0.0"]
+
+
+def test_every_decision_in_the_demo_manifest_names_the_bound_it_tested(demo_build):
+    """The manifest's groups carry the select stage's Holm columns through the confirm stage's
+    export (after "keep rule: "), and the select summary says how much evidence there was."""
+    _, summaries, manifest = demo_build
+    select = summaries["select"]
+    assert select["rules"]["threshold_on"] == "low_end" and not select["evidence"]["weak"]
+    assert select["evidence"]["confidently_above"] >= 1 and select["closest_calls"]["passed"] is not None
+    scored = [g for g in manifest["groups"] if g.get("examples")]
+    for group in scored:
+        rule = group["reason"].split("keep rule: ", 1)[-1]
+        assert rule.startswith("kept: " if group["rule_selected"] else "dropped: "), group
+        assert f"Holm-adjusted low end {group['adjusted_bound']:.3g} (step " in rule, group
+        # min_score 0 and no budget: kept exactly when the bound tested clears 0 (or, after Holm's first
+        # failure, would have)
+        assert group["adjusted_bound"] > 0 if group["rule_selected"] else \
+            group["adjusted_bound"] <= 0 or "step-down stopped before it" in rule
