@@ -200,31 +200,6 @@ def _keep_rule_lines(summaries: dict) -> list[str]:
     lines.append(f"keep rule: {select['groups_selected']} of {select['groups']} groups ({select['method']}, threshold_on "
                  f"{rules['threshold_on']}, min_score {rules['min_score']})")
     calls = select.get("closest_calls") or {}
-    shown = [f"{side} {c['group']} ({c['tested']} {c['value']:.3g}" + (f", level {c['at']})" if c["at"] else ")")
-             for side, c in calls.items() if c]
-    if shown:
-        lines.append(f"  closest to min_score {rules['min_score']}: " + "; ".join(shown))
-    found = select.get("evidence")
-    if found:
-        lines.append(f"evidence: {found['note']}" if found.get("weak") else
-                     f"evidence: {found['confidently_above']} groups confidently above min_score {rules['min_score']}, "
-                     f"{found['confidently_below']} confidently below (Holm over {found['groups_tested']} groups, "
-                     f"{found['validation_rows']} validation rows)")
-    return lines
-
-
-def _keep_rule_lines(summaries: dict) -> list[str]:
-    """What the keep rule decided, in a few lines: how many groups it kept, the closest call on each
-    side of min_score with the number it tested, how much evidence the scores held, and the ingest
-    stage's warnings about the sizes behind them."""
-    lines = [f"warning: {w}" for w in (summaries.get("ingest") or {}).get("warnings") or []]
-    select = summaries.get("select")
-    if not select:
-        return lines
-    rules = select["rules"]
-    lines.append(f"keep rule: {select['groups_selected']} of {select['groups']} groups ({select['method']}, threshold_on "
-                 f"{rules['threshold_on']}, min_score {rules['min_score']})")
-    calls = select.get("closest_calls") or {}
     words = {"passed": "cleared by", "failed": "missed by"}
     shown = [f"{words[side]} {c['group']} ({c['tested']} {c['value']:.3g}" + (f", level {c['at']})" if c["at"] else ")")
              for side, c in calls.items() if c]
