@@ -259,6 +259,14 @@ class Verification:
     def scatter(self) -> Path:
         return self.folder / "scatter.png"
 
+    @property
+    def results_file(self) -> Path:
+        return self.folder / _RESULTS
+
+    @property
+    def summary_file(self) -> Path:
+        return self.folder / _SUMMARY
+
     def results(self) -> pl.DataFrame | None:
         """One row per verified subset; None when verify has not run."""
         path = self.folder / _RESULTS

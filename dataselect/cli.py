@@ -235,25 +235,48 @@ def _report(until: str, summaries: dict, quiet: bool, wrote_output: bool) -> Non
 
 @main.command()
 @_options
-@click.option("--subsets", "k_random", default=8, show_default=True,
+@click.option("--subsets", "k_random", type=int,
               help="How many of the estimate stage's random subsets to fine-tune for real (plus the selection "
-                   "and its complement).")
-@click.option("--repeats", default=3, show_default=True,
-              help="How many of those subsets to fine-tune again with the next seed, to measure the truth's own noise.")
-def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, k_random: int,
-           repeats: int) -> None:
+                   "and its complement)  [default: 8; 2 with --quick]")
+@click.option("--repeats", type=int,
+              help="How many of those subsets to fine-tune again with the next seed, to measure the truth's own "
+                   "noise  [default: 3; 1 with --quick]")
+@click.option("--quick", is_flag=True,
+              help="A first look: 2 random subsets, 1 repeat, every fine-tune stopped at half its steps (noisier; "
+                   "its fine-tunes are continued by a later full verify), written to runs/<name>/verify-quick/.")
+def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as_json: bool, k_random: int | None,
+           repeats: int | None, quick: bool) -> None:
     """Fine-tune for real on a few subsets and compare with the estimates (correlations, errors,
-    the similarity baselines, the truth's own noise, scatter plot) in runs/<name>/verify/."""
+    the similarity baselines, the truth's own noise, scatter plot) in runs/<name>/verify/; print
+    a verdict in words and the files written. Its cost is said before the fine-tunes start."""
     from .recipe import load_recipe
+    from .verify import QUICK, quick_folder
     from .verify import verify as run_verify
 
     _setup_logging(quiet or as_json)
+    again = _same_command("verify", recipe, overrides, subsets=k_random, repeats=repeats, quick=quick)
+    defaults = QUICK if quick else {"k_random": 8, "repeats": 3, "until": 1.0}
+    loaded = None
     try:
         loaded = load_recipe(recipe, overrides)
-        summary = run_verify(loaded, k_random, repeats, force=force)
+        folder = quick_folder(loaded) if quick else loaded.run.verification
+        announce = (lambda text: None) if quiet or as_json else (lambda text: click.echo(text, err=True))
+        summary = run_verify(loaded, defaults["k_random"] if k_random is None else k_random,
+                             defaults["repeats"] if repeats is None else repeats, out=folder.folder, force=force,
+                             until=defaults["until"], announce=announce)
     except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(summary, indent=2) if as_json or not quiet else f"verify: {loaded.run.verification.folder}")
+    except KeyboardInterrupt:
+        _interrupted(loaded, STAGES[: STAGES.index(STAGE_BY_NAME["select"]) + 1], again, force,
+                     after="verify's fine-tunes")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"verdict: {summary['verdict']['text']}")
+    click.echo(f"report:  {folder.report}")
+    click.echo(f"plot:    {folder.scatter}")
+    click.echo(f"results: {folder.results_file} (per subset: estimate, true loss, baselines; {folder.summary_file.name} "
+               "beside it)")
 
 
 @main.command()

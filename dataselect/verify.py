@@ -12,21 +12,33 @@ of the ranking its size explains); beside them the truth's own noise: a
 few subsets fine-tuned again with the next seed (no estimator can be closer to one fine-tune than
 a second fine-tune of the same data is).
 
-Writes runs/<name>/verify/: results.parquet, memberships.npy (each subset's groups, in the
-estimate stage's group order), summary.json, report.md and scatter.png.
+Writes runs/<name>/verify/ (a quick look: verify-quick/): results.parquet, memberships.npy (each
+subset's groups, in the estimate stage's group order), summary.json, report.md and scatter.png.
+
+The summary ends in a verdict in words (`verdict`), with thresholds stated where they are used:
+the estimates rank the subsets like real fine-tunes when their Spearman correlation with the truth
+is unlikely under a random ranking (one-sided p < 0.05: an exact permutation test up to 8 subsets,
+the normal approximation above) and above every similarity baseline's and the subsets' sizes
+alone; beside it, the truth's own noise against the spread of the true losses, and, for a quick
+look (`QUICK`: fewer subsets, one repeat, fine-tunes stopped half-way), that it is noisier. Before
+the fine-tunes start, `announce` is told what they cost: how many, of how many steps, as a
+multiple of meta-init's fine-tune of the pool and in seconds at its pace.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from .artifacts import Verification
+from .artifacts import FineTune, Verification
 from .estimate import load_pool
-from .trainer import finetune_and_score
+from .trainer import Rows, finetune_and_score, finetune_folder, training_steps
 from .examples import token_rows, usable
 from .pipeline import run
 from .progress import progress
@@ -34,6 +46,14 @@ from .report import plot_verify
 from .recipe import Recipe
 from .select import Inputs, score_groups
 from .selectors import SELECTORS
+
+log = logging.getLogger(__name__)
+
+# A first look (`dataselect verify --quick`): the estimate stage's first 2 random subsets plus the
+# selection and its complement, 1 repeat for the truth's noise, every fine-tune stopped at half its
+# steps (on its full learning-rate schedule; a later full verify continues those fine-tunes).
+QUICK = {"k_random": 2, "repeats": 1, "until": 0.5}
+SIGNIFICANCE = 0.05  # one-sided, against a random ranking of the subsets
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,6 +115,114 @@ def quality(truth: np.ndarray, predicted: np.ndarray) -> dict:
             "mean_squared_relative_error": mean_squared_relative_error(truth, predicted)}
 
 
+def spearman_p_value(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float | None]:
+    """(one-sided p of a Spearman this high under a random ranking, the least Spearman with p below
+    SIGNIFICANCE): exact over every permutation up to 8 subsets, the normal approximation
+    (ρ·√(n−1)) above, where the least Spearman is None."""
+    n = len(truth)
+    rho = spearman(estimate, truth)
+    if not np.isfinite(rho):
+        return math.nan, None
+    if n > 8:
+        return 0.5 * math.erfc(rho * math.sqrt(n - 1) / math.sqrt(2)), None
+    a, b = _ranks(estimate), _ranks(truth)
+    a, b = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+    rhos = (a[np.array(list(itertools.permutations(range(n))))] * b).mean(1)
+    p = float(np.mean(rhos >= rho - 1e-9))
+    levels = np.unique(np.round(rhos, 9))
+    significant = [r for r in levels if np.mean(rhos >= r - 1e-9) < SIGNIFICANCE]
+    return p, float(min(significant)) if significant else None
+
+
+def verdict(summary: dict, estimate: np.ndarray, truth: np.ndarray, until: float = 1.0) -> dict:
+    """The verification in words: `level` agree (the estimates rank the subsets better than
+    chance, one-sided p < SIGNIFICANCE, and better than every similarity baseline and the subsets'
+    sizes alone), partly (a positive Spearman that misses one of those), disagree (Spearman ≤ 0)
+    or unknown (the truths do not differ); then the truth's own noise against the spread between
+    subsets, and how much less a short look can say."""
+    n, rho = summary["subsets"], summary["estimate"]["spearman"]
+    p, least = spearman_p_value(estimate, truth)
+    rivals = {name: v for name, v in summary["baselines_spearman"].items() if np.isfinite(v)}
+    if summary["rows_alone_spearman"] is not None:
+        rivals["the subsets' sizes alone"] = summary["rows_alone_spearman"]
+    best = max(rivals.items(), key=lambda kv: kv[1]) if rivals else None
+    tested = f"Spearman {rho:.2f} (p = {p:.3f} that a random ranking does as well)" if np.isfinite(rho) else ""
+    if not np.isfinite(rho):
+        level, text = "unknown", f"Cannot judge the estimates on these {n} subsets: their true losses do not differ."
+    elif rho <= 0:
+        level, text = "disagree", f"The estimates do not rank these {n} subsets like real fine-tunes: {tested}."
+    else:
+        misses = []
+        if not p < SIGNIFICANCE:
+            misses.append(f"p is not below {SIGNIFICANCE:g}, so a random ranking could have done this well")
+        misses += [f"{name} ranks them as well ({v:.2f})" for name, v in rivals.items() if v >= rho]
+        if misses:
+            level, text = "partly", (f"The estimates rank these {n} subsets only partly like real fine-tunes: {tested}; "
+                                     + "; ".join(misses) + ".")
+        else:
+            above = (f", above every similarity baseline and the subsets' sizes alone (best: {best[0]} {best[1]:.2f})"
+                     if best else "")
+            level, text = "agree", f"The estimates rank these {n} subsets like real fine-tunes: {tested}{above}."
+    if least is not None and level != "agree":
+        text += f" With {n} subsets, p < {SIGNIFICANCE:g} needs a Spearman of at least {least:.2f}."
+    noise = summary["truth_noise"]["median_relative_difference"]
+    spread = _median_pairwise_difference(truth)
+    repeats = summary["truth_noise"]["repeats"]
+    if noise is not None and np.isfinite(spread):
+        text += (f" The truth's own noise: a fine-tune of the same rows with another seed lands {noise:.1%} away "
+                 f"(median of {repeats}), against {spread:.1%} between subsets")
+        text += ("; comparable, so no ranking of these subsets can be firm." if noise >= spread / 2 else ".")
+    if until < 1:
+        text += (f" A quick look: each fine-tune stopped at {until:.0%} of its steps, {n} subsets, {repeats} "
+                 f"repeat{'' if repeats == 1 else 's'}: noisier than a full verify; run one before relying on it.")
+    return {"level": level, "text": text, "p_value": p, "significance": SIGNIFICANCE,
+            "least_significant_spearman": least, "truth_spread": spread}
+
+
+def _median_pairwise_difference(truth: np.ndarray) -> float:
+    """The median relative difference between two subsets' true losses (to their mean)."""
+    i, j = np.triu_indices(len(truth), 1)
+    return float(np.median(np.abs(truth[i] - truth[j]) / ((truth[i] + truth[j]) / 2))) if len(i) else math.nan
+
+
+def cost(recipe: Recipe, parts: list[Rows], repeats: int, until: float, finetunes: Path) -> dict:
+    """What verify's fine-tunes will cost, said before they start: how many, their steps (those
+    already kept in `finetunes` cost nothing), as a multiple of meta-init's fine-tune of the
+    pool, and in seconds at meta-init's recorded pace (training only; scoring each adds to it)."""
+    again = recipe.model_copy(update={"seed": recipe.seed + 1})
+    jobs = [(recipe, rows) for rows in parts] + [(again, rows) for rows in parts[:repeats]]
+    steps, kept = [], 0
+    for trained, rows in jobs:
+        total = training_steps(trained.meta_init, len(rows))
+        folder = FineTune(finetune_folder(trained, rows, finetunes))
+        if (folder.theta if until >= 1 else folder.snapshot(until, total)).exists():
+            kept += 1
+        else:
+            steps.append(total if until >= 1 else max(1, round(until * total)))
+    meta = recipe.run.record("meta_init") or {}
+    pool_steps, seconds = meta.get("summary", {}).get("steps"), meta.get("seconds")
+    multiple = sum(steps) / pool_steps if pool_steps else None
+    estimated = multiple * seconds if multiple is not None and seconds else None
+    text = (f"verify: {len(jobs)} fine-tunes ({len(parts)} subsets, {min(repeats, len(parts))} again with the next "
+            f"seed), each {'to the end' if until >= 1 else f'stopped at {until:.0%} of its steps'}: "
+            f"{sum(steps):,} steps to train")
+    if kept:
+        text += f" ({kept} already kept in {finetunes}, reused)"
+    if multiple is not None:
+        text += f", {multiple:.2f}× meta-init's fine-tune of the pool ({pool_steps:,} steps"
+        text += f" in {_duration(seconds)}), so about {_duration(estimated)} of training" if estimated else ")"
+    text += ", plus scoring each on the validation split."
+    return {"fine_tunes": len(jobs), "kept": kept, "steps": sum(steps), "until": until,
+            "meta_init_steps": pool_steps, "multiple_of_meta_init": multiple, "estimated_seconds": estimated,
+            "text": text}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
+
+
 def choose_subsets(recipe: Recipe, groups: list[str], k_random: int) -> list[tuple[str, np.ndarray]]:
     """The estimate stage's first k sampled subsets, then the selected groups and their complement;
     a subset already on the list is not fine-tuned or counted twice."""
@@ -122,25 +250,32 @@ def baseline_subset_scores(recipe: Recipe, groups: list[str], memberships: np.nd
     return out
 
 
-def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, finetunes: Path) -> dict:
+def truth_noise(recipe: Recipe, truth: np.ndarray, parts: list, finetunes: Path, until: float = 1.0) -> dict:
     """Fine-tune the first subsets again with the next seed: how far two real fine-tunes of the
     same data land apart, the floor under any estimate's error."""
     again = recipe.model_copy(update={"seed": recipe.seed + 1})
     differences = []
     for rows, first in zip(parts, truth):
-        second = finetune_and_score(again, rows, finetunes)["validation"]["loss"]
+        second = finetune_and_score(again, rows, finetunes, until=until)["validation"]["loss"]
         differences.append(abs(second - first) / first)
     return {"repeats": len(differences), "seed": again.seed,
             "median_relative_difference": float(np.median(differences)) if differences else None,
             "relative_differences": differences}
 
 
+def quick_folder(recipe: Recipe) -> Verification:
+    """Where a quick look is written, beside (not over) a full verify's folder."""
+    return Verification(recipe.run.stage_dir("verify-quick"))
+
+
 def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None = None,
-           finetunes: Path | None = None, force: bool = False) -> dict:
+           finetunes: Path | None = None, force: bool = False, until: float = 1.0,
+           announce: Callable[[str], None] | None = None) -> dict:
     """`finetunes`: where real fine-tunes are kept and looked up (default: the run's, which the
     confirm stage shares); recipes that share a base model and training rows (targets of one
-    pool) share them there. `force`
-    reruns the stages up to the selection (the fine-tunes stay cached)."""
+    pool) share them there. `force` reruns the stages up to the selection (the fine-tunes stay
+    cached). `until` < 1 stops every fine-tune at that share of its steps (a quick look);
+    `announce` (default: the log) is told the cost before the fine-tunes start."""
     run(recipe, until="select", force=force)
     folder = Verification(out) if out else recipe.run.verification
     folder.folder.mkdir(parents=True, exist_ok=True)
@@ -153,14 +288,16 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
     examples = recipe.run.ingested.examples()
     sources = pl.concat([usable(examples, "source", s.name) for s in recipe.sources])
     group_of_id = dict(zip(ids, pool.names))
-    parts, truth = [], []
-    for member in progress(iterable=memberships, desc="verify fine-tunes", unit="subset"):
-        kept = [g for g, m in zip(groups, member) if m]
-        parts.append(token_rows(sources.filter(pl.col("id").replace_strict(group_of_id).is_in(kept))))
-        truth.append(finetune_and_score(recipe, parts[-1], finetunes)["validation"])
+    group_column = pl.col("id").replace_strict(group_of_id)
+    parts = [token_rows(sources.filter(group_column.is_in([g for g, m in zip(groups, member) if m])))
+             for member in memberships]
+    planned = cost(recipe, parts, repeats, until, finetunes)
+    (announce or log.info)(planned.pop("text"))
+    truth = [finetune_and_score(recipe, rows, finetunes, until=until)["validation"]
+             for rows in progress(iterable=parts, desc="verify fine-tunes", unit="subset")]
     accuracy = {"true_exact_match": [t["exact_match"] for t in truth]} if recipe.target.answer else {}
     truth = np.array([t["loss"] for t in truth])
-    noise = truth_noise(recipe, truth[:repeats], parts[:repeats], finetunes)
+    noise = truth_noise(recipe, truth[:repeats], parts[:repeats], finetunes, until)
     fitted = leave_one_out_calibrated(estimate, truth)
     baselines = baseline_subset_scores(recipe, groups, memberships)
     results = pl.DataFrame({
@@ -181,8 +318,9 @@ def verify(recipe: Recipe, k_random: int = 8, repeats: int = 3, out: Path | None
         "rows_alone_spearman": _rows_alone(results["examples"].to_numpy(), truth),
         **({"exact_match_spearman": _accuracy_spearman(estimate, baselines, accuracy["true_exact_match"])}
            if accuracy else {}),
-        "truth_noise": noise,
+        "truth_noise": noise, "until": until, "cost": planned,
     }
+    summary["verdict"] = verdict(summary, estimate, truth, until)
     folder.write_summary(summary)
     folder.scatter.write_bytes(plot_verify(results, f"Spearman {summary['estimate']['spearman']:.2f}, "
                                                      f"{len(results)} subsets"))
@@ -206,7 +344,8 @@ def _accuracy_spearman(estimate: np.ndarray, baselines: dict[str, np.ndarray], a
 
 def _report(results: pl.DataFrame, summary: dict) -> str:
     em = "true_exact_match" in results.columns
-    lines = ["# dataselect verify", "", "| subset | groups | estimate | true loss |" + (" exact match |" if em else ""),
+    lines = ["# dataselect verify", "", summary["verdict"]["text"], "",
+             "| subset | groups | estimate | true loss |" + (" exact match |" if em else ""),
              "|---|---|---|---|" + ("---|" if em else "")]
     lines += [f"| {r['subset']} | {r['groups']} | {r['estimate']:.4f} | {r['true_loss']:.4f} |"
               + (f" {r['true_exact_match']:.3f} |" if em else "") for r in results.iter_rows(named=True)]
