@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 # steps (on its full learning-rate schedule; a later full verify continues those fine-tunes).
 QUICK = {"k_random": 2, "repeats": 1, "until": 0.5}
 SIGNIFICANCE = 0.05  # one-sided, against a random ranking of the subsets
+SIZES = "the subsets' sizes alone"  # the rival that ranks by rows (more rows, more steps)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -144,7 +145,7 @@ def verdict(summary: dict, estimate: np.ndarray, truth: np.ndarray, until: float
     p, least = spearman_p_value(estimate, truth)
     rivals = {name: v for name, v in summary["baselines_spearman"].items() if np.isfinite(v)}
     if summary["rows_alone_spearman"] is not None:
-        rivals["the subsets' sizes alone"] = summary["rows_alone_spearman"]
+        rivals[SIZES] = summary["rows_alone_spearman"]
     best = max(rivals.items(), key=lambda kv: kv[1]) if rivals else None
     tested = f"Spearman {rho:.2f} (p = {p:.3f} that a random ranking does as well)" if np.isfinite(rho) else ""
     if not np.isfinite(rho):
@@ -155,7 +156,8 @@ def verdict(summary: dict, estimate: np.ndarray, truth: np.ndarray, until: float
         misses = []
         if not p < SIGNIFICANCE:
             misses.append(f"p is not below {SIGNIFICANCE:g}, so a random ranking could have done this well")
-        misses += [f"{name} ranks them as well ({v:.2f})" for name, v in rivals.items() if v >= rho]
+        misses += [f"{name} {'rank' if name == SIZES else 'ranks'} them as well ({v:.2f})"
+                   for name, v in rivals.items() if v >= rho]
         if misses:
             level, text = "partly", (f"The estimates rank these {n} subsets only partly like real fine-tunes: {tested}; "
                                      + "; ".join(misses) + ".")
@@ -163,8 +165,9 @@ def verdict(summary: dict, estimate: np.ndarray, truth: np.ndarray, until: float
             above = (f", above every similarity baseline and the subsets' sizes alone (best: {best[0]} {best[1]:.2f})"
                      if best else "")
             level, text = "agree", f"The estimates rank these {n} subsets like real fine-tunes: {tested}{above}."
-    if least is not None and level != "agree":
-        text += f" With {n} subsets, p < {SIGNIFICANCE:g} needs a Spearman of at least {least:.2f}."
+    if level != "agree" and n <= 8 and np.isfinite(rho):
+        text += (f" With {n} subsets, p < {SIGNIFICANCE:g} needs a Spearman of at least {least:.2f}." if least
+                 else f" With {n} subsets no ranking can reach p < {SIGNIFICANCE:g}: verify more of them.")
     noise = summary["truth_noise"]["median_relative_difference"]
     spread = _median_pairwise_difference(truth)
     repeats = summary["truth_noise"]["repeats"]

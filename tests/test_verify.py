@@ -65,6 +65,10 @@ def test_the_verdict_says_in_words_whether_the_estimates_rank_like_real_fine_tun
     beaten, estimate, truth = _summary(10, np.arange(10), {"dsir": 1.0})  # a baseline ranks them as well
     said = verdict(beaten, estimate, truth)
     assert said["level"] == "partly" and "dsir ranks them as well (1.00)" in said["text"]
+    few, estimate, truth = _summary(3, np.arange(3), {}, rows_alone=1.0)
+    said = verdict(few, estimate, truth)
+    assert "the subsets' sizes alone rank them as well (1.00)" in said["text"]
+    assert "With 3 subsets no ranking can reach p < 0.05: verify more of them." in said["text"]
 
     shuffled, estimate, truth = _summary(10, np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]), {})
     assert verdict(shuffled, estimate, truth)["text"].startswith(
