@@ -250,12 +250,12 @@ def verify(recipe: str, overrides: tuple[str, ...], force: bool, quiet: bool, as
     the similarity baselines, the truth's own noise, scatter plot) in runs/<name>/verify/; print
     a verdict in words and the files written. Its cost is said before the fine-tunes start."""
     from .recipe import load_recipe
-    from .verify import QUICK, quick_folder
+    from .verify import FULL, QUICK, quick_folder
     from .verify import verify as run_verify
 
     _setup_logging(quiet or as_json)
     again = _same_command("verify", recipe, overrides, subsets=k_random, repeats=repeats, quick=quick)
-    defaults = QUICK if quick else {"k_random": 8, "repeats": 3, "until": 1.0}
+    defaults = QUICK if quick else FULL
     loaded = None
     try:
         loaded = load_recipe(recipe, overrides)

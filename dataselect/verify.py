@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # selection and its complement, 1 repeat for the truth's noise, every fine-tune stopped at half its
 # steps (on its full learning-rate schedule; a later full verify continues those fine-tunes).
 QUICK = {"k_random": 2, "repeats": 1, "until": 0.5}
+FULL = {"k_random": 8, "repeats": 3, "until": 1.0}  # `dataselect verify`'s defaults
 SIGNIFICANCE = 0.05  # one-sided, against a random ranking of the subsets
 SIZES = "the subsets' sizes alone"  # the rival that ranks by rows (more rows, more steps)
 
