@@ -56,15 +56,53 @@ def final_groups(groups: pl.DataFrame, mixture: dict[str, int], confirmed: dict)
 
 def account_rows(examples: pl.DataFrame, assignments: pl.DataFrame, groups: pl.DataFrame) -> pl.DataFrame:
     """One row per input row of every source: its group and its fate, with the reason and how many
-    times it is in the mixture."""
+    times it is in the mixture. A usable row's group is the one the estimate stage gave it (a
+    cluster, say); a rejected row keeps the group ingest read for it (none where unreadable)."""
     decisions = groups.select("group", "selected", "repeats", group_reason="reason", score="score")
-    table = (examples.filter(pl.col("role") == "source").drop("group")
-             .join(assignments, on="id", how="left").join(decisions, on="group", how="left"))
+    table = (examples.filter(pl.col("role") == "source").rename({"group": "ingested_group"})
+             .join(assignments, on="id", how="left")
+             .with_columns(group=pl.when(pl.col("status") == "rejected").then(pl.col("ingested_group"))
+                           .otherwise(pl.col("group")))
+             .drop("ingested_group").join(decisions, on="group", how="left"))
     status = (pl.when(pl.col("status") == "rejected").then(pl.lit("rejected"))
               .when(pl.col("selected")).then(pl.lit("selected")).otherwise(pl.lit("not_selected")))
     reason = pl.when(pl.col("status") == "rejected").then(pl.col("reason")).otherwise(pl.col("group_reason"))
     repeats = pl.when((pl.col("status") != "rejected") & pl.col("selected")).then(pl.col("repeats")).otherwise(0)
     return table.with_columns(status.alias("status"), reason.alias("reason"), repeats.cast(pl.Int64).alias("repeats"))
+
+
+REJECTION_SCHEMA = pl.List(pl.Struct({"reason": pl.String, "rows": pl.Int64}))
+
+
+def with_rejections(groups: pl.DataFrame, accounted: pl.DataFrame) -> pl.DataFrame:
+    """Every group with its rejected rows, counted by reason class (`rejected`,
+    `rejected_by_reason`: a list of {reason, rows}, most first, one schema for every group); and a
+    group whose rows were all rejected, which no later stage saw, as a row of its own: not
+    selected, with a reason saying so, rather than missing from the table."""
+    rejected = accounted.filter((pl.col("status") == "rejected") & pl.col("group").is_not_null())
+    counts = {}
+    for (group,), part in rejected.group_by(["group"], maintain_order=True):
+        counts[group] = (part["source"][0], part.height, [{"reason": r, "rows": n}
+                                                          for r, n in reasons_by_class(part).items()])
+    table = groups.with_columns(
+        rejected=pl.col("group").replace_strict({g: c[1] for g, c in counts.items()}, default=0,
+                                                return_dtype=pl.Int64),
+        rejected_by_reason=pl.col("group").replace_strict({g: c[2] for g, c in counts.items()}, default=[],
+                                                          return_dtype=REJECTION_SCHEMA))
+    known = set(groups["group"])
+    vanished = [g for g in counts if g not in known]
+    if not vanished:
+        return table
+    rows = []
+    for group in vanished:
+        source, n, reasons = counts[group]
+        summary = "; ".join(f"{r['reason']} ({r['rows']})" for r in reasons[:3])
+        rows.append({"group": group, "source": source, "examples": 0, "tokens": 0, "selected": False,
+                     "rule_selected": False, "repeats": 0, "share": 0.0, "rejected": n, "rejected_by_reason": reasons,
+                     "reason": f"all {n} rows rejected at ingest, so the group was never scored: {summary}"})
+    empty = pl.DataFrame(rows, schema_overrides={"rejected_by_reason": REJECTION_SCHEMA})
+    return pl.concat([table, empty.select([c for c in empty.columns if c in table.columns])],
+                     how="diagonal_relaxed")
 
 
 def mixture_rows(accounted: pl.DataFrame) -> pl.DataFrame:
@@ -155,6 +193,7 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     assignments = estimates.assignments()
     groups = final_groups(selection.read(), confirmation.mixture(), confirmation.summary())
     accounted = account_rows(examples, assignments, groups)
+    groups = with_rejections(groups, accounted)
     splits = output_splits(recipe, accounted, examples, load_tokenizer(recipe, ingested))
     selected = accounted.filter(pl.col("status") == "selected")["id"]
     copies = duplicates_summary(ingested.duplicates(), selected)  # reported only: selection stays

@@ -79,9 +79,15 @@ def map_row(row: dict[str, Any], fmt) -> tuple[list[dict], str | None] | str:
             if not value.strip():
                 return f"field {key!r} is blank (empty {what})"
             messages.append({"role": role, "content": value})
+    return messages, given_id(row, fmt)
+
+
+def given_id(row: dict[str, Any], fmt) -> str | None:
+    """The row's own id, from the column the format names (`format.id`), or None. Read for a
+    rejected row too, so that the user finds it in rows.parquet under the id they know."""
     id_field = getattr(fmt, "id", None)
     given = None if id_field is None else field(row, id_field)
-    return messages, (None if given is None else str(given))
+    return None if given is None else str(given)
 
 
 def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
@@ -99,34 +105,39 @@ def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
 
 
 def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str,
-          numbers: Sequence[int] | None = None) -> Iterator[dict]:
+          numbers: Sequence[int] | None = None, clustered: bool = False) -> Iterator[dict]:
     """The examples of a dataset's rows; `numbers`: each row's number in the split it was sampled
-    from (default: its place in `ds`), which its id takes when the format names no id column."""
+    from (default: its place in `ds`), which its id takes when the format names no id column.
+    A rejected row keeps its own id and, where it can be read, its group (none in a `clustered`
+    source: clusters are found among the usable rows), so that a group whose every row is
+    rejected still shows up, with the reasons, and the user finds each row by the id they know."""
     _check_columns(ds, fmt, group_by, where)
     seen: dict[str, int] = {}  # id -> the row that first used it
     prefix = name if role == "source" else f"{name}/{role}"  # target splits may reuse row numbers
     for i, row in zip(numbers if numbers is not None else range(len(ds)), ds):
-        out = {"id": f"{prefix}/{i}", "source": name, "role": role, "row": i, "group": None,
-               "messages": None, "prompt": None, "response": None, "status": "ok", "reason": None}
+        own = given_id(row, fmt)
+        group, unreadable = (None if clustered else name), None
+        if group_by is not None:
+            value = field(row, group_by)
+            if value is None or not str(value).strip():
+                group, unreadable = None, f"field {group_by!r} (group_by) is {'null' if value is None else 'blank'}"
+            else:
+                group = f"{name}/{value}"
+        out = {"id": f"{prefix}/{i if own is None else own}", "source": name, "role": role, "row": i,
+               "group": group, "messages": None, "prompt": None, "response": None, "status": "ok", "reason": None}
         mapped = map_row(row, fmt)
         if isinstance(mapped, str):
             yield {**out, "status": "rejected", "reason": mapped}
             continue
-        messages, given_id = mapped
-        if given_id is not None:
-            out["id"] = f"{prefix}/{given_id}"
+        messages, _ = mapped
         if out["id"] in seen:
             yield {**out, "status": "rejected",
                    "reason": f"duplicate id {out['id']!r}, first seen at row {seen[out['id']]}"}
             continue
-        group = name
-        if group_by is not None:
-            value = field(row, group_by)
-            if value is None or not str(value).strip():
-                yield {**out, "status": "rejected",
-                       "reason": f"field {group_by!r} (group_by) is {'null' if value is None else 'blank'}"}
-                continue
-            group = f"{name}/{value}"
+        if unreadable is not None:
+            yield {**out, "status": "rejected", "reason": unreadable}
+            continue
+        group = name if group is None else group  # a clustered source's rows: named by cluster later
         seen[out["id"]] = i
         user = [m["content"] for m in messages[:-1] if m["role"] == "user"]
         yield {**out, "group": group, "messages": messages, "prompt": user[-1] if user else "",
@@ -290,8 +301,8 @@ def _source_rows(source: Source, run_dir: Path, seed: int) -> tuple[Iterator[dic
     else:
         ds = _open(f"source {source.name}", source.dataset, source.config, source.split, run_dir, seed)
         ds, numbers, sampling = _local_sample(source, ds, seed)
-    return _rows(source.name, "source", ds, source.format, source.group_by, where, numbers), \
-        {"max_rows": source.max_rows, **sampling}
+    return _rows(source.name, "source", ds, source.format, source.group_by, where, numbers,
+                 clustered=bool(source.clusters)), {"max_rows": source.max_rows, **sampling}
 
 
 def read_examples(recipe: Recipe) -> tuple[pl.DataFrame, dict[str, dict]]:

@@ -77,7 +77,7 @@ class Stage:
 STAGES = (
     Stage("ingest", ("seed", "model", "sources", "target.name", "target.dataset", "target.config", "target.format",
                      "target.validation", "target.test", "sketch.max_length", "sketch.overlong"), (), "ingest:stage",
-          "read sources and target, map rows to examples, tokenize, count rejections", version="5"),
+          "read sources and target, map rows to examples, tokenize, count rejections", version="6"),
     Stage("meta_init", ("meta_init", "sketch_path"), ("ingest",), "meta_init:stage",
           "fine-tune the base model once on all sources together (θ*), keeping points of its path"),
     Stage("sketch", ("sketch",), ("ingest", "meta_init"), "sketch:stage",
@@ -90,7 +90,7 @@ STAGES = (
     Stage("confirm", ("select",), ("ingest", "meta_init", "estimate", "select"), "confirm:stage",
           "fine-tune the candidate mixtures the scores propose, as the mixture will be trained; keep the best"),
     Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select", "confirm"), "export:stage",
-          "write the mixture as a Hugging Face dataset with a manifest", checks="export:is_current", version="4"),
+          "write the mixture as a Hugging Face dataset with a manifest", checks="export:is_current", version="5"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 STAGE_BY_NAME = {s.name: s for s in STAGES}

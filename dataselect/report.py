@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from .artifacts import Run
+from .artifacts import ROWS, Run
+from .examples import reason_class
 from .outputs import cell, read_manifest, text
 
 if TYPE_CHECKING:
@@ -104,6 +105,48 @@ def duplicates_section(manifest: dict) -> tuple[str, list[pl.DataFrame]] | None:
             "no row's selection was changed; the selected rows that copy a target split are listed in the "
             "manifest's duplicates.contaminated.")
     return note, [counts] + ([examples] if examples.height else [])
+
+
+REJECTIONS = "Rejected rows"
+REJECTION_EXAMPLES = 3  # example rows shown per reason class
+
+
+def rejections_section(output_dir: Path, manifest: dict) -> tuple[str, list[pl.DataFrame]] | None:
+    """Why rows were rejected: a sentence (how many, and the groups whose every row was), the
+    reason classes with their rows and sources, and a few rows of each (id, source, group, reason,
+    from rows.parquet) for the user to look up in their file; None when no row was rejected."""
+    sources = manifest["sources"]
+    total = sum(c["rejected"] for c in sources.values())
+    if not total:
+        return None
+    by_reason: dict[str, dict[str, int]] = {}
+    for source, c in sources.items():
+        for reason, n in c.get("rejected_by_reason", {}).items():
+            by_reason.setdefault(reason, {})[source] = n
+    counts = pl.DataFrame([{"reason": reason, "rows": sum(per.values()),
+                            "sources": ", ".join(f"{s} {n}" for s, n in sorted(per.items(), key=lambda i: -i[1]))}
+                           for reason, per in by_reason.items()],
+                          schema={"reason": pl.String, "rows": pl.Int64, "sources": pl.String}).sort(
+        ["rows", "reason"], descending=[True, False])
+    frames = [counts]
+    path = Path(output_dir) / ROWS
+    if path.exists():
+        rejected = (pl.scan_parquet(path).filter(pl.col("status") == "rejected")
+                    .select("id", "source", "group", "reason").collect())
+        classes = pl.Series("class", [reason_class(r) for r in rejected["reason"]], dtype=pl.String)
+        examples = (rejected.with_columns(classes).filter(pl.int_range(pl.len()).over("class") < REJECTION_EXAMPLES)
+                    .join(counts.select("reason", order=pl.int_range(pl.len())), left_on="class", right_on="reason",
+                          how="left").sort("order", maintain_order=True).drop("class", "order"))
+        frames.append(examples)
+    vanished = [g for g in manifest["groups"] if not g.get("examples") and g.get("rejected")]
+    rows = sum(c["rows"] for c in sources.values())
+    note = (f"{total} of {rows} source rows were rejected at ingest and never scored; rows.parquet gives each "
+            "its reason, under its own id.")
+    if vanished:
+        note += (f" Every row of {len(vanished)} group{'s' if len(vanished) > 1 else ''} was rejected, so "
+                 f"{'they are' if len(vanished) > 1 else 'it is'} in no mixture: "
+                 + ", ".join(f"{g['group']} ({g['rejected']} rows)" for g in vanished) + ".")
+    return note, frames
 
 
 def stability_table(manifest: dict) -> pl.DataFrame | None:
@@ -318,15 +361,17 @@ def report(output_dir: Path) -> dict:
     md += [f"![{name}]({name})" for name in plots] + [""]
     for heading, frame in tables.items():
         md += [f"## {heading}", "", _markdown_table(frame), ""]
-    copies = duplicates_section(manifest)
-    if copies is not None:
-        md += [f"## {DUPLICATES}", "", copies[0], ""] + [line for f in copies[1] for line in (_markdown_table(f), "")]
+    prose = {heading: found for heading, found in ((DUPLICATES, duplicates_section(manifest)),
+                                                   (REJECTIONS, rejections_section(output_dir, manifest)))
+             if found is not None}  # sections of a sentence and tables
+    for heading, (note, frames) in prose.items():
+        md += [f"## {heading}", "", note, ""] + [line for f in frames for line in (_markdown_table(f), "")]
     (folder / "summary.md").write_text("\n".join(md))
     images = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}">' for n, d in plots.items())
     sections = "".join(f"<h2>{html.escape(h)}</h2>{_html_table(f)}" for h, f in tables.items())
-    if copies is not None:
-        sections += (f"<h2>{DUPLICATES}</h2><p>{html.escape(copies[0])}</p>"
-                     + "".join(f"<p>{_html_table(f)}</p>" for f in copies[1]))
+    for heading, (note, frames) in prose.items():
+        sections += (f"<h2>{html.escape(heading)}</h2><p>{html.escape(note)}</p>"
+                     + "".join(f"<p>{_html_table(f)}</p>" for f in frames))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%;display:block;margin:1em 0}"
             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
