@@ -138,3 +138,95 @@ def by_size(labels: np.ndarray, k: int) -> np.ndarray:
     rename = np.empty(k, dtype=np.int64)
     rename[order] = np.arange(k)
     return rename[labels]
+
+
+# What a cluster is, for a reader: a k-means cluster has a number, not a name.
+WORDS = 8  # distinctive words per cluster
+EXAMPLES = 3  # example prompts per cluster
+EXAMPLE_CHARS = 160  # an example prompt is cut to this many characters
+LABEL_VALUES = 3  # the most frequent values of each label column, per cluster
+Z_DISTINCT = 1.96  # a distinctive word is over-represented beyond chance at this z
+_WORD = r"[^\W\d_]{2,}"  # a word: two or more letters (digits and punctuation say little of a topic)
+
+
+def describe(labels: np.ndarray, margins: np.ndarray, prompts: list[str], texts: list[str],
+             row_labels: list[list[dict] | None] | None = None) -> list[dict]:
+    """Per cluster, what a reader needs to tell it from the others: its size; the values of the
+    source's label columns (`row_labels`: each row's [{column, value}], from a column the format
+    does not read) most frequent in it, or {} where the source has none; its distinctive words
+    (`distinctive_words` of `texts`, each row's prompt and response, against the rest of the
+    source); and its most typical prompts (the rows with the largest margin, surest of their
+    cluster), each shown once, cut to EXAMPLE_CHARS."""
+    k = int(labels.max()) + 1 if len(labels) else 0
+    words = distinctive_words(texts, labels, k)
+    out = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        examples: list[str] = []
+        for i in members[np.lexsort((members, -margins[members]))]:  # surest first; ties: the earlier row
+            if len(examples) == EXAMPLES:
+                break
+            if _cut(prompts[i]) not in examples:  # a prompt repeated in the source is shown once
+                examples.append(_cut(prompts[i]))
+        out.append({"cluster": f"c{c}", "size": int(len(members)),
+                    "labels": _label_counts([row_labels[i] for i in members]) if row_labels is not None else {},
+                    "words": words[c], "examples": examples})
+    return out
+
+
+def distinctive_words(texts: list[str], labels: np.ndarray, k: int, top: int = WORDS) -> list[list[str]]:
+    """Per cluster, the `top` words most over-represented in its rows against the rest of the source:
+    the log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi and Quinn 2008), its
+    z-score ranking them, over the number of rows a word occurs in (a word repeated in one long row
+    counts once). The prior, each word's share of the source, scaled to one pseudo-row per word on
+    average, keeps a word seen in a row or two from topping the list. A word must occur in two rows
+    of the cluster and be over-represented beyond chance (z > 1.96), so a cluster that nothing sets
+    apart lists no words rather than the noise; with one cluster, its most frequent words."""
+    import polars as pl
+
+    if not len(texts) or k == 0:
+        return [[] for _ in range(k)]
+    found = (pl.DataFrame({"cluster": labels.astype(np.int64), "text": texts})
+             .with_row_index("row")
+             .select("row", "cluster", word=pl.col("text").str.to_lowercase().str.extract_all(_WORD))
+             .explode("word").drop_nulls("word").unique(["row", "word"])
+             .group_by("word", "cluster").len())
+    if found.is_empty():
+        return [[] for _ in range(k)]
+    vocab = found["word"].unique().sort()
+    index = {w: i for i, w in enumerate(vocab.to_list())}
+    counts = np.zeros((len(vocab), k))
+    counts[[index[w] for w in found["word"]], found["cluster"].to_numpy()] = found["len"].to_numpy()
+    total = counts.sum(1)
+    prior = total / total.sum() * len(vocab)
+    out = []
+    for c in range(k):
+        inside, rest = counts[:, c], total - counts[:, c]
+        if rest.sum() == 0:
+            score = inside
+        else:
+            n_in, n_rest, a0 = inside.sum(), rest.sum(), prior.sum()
+            delta = (np.log((inside + prior) / (n_in + a0 - inside - prior))
+                     - np.log((rest + prior) / (n_rest + a0 - rest - prior)))
+            score = delta / np.sqrt(1 / (inside + prior) + 1 / (rest + prior))
+        eligible = np.flatnonzero((inside >= 2) & (score > (0 if rest.sum() == 0 else Z_DISTINCT)))
+        ranked = eligible[np.lexsort((eligible, -score[eligible]))]  # ties: the alphabetically first
+        out.append([vocab[int(i)] for i in ranked[:top]])
+    return out
+
+
+def _label_counts(rows: list[list[dict] | None]) -> dict[str, dict[str, int]]:
+    """Per label column, its LABEL_VALUES most frequent values among `rows`, with their rows."""
+    tally: dict[str, dict[str, int]] = {}
+    for pairs in rows:
+        for pair in pairs or ():
+            column = tally.setdefault(pair["column"], {})
+            column[pair["value"]] = column.get(pair["value"], 0) + 1
+    return {column: dict(sorted(values.items(), key=lambda item: (-item[1], item[0]))[:LABEL_VALUES])
+            for column, values in tally.items()}
+
+
+def _cut(text: str) -> str:
+    """A prompt on one line, cut to EXAMPLE_CHARS."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= EXAMPLE_CHARS else flat[: EXAMPLE_CHARS - 1] + "…"

@@ -2,7 +2,8 @@
 stage shares: which rows are usable, their token ids, and rejection reasons counted by class.
 
 One row per input row of every source and target split: id, source, role, row, group, messages,
-prompt, response, status ("ok" or "rejected") and reason, plus the token columns ingest adds.
+prompt, response, status ("ok" or "rejected"), reason and, for a clustered source, the row's values
+of its label columns (what its clusters are described by), plus the token columns ingest adds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ EXAMPLE_SCHEMA = {
     "id": pl.String, "source": pl.String, "role": pl.String, "row": pl.Int64, "group": pl.String,
     "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
     "prompt": pl.String, "response": pl.String, "status": pl.String, "reason": pl.String,
+    "labels": pl.List(pl.Struct({"column": pl.String, "value": pl.String})),
 }
 
 

@@ -104,14 +104,52 @@ def _check_columns(ds, fmt, group_by: str | None, where: str) -> None:
         raise SourceError(f"{where}: no column {', '.join(map(repr, missing))}; it has {ds.column_names}")
 
 
+LABEL_COLUMNS = 3  # label columns kept per clustered source
+LABEL_VALUES = 50  # a label column holds at most this many distinct values
+
+
+def label_columns(ds, fmt, group_by: str | None) -> list[str]:
+    """The columns of a clustered source that may say what a row is (a task, the dataset it came
+    from), to describe its clusters by: top-level columns the format does not read, of text,
+    numbers or booleans, with at most LABEL_VALUES distinct values and fewer than half as many as
+    rows (an id or a free-text column is not one); the first LABEL_COLUMNS of them."""
+    import datasets  # only to read the column types of a dataset already open
+
+    if fmt == "messages":
+        used = {"messages"}
+    elif isinstance(fmt, Messages):
+        used = {fmt.messages, fmt.id}
+    else:
+        used = {fmt.prompt, fmt.response, fmt.system, fmt.id}
+    used = {c.split(".")[0] for c in used | {group_by} if c}
+    found = []
+    for column, kind in (ds.features or {}).items():
+        if column in used or not isinstance(kind, datasets.Value) or kind.dtype in ("binary", "large_binary"):
+            continue
+        distinct = set()
+        for value in ds[column]:
+            if value is not None:
+                distinct.add(str(value))
+                if len(distinct) > LABEL_VALUES:
+                    break
+        if distinct and len(distinct) <= LABEL_VALUES and 2 * len(distinct) <= len(ds):
+            found.append(column)
+            if len(found) == LABEL_COLUMNS:
+                break
+    return found
+
+
 def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str,
           numbers: Sequence[int] | None = None, clustered: bool = False) -> Iterator[dict]:
     """The examples of a dataset's rows; `numbers`: each row's number in the split it was sampled
     from (default: its place in `ds`), which its id takes when the format names no id column.
     A rejected row keeps its own id and, where it can be read, its group (none in a `clustered`
     source: clusters are found among the usable rows), so that a group whose every row is
-    rejected still shows up, with the reasons, and the user finds each row by the id they know."""
+    rejected still shows up, with the reasons, and the user finds each row by the id they know.
+    A clustered source's rows also carry their values of its `label_columns`, which describe its
+    clusters."""
     _check_columns(ds, fmt, group_by, where)
+    labelled = label_columns(ds, fmt, group_by) if clustered else []
     seen: dict[str, int] = {}  # id -> the row that first used it
     prefix = name if role == "source" else f"{name}/{role}"  # target splits may reuse row numbers
     for i, row in zip(numbers if numbers is not None else range(len(ds)), ds):
@@ -124,7 +162,8 @@ def _rows(name: str, role: str, ds, fmt, group_by: str | None, where: str,
             else:
                 group = f"{name}/{value}"
         out = {"id": f"{prefix}/{i if own is None else own}", "source": name, "role": role, "row": i,
-               "group": group, "messages": None, "prompt": None, "response": None, "status": "ok", "reason": None}
+               "group": group, "messages": None, "prompt": None, "response": None, "status": "ok", "reason": None,
+               "labels": [{"column": c, "value": str(row[c])} for c in labelled if row[c] is not None] or None}
         mapped = map_row(row, fmt)
         if isinstance(mapped, str):
             yield {**out, "status": "rejected", "reason": mapped}

@@ -149,6 +149,41 @@ def rejections_section(output_dir: Path, manifest: dict) -> tuple[str, list[pl.D
     return note, frames
 
 
+CLUSTERS = "Clusters"
+
+
+def clusters_section(manifest: dict) -> tuple[str, list[pl.DataFrame]] | None:
+    """What each cluster of a clustered source holds (the sketch stage's descriptions): a sentence
+    on how to read them, naming each source's label columns or saying it has none, and a table per
+    source: cluster, rows, its label columns' most frequent values, its distinctive words and a
+    few typical prompts. None when no source is clustered, or its run predates descriptions."""
+    found = {source: c for source, c in (manifest["stages"]["sketch"].get("clusters") or {}).items()
+             if c.get("descriptions")}
+    if not found:
+        return None
+    frames, labelled = [], []
+    for source, c in found.items():
+        columns = c.get("label_columns") or []
+        labelled.append(f"{source}: {', '.join(columns)}" if columns else f"{source}: none, so its clusters are "
+                        "told apart by their words and prompts alone")
+        frames.append(pl.DataFrame(
+            [{"group": f"{source}/{d['cluster']}", "rows": d["size"],
+              "labels": "; ".join(f"{column} " + ", ".join(f"{v} {n}" for v, n in values.items())
+                                  for column, values in d["labels"].items()) or "–",
+              "distinctive words": ", ".join(d["words"]) or "– (none stands out)",
+              "example prompts": " · ".join(f"“{e}”" for e in d["examples"])}
+             for d in c["descriptions"]],
+            schema={"group": pl.String, "rows": pl.Int64, "labels": pl.String, "distinctive words": pl.String,
+                    "example prompts": pl.String}))
+    note = ("A clustered source's groups are k-means clusters of its rows' gradients, named by size (c0 the "
+            "largest). Each is described by its rows: the most frequent values of the source's label columns "
+            "(columns the format does not read that hold a few repeated values; "
+            + "; ".join(labelled) + "), the words most over-represented in its prompts and responses against "
+            "the rest of the source (log-odds z-score), and its most typical prompts (the rows surest of their "
+            "cluster).")
+    return note, frames
+
+
 def stability_table(manifest: dict) -> pl.DataFrame | None:
     """What could come out differently: groups kept in only some redraws of the scores within
     their intervals, and per clustered source the rows that sit near a cluster boundary."""
@@ -362,7 +397,8 @@ def report(output_dir: Path) -> dict:
     for heading, frame in tables.items():
         md += [f"## {heading}", "", _markdown_table(frame), ""]
     prose = {heading: found for heading, found in ((DUPLICATES, duplicates_section(manifest)),
-                                                   (REJECTIONS, rejections_section(output_dir, manifest)))
+                                                   (REJECTIONS, rejections_section(output_dir, manifest)),
+                                                   (CLUSTERS, clusters_section(manifest)))
              if found is not None}  # sections of a sentence and tables
     for heading, (note, frames) in prose.items():
         md += [f"## {heading}", "", note, ""] + [line for f in frames for line in (_markdown_table(f), "")]

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .artifacts import FineTune, Ingested, Sketches
-from .clustering import Clusters, spherical_kmeans, unit_rows
+from .clustering import Clusters, describe, spherical_kmeans, unit_rows
 from .examples import token_rows, usable
 from .meta_init import path_weights
 from .trainer import load_base_model, with_trainable
@@ -333,7 +333,7 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune) -> dict
         if part.clusters and folder.clusters(part.name) is None:
             _, sketches, _ = read_store(part.folder)
             found = cluster(sketches, part.clusters, recipe.seed, len(p.sketcher.points))
-            folder.write_clusters(part.name, found.labels, found.summary())
+            folder.write_clusters(part.name, found.labels, {**found.summary(), **described(part.examples, found)})
         counts[part.name] = len(part.examples)
     counts[TARGET_TOKENS] = sum(len(ids) - n_prompt for ids, n_prompt in token_rows(p.parts[-1].examples))
     if shards:
@@ -342,6 +342,19 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune) -> dict
 
 
 TARGET_TOKENS = "target validation tokens"
+
+
+def described(examples, found: Clusters) -> dict:
+    """What each cluster of a source holds, so that `unlabeled/c0` can be read without joining
+    rows.parquet back to the file: per cluster its size, its label columns' most frequent values,
+    its distinctive words and typical prompts (`clustering.describe`); and the source's label
+    columns (ingest keeps a clustered source's columns that the format does not read and that hold
+    a few repeated values; none: the clusters are described by their words and prompts alone)."""
+    labels = examples["labels"].to_list() if "labels" in examples.columns else None
+    columns = list(dict.fromkeys(pair["column"] for pairs in labels or () for pair in pairs or ()))
+    texts = (examples["prompt"] + "\n" + examples["response"]).to_list()
+    return {"label_columns": columns,
+            "descriptions": describe(found.labels, found.margins, examples["prompt"].to_list(), texts, labels)}
 
 
 def target_sketches(sketches: Sketches) -> tuple[list[str], np.ndarray, np.ndarray]:

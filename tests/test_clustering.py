@@ -8,6 +8,7 @@ import pytest
 
 from dataselect.clustering import NEAR_BOUNDARY, spherical_kmeans, unit_rows
 from dataselect.recipe import Select
+from dataselect.report import report
 from dataselect.select import stability
 
 
@@ -109,3 +110,118 @@ def test_streaming_the_rows_in_blocks_gives_the_same_clusters(tmp_path):
         clustering.SAMPLE = original
     assert same_partition(whole.labels, truth)
     assert np.array_equal(whole.labels, blocks.labels) and np.array_equal(whole.margins, blocks.margins)
+
+
+# --- what a cluster holds, in words -----------------------------------------------------------
+
+FAMILIES = (["zebra", "giraffe", "savanna"], ["piano", "violin", "melody"], ["quark", "photon", "neutrino"])
+TOPICS = ("animals", "music", "physics")
+FILLER = "the of and to is what tell me about please which one".split()
+
+
+def planted_texts(truth: np.ndarray, seed: int = 0) -> list[str]:
+    """Each row: words every cluster shares, three of them in every row (more frequent in every
+    cluster than its own words, so that counting alone would pick them), and one word of its own
+    cluster's family."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(FILLER[:3] + rng.sample(FILLER[3:], 3) + [rng.choice(FAMILIES[t])]) for t in truth.tolist()]
+
+
+def test_each_cluster_is_described_by_its_size_planted_words_labels_and_typical_prompts():
+    from dataselect.clustering import EXAMPLES, describe
+
+    x, truth = planted()
+    found = spherical_kmeans(x, 3, seed=0)  # c0 is truth 0 (120 rows), c1 truth 1, c2 truth 2
+    texts = planted_texts(truth)
+    topics = [TOPICS[t] for t in truth.tolist()]
+    for i in np.flatnonzero(truth == 0)[:5]:  # five of the animals rows labelled otherwise
+        topics[i] = "music"
+    row_labels = [[{"column": "topic", "value": t}] for t in topics]
+    described = describe(found.labels, found.margins, texts, texts, row_labels)
+    assert [d["cluster"] for d in described] == ["c0", "c1", "c2"]
+    assert [d["size"] for d in described] == [120, 80, 50]
+    assert [d["labels"] for d in described] == [{"topic": {"animals": 115, "music": 5}}, {"topic": {"music": 80}},
+                                                {"topic": {"physics": 50}}]
+    for c, d in enumerate(described):
+        assert sorted(d["words"]) == sorted(FAMILIES[c]), d["words"]  # its own words, not the shared ones
+        members = np.flatnonzero(found.labels == c)
+        surest = members[np.argsort(-found.margins[members], kind="stable")][:EXAMPLES]
+        assert d["examples"] == [texts[i] for i in surest]
+
+
+def test_a_cluster_description_without_labels_or_distinct_words_says_so():
+    from dataselect.clustering import EXAMPLE_CHARS, describe
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    texts = ["the same few words here " * 20] * 6  # nothing sets one cluster apart
+    described = describe(labels, np.zeros(6), texts, texts)
+    assert [d["labels"] for d in described] == [{}, {}]
+    assert [d["words"] for d in described] == [[], []]
+    assert [len(d["examples"]) for d in described] == [1, 1]  # one prompt repeated: shown once
+    assert all(len(e) == EXAMPLE_CHARS and e.endswith("…") for d in described for e in d["examples"])
+
+
+@pytest.fixture(scope="module")
+def clustered_build(tmp_path_factory):
+    """A tiny build of two clustered sources: `mixed`, whose rows come from three planted families
+    and carry a `topic` label column (and a `uid`, an id, which is no label), and `plain`, with no
+    column besides its prompt and response. Returns (input rows by id, output folder, manifest)."""
+    import json
+    import random
+
+    from dataselect import build, load_recipe
+
+    from .conftest import write_jsonl, write_small_recipe
+
+    tmp = tmp_path_factory.mktemp("clustered")
+    rng = random.Random(0)
+    mixed = [{"uid": f"m{i}", "q": " ".join(rng.sample(FILLER, 4) + rng.sample(FAMILIES[i % 3], 2)),
+              "a": " ".join(rng.sample(FAMILIES[i % 3], 2)), "topic": TOPICS[i % 3]} for i in range(90)]
+    plain = [{"q": f"say {w} twice", "a": f"{w} {w}"} for w in (FILLER * 6)[:60]]
+    qa = {"prompt": "q", "response": "a"}
+    sources = [{"name": "mixed", "dataset": str(write_jsonl(tmp / "mixed.jsonl", mixed)), "clusters": 3,
+                "format": {**qa, "id": "uid"}},
+               {"name": "plain", "dataset": str(write_jsonl(tmp / "plain.jsonl", plain)), "clusters": 2, "format": qa}]
+    target = write_jsonl(tmp / "t.jsonl", [{"q": f"tell me about {w}", "a": w} for w in (FILLER * 3)[:30]])
+    recipe = load_recipe(write_small_recipe(tmp, "clustered", sources, target, qa, max_length=32),
+                         ["select.method=all", "select.confirm=0"])
+    build(recipe)
+    by_id = {f"mixed/{r['uid']}": r for r in mixed} | {f"plain/{i}": r for i, r in enumerate(plain)}
+    return by_id, recipe.output.path, json.loads((recipe.output.path / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_cluster_of_a_build_is_described_by_its_own_rows(clustered_build):
+    """In the manifest: per cluster its size, label counts that add up to it, distinctive words that
+    its rows hold, and example prompts that are its rows' prompts; `uid` is not a label column."""
+    by_id, out, manifest = clustered_build
+    found = manifest["stages"]["sketch"]["clusters"]
+    rows = pl.read_parquet(out / "rows.parquet")
+    assert found["mixed"]["label_columns"] == ["topic"] and found["plain"]["label_columns"] == []
+    for source, summary in found.items():
+        described = summary["descriptions"]
+        assert [d["size"] for d in described] == summary["sizes"]
+        for d in described:
+            members = [by_id[i] for i in rows.filter(pl.col("group") == f"{source}/{d['cluster']}")["id"]]
+            assert len(members) == d["size"] > 0
+            assert sum(d["labels"].get("topic", {}).values()) == (d["size"] if source == "mixed" else 0)
+            assert 0 < len(d["examples"]) <= 3 and set(d["examples"]) <= {m["q"] for m in members}
+            words = " ".join(m["q"] + " " + m["a"] for m in members).split()
+            assert set(d["words"]) <= set(words)
+
+
+@pytest.mark.slow
+def test_the_report_describes_each_cluster(clustered_build):
+    _, out, manifest = clustered_build
+    report(out)
+    summary = (out / "report" / "summary.md").read_text()
+    section = summary.split("## Clusters\n", 1)[1].split("\n## ", 1)[0]
+    assert "mixed: topic" in section and "plain: none" in section
+    for source, found in manifest["stages"]["sketch"]["clusters"].items():
+        for d in found["descriptions"]:
+            [line] = [line for line in section.splitlines() if line.startswith(f"| {source}/{d['cluster']} |")]
+            assert f"| {d['size']} |" in line and all(w in line for w in d["words"])
+            assert all(e in line for e in d["examples"])
+    assert "<h2>Clusters</h2>" in (out / "report" / "index.html").read_text()
