@@ -145,6 +145,7 @@ WORDS = 8  # distinctive words per cluster
 EXAMPLES = 3  # example prompts per cluster
 EXAMPLE_CHARS = 160  # an example prompt is cut to this many characters
 LABEL_VALUES = 3  # the most frequent values of each label column, per cluster
+WORD_ROWS = 50_000  # distinctive words are counted over at most this many rows of a source, evenly spaced
 Z_DISTINCT = 1.96  # a distinctive word is over-represented beyond chance at this z
 _WORD = r"[^\W\d_]{2,}"  # a word: two or more letters (digits and punctuation say little of a topic)
 
@@ -155,10 +156,12 @@ def describe(labels: np.ndarray, margins: np.ndarray, prompts: list[str], texts:
     source's label columns (`row_labels`: each row's [{column, value}], from a column the format
     does not read) most frequent in it, or {} where the source has none; its distinctive words
     (`distinctive_words` of `texts`, each row's prompt and response, against the rest of the
-    source); and its most typical prompts (the rows with the largest margin, surest of their
-    cluster), each shown once, cut to EXAMPLE_CHARS."""
+    source; over WORD_ROWS rows evenly spaced, for a source of millions); and its most typical
+    prompts (the rows with the largest margin, surest of their cluster), each shown once, cut to
+    EXAMPLE_CHARS."""
     k = int(labels.max()) + 1 if len(labels) else 0
-    words = distinctive_words(texts, labels, k)
+    counted = np.arange(0, len(texts), max(1, -(-len(texts) // WORD_ROWS)))
+    words = distinctive_words([texts[i] for i in counted], labels[counted], k)
     out = []
     for c in range(k):
         members = np.flatnonzero(labels == c)

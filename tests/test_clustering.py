@@ -225,3 +225,16 @@ def test_the_report_describes_each_cluster(clustered_build):
             assert f"| {d['size']} |" in line and all(w in line for w in d["words"])
             assert all(e in line for e in d["examples"])
     assert "<h2>Clusters</h2>" in (out / "report" / "index.html").read_text()
+
+
+def test_words_of_a_large_source_are_counted_on_evenly_spaced_rows_and_sizes_on_all(monkeypatch):
+    import dataselect.clustering as clustering
+
+    x, truth = planted()
+    found = spherical_kmeans(x, 3, seed=0)
+    texts = planted_texts(truth)
+    monkeypatch.setattr(clustering, "WORD_ROWS", 100)  # 250 rows: every third one is counted
+    described = clustering.describe(found.labels, found.margins, texts, texts)
+    assert [d["size"] for d in described] == [120, 80, 50]
+    for c, d in enumerate(described):
+        assert d["words"] and set(d["words"]) <= set(FAMILIES[c])
