@@ -72,7 +72,7 @@ def test_sigkill_in_meta_init_and_in_sketching_resumes_to_the_same_mixture(tmp_p
     proc = _build(tmp_path)
     _kill_when(proc, lambda: _half_written_store(run, sources))
     log = proc.stdout.read()
-    assert "meta-init: resuming at step" in log  # the checkpoint was used, not training from scratch
+    assert "training: resuming at step" in log  # the checkpoint was used, not training from scratch
     assert run.meta_init.theta.exists() and not run.unfinished_dir("meta_init").exists()
 
     proc = _build(tmp_path)

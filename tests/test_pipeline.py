@@ -72,7 +72,9 @@ def test_every_input_row_is_accounted_for(demo_build):
     for name, counts in manifest["sources"].items():
         assert counts["rows"] == counts["selected"] + counts["not_selected"] + counts["rejected"]
     assert manifest["sources"]["trivia"]["rejected"] == 3
-    assert rows.filter(pl.col("status") == "selected").height == manifest["mixture"]["rows"]
+    selected = rows.filter(pl.col("status") == "selected")
+    assert selected["repeats"].min() >= 1 and rows.filter(pl.col("status") != "selected")["repeats"].max() == 0
+    assert selected["repeats"].sum() == manifest["mixture"]["rows"]  # a repeated group's rows are written again
 
 
 def test_manifest_records_recipe_scores_and_stages(demo_build):
