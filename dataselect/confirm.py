@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .artifacts import Confirmation, Estimates, FineTune, Ingested, Selection
-from .estimate import GroupSums, group_sums, subset_losses
+from .artifacts import Confirmation, Estimates, FineTune, Ingested, Selection, Sketches
+from .estimate import GroupSums, group_sums, load_pool, subset_losses
 from .examples import token_rows, usable
 from .recipe import Recipe, Training
 from .trainer import Rows, finetune_and_score, score_trained
@@ -36,6 +36,7 @@ from .trainer import Rows, finetune_and_score, score_trained
 log = logging.getLogger(__name__)
 
 FRACTIONS = ((2, "top half"), (4, "top quarter"), (8, "top eighth"))
+FORWARD = 4  # forward selection is run to a quarter of the groups, the largest top fraction taken from it
 REPEAT = 2  # how often the helpful groups are repeated in the weighted candidate
 SHORT = (0.5, 0.25, 0.125)  # the short rung's share of a full fine-tune, the longest that fits the budget
 
@@ -54,38 +55,44 @@ class Candidate:
         return np.array([float(self.weights.get(g, 0)) for g in groups])
 
 
-def propose(decided: pl.DataFrame, training: Training) -> list[Candidate]:
+def propose(decided: pl.DataFrame, training: Training, orders: dict[str, list[str]] | None = None) -> list[Candidate]:
     """The short list, from the select stage's groups (score, ci95, and the confidence tests the
-    keep rules use): all sources first, then distinct mixtures in the order they are worth trying
-    for this training (a budget that cannot try them all drops them from the end).
+    keep rules use) and from other orders of the groups (`orders`: forward selection on the
+    estimates, gradient similarity), since no one ranking finds the best few groups for every
+    target: all sources first, then distinct mixtures in the order they are worth trying for this
+    training (a budget that cannot try them all drops them from the end).
 
     For `epochs` a smaller mixture also trains for fewer steps, so the focused mixtures come first
-    (the groups confidently helpful, the top fractions of the ranking, the helpful groups twice);
-    for `steps` a small mixture is repeated many times, so the broad ones do (all but the
-    confidently harmful, the same with the helpful groups repeated, the top half)."""
+    (the groups confidently helpful, the top eighth and quarter of each order, the helpful groups
+    twice); for `steps` a small mixture is repeated many times, so the broad ones do (all but the
+    confidently harmful, the same with the helpful groups repeated, the top halves)."""
     from .select import confidently_past
 
     ranked = decided.sort(["score", "group"], descending=[True, False], nulls_last=True)
     groups = ranked["group"].to_list()
-    scored = ranked.filter(pl.col("score").is_not_null())["group"].to_list()
     has_intervals = "ci95" in ranked.columns and ranked["ci95"].is_not_null().any()
     helpful = [g for g in groups if g in confidently_past(ranked, 0.0, "low_end")] if has_intervals else []
     harmful = confidently_past(ranked, 0.0, "high_end") if has_intervals else set()
     kept = [g for g in groups if g not in harmful]
-    top = {name: scored[: max(1, math.ceil(len(groups) / divisor))] for divisor, name in FRACTIONS if scored}
+    orders = {"group effect": ranked.filter(pl.col("score").is_not_null())["group"].to_list(), **(orders or {})}
     proposals = {
         "confidently helpful": dict.fromkeys(helpful, 1),
         f"confidently helpful ×{REPEAT}": dict.fromkeys(helpful, REPEAT),
         "all but the confidently harmful": dict.fromkeys(kept, 1),
         f"helpful ×{REPEAT}, the rest once, harmful dropped": {g: REPEAT if g in helpful else 1 for g in kept},
-        **{name: dict.fromkeys(chosen, 1) for name, chosen in top.items()},
     }
-    order = (["confidently helpful", "top eighth", "top quarter", f"confidently helpful ×{REPEAT}", "top half",
-              "all but the confidently harmful"] if training == "epochs" else
-             ["all but the confidently harmful", f"helpful ×{REPEAT}, the rest once, harmful dropped", "top half",
-              "top quarter", "confidently helpful", "top eighth"])
-    distinct = {Candidate("all sources", dict.fromkeys(groups, 1)).key(): Candidate("all sources",
-                                                                                   dict.fromkeys(groups, 1))}
+    for ranking, order in orders.items():
+        for divisor, name in FRACTIONS:
+            size = max(1, math.ceil(len(groups) / divisor))
+            if len(order) >= size:
+                proposals[f"{name} by {ranking}"] = dict.fromkeys(order[:size], 1)
+    tops = [f"top {fraction} by {ranking}" for fraction in ("eighth", "quarter") for ranking in orders]
+    order = (["confidently helpful", *tops, "top half by group effect", f"confidently helpful ×{REPEAT}"]
+             if training == "epochs" else
+             ["all but the confidently harmful", f"helpful ×{REPEAT}, the rest once, harmful dropped",
+              *[f"top half by {ranking}" for ranking in orders], *tops[len(orders):], "confidently helpful"])
+    everything = Candidate("all sources", dict.fromkeys(groups, 1))
+    distinct = {everything.key(): everything}
     for name in order:
         weights = proposals.get(name) or {}
         if weights:
@@ -109,26 +116,23 @@ class Costs:
 
 
 def plan(candidates: list[Candidate], cost: Callable[[Candidate], float], budget: float,
-         free: Candidate) -> tuple[float | None, int, list[Candidate]]:
-    """(the short rung's share of each fine-tune's steps, or None for none; how many go on to the
-    end; the candidates tried), within `budget` full fine-tunes of the pool. `free` (all sources,
-    whose fine-tune is meta-init's own) costs nothing. Every candidate in full when that fits; else
-    successive halving: all trained for the longest share of their steps that leaves room for the
-    better half to go on to the end (a finalist continues from where it stopped, so its short rung
-    is not spent twice); else the same with the list cut from its end (the candidates last
-    proposed go first)."""
+         free: Candidate) -> tuple[float | None, list[Candidate]]:
+    """(the short rung's share of each fine-tune's steps, or None for none; the candidates tried),
+    within `budget` full fine-tunes of the pool. `free` (all sources, whose fine-tune is meta-init's
+    own) costs nothing. Every candidate in full when that fits; else successive halving: all
+    trained for the longest share of their steps that still leaves room for the costliest to go on
+    to the end (a finalist continues from where it stopped, so its short rung is not spent twice);
+    else the same with the list cut from its end (the candidates last proposed go first)."""
     paid = [c for c in candidates if c is not free]
     while paid:
         total = sum(cost(c) for c in paid)
         if total <= budget:
-            return None, len(paid), paid
-        finalists = max(1, math.ceil(len(paid) / 2))
-        costliest = sum(sorted((cost(c) for c in paid), reverse=True)[:finalists])
+            return None, paid
         for share in SHORT:
-            if share * total + (1 - share) * costliest <= budget:
-                return share, finalists, paid
+            if share * total + (1 - share) * max(cost(c) for c in paid) <= budget:
+                return share, paid
         paid = paid[:-1]
-    return None, 0, []
+    return None, []
 
 
 @dataclass
@@ -188,7 +192,24 @@ def candidate_estimates(candidates: list[Candidate], groups: list[str], sums: Gr
     return [(float(e), float(h)) for e, h in zip(estimate, length * np.hypot(examples, target))]
 
 
-def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, estimates: Estimates,
+def other_orders(recipe: Recipe, ingested: Ingested, meta: FineTune, sketches: Sketches,
+                 estimates: Estimates) -> dict[str, list[str]]:
+    """Two more orders of the groups to take top fractions from: forward selection on the
+    estimates (which group, added to those before it, lowers f̂ most: it sees what the groups
+    share, where each group's own effect does not), and gradient similarity (LESS's), whose few
+    best groups are sometimes better than the estimates'."""
+    from .select import Inputs, forward_selection, score_groups
+
+    pool = load_pool(recipe, ingested, sketches)
+    chosen, _ = forward_selection(lambda m: pool.evaluate(m, budget="steps"), len(pool.groups), pool.base_loss,
+                                  math.ceil(len(pool.groups) / FORWARD))
+    similar = recipe.model_copy(update={"select": recipe.select.model_copy(update={"method": "gradient_similarity"})})
+    scores, _ = score_groups(similar, Inputs(ingested, meta, sketches, estimates))
+    ranked = scores.sort(["score", "group"], descending=[True, False], nulls_last=True)["group"].to_list()
+    return {"forward selection": [pool.groups[i] for i in chosen], "gradient similarity": ranked}
+
+
+def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketches: Sketches, estimates: Estimates,
           selection: Selection) -> dict:
     """Propose, fine-tune within the budget, choose; write every candidate's account and the
     chosen mixture's repeats per group."""
@@ -197,7 +218,8 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, estimat
     by_rule = Candidate("the keep rule's groups", dict.fromkeys(sorted(decided.filter(pl.col("selected"))["group"]), 1))
     folder = Confirmation(out)
     budget = spec.confirm_budget(meta.summary()["steps"])
-    candidates = propose(decided, training) if spec.method == "group_effect" else []
+    candidates = (propose(decided, training, other_orders(recipe, ingested, meta, sketches, estimates))
+                  if spec.method == "group_effect" and budget > 0 else [])
     if budget <= 0 or len(candidates) < 2:
         why = ("select.confirm is 0" if budget <= 0 else f"method {spec.method} proposes no candidates"
                if spec.method != "group_effect" else "the candidates are all one mixture")
@@ -212,16 +234,21 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, estimat
     sources = usable(ingested.examples(), "source").drop("group").join(estimates.assignments(), on="id")
     costs = Costs(dict(sources.group_by("group").len().iter_rows()), training)
     free = candidates[0]
-    short, finalists, tried = plan(candidates, costs.of, budget, free)
+    short, tried = plan(candidates, costs.of, budget, free)
     trial = Trial(recipe, sources, costs)
     measured: dict[tuple, dict] = {free.key(): {"full": score_trained(recipe, ingested, meta)["validation"]["loss"]}}
     spent: dict[tuple, float] = {free.key(): 0.0}
-    ahead = tried
+    ahead, finalists = tried, len(tried)
     if short is not None:
         for c in tried:
             measured[c.key()] = {"short": trial.loss(c, short)}
             spent[c.key()] = short * costs.of(c)
-        ahead = sorted(tried, key=lambda c: measured[c.key()]["short"])[:finalists]
+        left, ahead = budget - sum(spent.values()), []
+        for c in sorted(tried, key=lambda c: measured[c.key()]["short"]):  # the better half, as far as the budget goes
+            if len(ahead) < math.ceil(len(tried) / 2) and (1 - short) * costs.of(c) <= left + 1e-9:
+                ahead.append(c)
+                left -= (1 - short) * costs.of(c)
+        finalists = len(ahead)
     for c in ahead:  # a finalist goes on from where its short rung stopped
         measured.setdefault(c.key(), {})["full"] = trial.loss(c, 1.0)
         spent[c.key()] = costs.of(c)

@@ -26,17 +26,19 @@ GROUPS = decided({"good": (2.0, 0.1), "fine": (1.0, 0.1), "meh": (0.05, 0.2), "b
 
 
 def test_the_candidates_are_distinct_mixtures_all_sources_first():
+    orders = {"gradient similarity": ["z4", "good", "z3", "z2", "z1", "meh", "fine", "bad"]}
     for training in ("epochs", "steps"):
-        found = propose(GROUPS, training)
+        found = propose(GROUPS, training, orders)
         assert found[0].name == "all sources" and set(found[0].weights) == set(GROUPS["group"])
         assert len({c.key() for c in found}) == len(found)
-        by_name = {c.name: c.weights for c in found}
-        assert all("bad" not in w for name, w in by_name.items() if name != "all sources")
-    epochs = {c.name: c.weights for c in propose(GROUPS, "epochs")}
+        assert all("bad" not in c.weights for c in found[1:])
+    epochs = {c.name: c.weights for c in propose(GROUPS, "epochs", orders)}
     assert set(epochs["confidently helpful"]) == {"good", "fine", "z1", "z2", "z3"}  # 0.1 ± 0.1 is not (Holm)
-    assert set(epochs["top eighth"]) == {"good"} and set(epochs["top quarter"]) == {"good", "fine"}
+    assert set(epochs["top eighth by group effect"]) == {"good"}
+    assert set(epochs["top quarter by group effect"]) == {"good", "fine"}
+    assert set(epochs["top quarter by gradient similarity"]) == {"z4", "good"}  # another order's own top
     assert epochs["confidently helpful ×2"]["good"] == 2
-    steps = propose(GROUPS, "steps")
+    steps = propose(GROUPS, "steps", orders)
     assert steps[1].name == "all but the confidently harmful" and set(steps[1].weights) == set(GROUPS["group"]) - {"bad"}
     weighted = next(c for c in steps if c.name.startswith("helpful ×2"))
     assert weighted.weights["good"] == 2 and weighted.weights["meh"] == 1 and "bad" not in weighted.weights
@@ -45,24 +47,25 @@ def test_the_candidates_are_distinct_mixtures_all_sources_first():
 def test_the_plan_trains_everything_in_full_when_the_budget_allows_it():
     candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c")]
     cost = {"all": 1.0, "a": 0.2, "b": 0.3, "c": 0.5}
-    short, finalists, tried = plan(candidates, lambda c: cost[c.name], 2.0, candidates[0])
-    assert short is None and [c.name for c in tried] == ["a", "b", "c"] and finalists == 3
+    short, tried = plan(candidates, lambda c: cost[c.name], 2.0, candidates[0])
+    assert short is None and [c.name for c in tried] == ["a", "b", "c"]
 
 
-def test_the_plan_halves_when_the_budget_is_short_and_stays_within_it():
+def test_the_plan_halves_when_the_budget_is_short_and_leaves_room_for_the_costliest_to_finish():
     candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c", "d", "e", "f")]
     cost = dict(zip("abcdef", (0.1, 0.125, 0.25, 0.2, 0.5, 0.95)))
-    short, finalists, tried = plan(candidates, lambda c: cost.get(c.name, 1.0), 2.0, candidates[0])
-    assert short == 0.5 and finalists == 3 and len(tried) == 6
-    worst = short * sum(cost.values()) + (1 - short) * sum(sorted(cost.values())[-finalists:])
-    assert worst <= 2.0
+    short, tried = plan(candidates, lambda c: cost.get(c.name, 1.0), 2.0, candidates[0])
+    assert short == 0.5 and len(tried) == 6
+    assert short * sum(cost.values()) + (1 - short) * max(cost.values()) <= 2.0
 
 
-def test_at_a_fixed_number_of_steps_the_plan_keeps_what_fits_from_the_front_of_the_list():
-    candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c", "d")]
-    short, finalists, tried = plan(candidates, lambda c: 1.0, 2.0, candidates[0])
+def test_at_a_fixed_number_of_steps_short_rungs_leave_room_for_one_to_finish():
+    candidates = [Candidate(n, {n: 1}) for n in ("all", "a", "b", "c", "d", "e")]
+    short, tried = plan(candidates, lambda c: 1.0, 2.0, candidates[0])
+    assert short == 0.25 and len(tried) == 5  # 5 × 1/4 + 3/4 = 2; 5 × 1/2 + 1/2 is over
+    short, tried = plan(candidates[:3], lambda c: 1.0, 2.0, candidates[0])
     assert short is None and [c.name for c in tried] == ["a", "b"]
-    assert plan(candidates, lambda c: 1.0, 0.5, candidates[0])[2] == []
+    assert plan(candidates, lambda c: 1.0, 0.5, candidates[0]) == (None, [])
 
 
 def test_a_weighted_mixture_is_its_rows_then_the_repeated_groups_rows_again():
