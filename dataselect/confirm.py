@@ -11,9 +11,11 @@ validation split, and the lowest wins. The cost is cut the way hyper-parameter s
 short first and the better half in full. All sources trained in full is meta-init's own θ*, so
 the user's default alternative is always measured, at no cost.
 
-The confirmed candidates are landmarks for a calibrated prediction: a line from the estimate to
-the measured validation loss, whose residuals set the interval of every prediction (leave one
-out for each landmark, so no candidate grades itself).
+Every candidate is looked at part-way through (the short rung, or half-way when the budget
+trains all in full: a scoring, no extra steps), and the candidates trained in full are landmarks
+for a calibrated prediction: a line from the part-way loss to the full one (or, for a candidate
+never trained, from its estimate), with an interval from the residuals; each landmark is
+predicted from the others, so no candidate grades itself.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .artifacts import Confirmation, Estimates, FineTune, Ingested, Selection, S
 from .estimate import GroupSums, group_sums, load_pool, subset_losses
 from .examples import token_rows, usable
 from .recipe import Recipe, Training
-from .trainer import Rows, finetune_and_score, score_trained
+from .tokens import load_tokenizer
+from .trainer import Rows, finetune_and_score, load_trained, score, score_trained
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ FRACTIONS = ((2, "top half"), (4, "top quarter"), (8, "top eighth"))
 FORWARD = 4  # forward selection is run to a quarter of the groups, the largest top fraction taken from it
 REPEAT = 2  # how often the helpful groups are repeated in the weighted candidate
 SHORT = (0.5, 0.25, 0.125)  # the short rung's share of a full fine-tune, the longest that fits the budget
+MIDWAY = 0.5  # where every candidate is looked at when the budget trains all in full
 
 
 @dataclass(frozen=True)
@@ -154,14 +158,46 @@ class Calibration:
         half = _t90(n - 2) * s * math.sqrt(1 + 1 / n + (x - self.x.mean()) ** 2 / sxx)
         return float(a + b * x), half
 
-    def leave_one_out(self) -> list[tuple[float | None, float | None]]:
-        keep = np.ones(len(self.x), dtype=bool)
-        out = []
-        for i in range(len(self.x)):
-            keep[:] = True
-            keep[i] = False
-            out.append(Calibration(self.x[keep], self.y[keep]).predict(float(self.x[i])))
-        return out
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A candidate's validation loss in full, predicted from the landmarks (the candidates trained
+    in full): from its loss part-way through where it has one (a line fitted to the landmarks'
+    part-way and full losses: successive halving's own extrapolation), else from its estimate (a
+    line in f̂, which is first order and sees no saturation). A landmark is predicted from the
+    others only, so none grades itself."""
+
+    landmarks: dict[tuple, dict]  # key -> {"short": loss part-way (where measured), "full": loss}
+    estimates: dict[tuple, float]
+
+    def _line(self, feature: str, leave: tuple | None) -> Calibration:
+        keys = [k for k in self.landmarks if k != leave and (feature == "estimate" or "short" in self.landmarks[k])]
+        x = [self.estimates[k] if feature == "estimate" else self.landmarks[k]["short"] for k in keys]
+        return Calibration(np.array(x, dtype=float), np.array([self.landmarks[k]["full"] for k in keys]))
+
+    def _predict(self, key: tuple, short: float | None, leave: tuple | None) -> tuple[float | None, float | None]:
+        if short is not None:
+            found = self._line("short", leave).predict(short)
+            if found[0] is not None:
+                return found
+        return self._line("estimate", leave).predict(self.estimates[key])
+
+    def of(self, key: tuple, short: float | None) -> tuple[float | None, float | None]:
+        return self._predict(key, short, None)
+
+    def left_out(self, key: tuple, short: float | None) -> tuple[float | None, float | None]:
+        return self._predict(key, short, key)
+
+
+def midway_loss(recipe: Recipe, ingested: Ingested, meta: FineTune, rung: float) -> float | None:
+    """All sources' validation loss `rung` of the way through meta-init, where meta-init kept a
+    snapshot there (its gradient path's points), else None."""
+    snapshot = meta.snapshot(rung, meta.summary()["steps"])
+    if snapshot == meta.theta or not snapshot.exists():
+        return None
+    tokenizer = load_tokenizer(recipe, ingested)
+    return score(recipe, load_trained(recipe, ingested, snapshot), tokenizer, ("validation",))["validation"]["loss"]
 
 
 def _t90(dof: int) -> float:
@@ -238,11 +274,15 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
     trial = Trial(recipe, sources, costs)
     measured: dict[tuple, dict] = {free.key(): {"full": score_trained(recipe, ingested, meta)["validation"]["loss"]}}
     spent: dict[tuple, float] = {free.key(): 0.0}
+    rung = short if short is not None else MIDWAY
+    free_short = midway_loss(recipe, ingested, meta, rung)
+    if free_short is not None:
+        measured[free.key()]["short"] = free_short
+    for c in tried:  # every candidate is looked at part-way: it costs a scoring, and calibrates the prediction
+        measured[c.key()] = {"short": trial.loss(c, rung)}
+        spent[c.key()] = rung * costs.of(c)
     ahead, finalists = tried, len(tried)
     if short is not None:
-        for c in tried:
-            measured[c.key()] = {"short": trial.loss(c, short)}
-            spent[c.key()] = short * costs.of(c)
         left, ahead = budget - sum(spent.values()), []
         for c in sorted(tried, key=lambda c: measured[c.key()]["short"]):  # the better half, as far as the budget goes
             if len(ahead) < math.ceil(len(tried) / 2) and (1 - short) * costs.of(c) <= left + 1e-9:
@@ -254,9 +294,8 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
         spent[c.key()] = costs.of(c)
     final = [c for c in candidates if "full" in measured.get(c.key(), {})]
     chosen = min(final, key=lambda c: (measured[c.key()]["full"], c is not free))
-    landmarks = Calibration(np.array([estimated[c.key()][0] for c in final]),
-                            np.array([measured[c.key()]["full"] for c in final]))
-    loo = dict(zip((c.key() for c in final), landmarks.leave_one_out()))
+    predict = Predictions({c.key(): measured[c.key()] for c in final},
+                          {c.key(): estimated[c.key()][0] for c in candidates})
     rows = []
     for c in candidates:
         m = measured.get(c.key(), {})
@@ -264,9 +303,9 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
                "trained in full: a higher validation loss" if "full" in m else
                f"trained short ({short:.0%} of its steps): not among the best {finalists}" if "short" in m else
                "not trained: over the budget")
-        predicted = loo[c.key()] if c.key() in loo else landmarks.predict(estimated[c.key()][0])
+        predicted = predict.left_out(c.key(), m.get("short")) if c in final else predict.of(c.key(), m.get("short"))
         rows.append(_row(c, why, costs, estimated[c.key()], m, predicted, spent.get(c.key())))
-    prediction = landmarks.predict(estimated[chosen.key()][0])
+    prediction = predict.of(chosen.key(), measured[chosen.key()].get("short"))
     folder.write(_account(rows), chosen.weights)
     log.info("confirm: chose '%s' (validation loss %.4f; all sources %.4f) for %.2f full fine-tunes",
              chosen.name, measured[chosen.key()]["full"], measured[free.key()]["full"], sum(spent.values()))

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dataselect.confirm import Calibration, Candidate, Costs, plan, propose, training_rows
+from dataselect.confirm import Calibration, Candidate, Costs, Predictions, plan, propose, training_rows
 from dataselect.artifacts import FineTune
 from dataselect.trainer import finetune_folder, finetuned, load_trained
 
@@ -78,14 +78,24 @@ def test_a_weighted_mixture_is_its_rows_then_the_repeated_groups_rows_again():
     assert Costs({"a": 2, "b": 1}, "steps").of(Candidate("x", {"a": 1})) == 1.0
 
 
-def test_leave_one_out_predictions_never_use_the_landmark_itself():
+def test_a_landmark_is_predicted_from_the_others_only():
     x = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
     y = 1.0 + 0.5 * x
     y[4] = 10.0  # far off the line the others draw
-    loo = Calibration(x, y).leave_one_out()
-    assert loo[4][0] == pytest.approx(3.0) and abs(y[4] - loo[4][0]) > loo[4][1]  # outside its interval
-    assert all(abs(yi - p) <= h for yi, (p, h) in zip(y[:4], loo[:4]))
+    landmarks = {(i,): {"short": float(x[i]), "full": float(y[i])} for i in range(5)}
+    predict = Predictions(landmarks, {(i,): 0.0 for i in range(5)})
+    left_out = [predict.left_out((i,), float(x[i])) for i in range(5)]
+    assert left_out[4][0] == pytest.approx(3.0) and abs(y[4] - left_out[4][0]) > left_out[4][1]  # outside
+    assert all(abs(yi - p) <= h for yi, (p, h) in zip(y[:4], left_out[:4]))
+    assert predict.of((4,), 4.0)[0] > 3.0  # with the landmark itself in the fit, the line moves towards it
     assert Calibration(x[:2], y[:2]).predict(1.0) == (None, None)  # two points leave no residual
+
+
+def test_without_a_part_way_loss_the_prediction_falls_back_to_the_estimate():
+    landmarks = {("a",): {"full": 1.0}, ("b",): {"full": 2.0}, ("c",): {"full": 3.1}, ("d",): {"full": 4.0}}
+    estimates = {("a",): 1.0, ("b",): 2.0, ("c",): 3.0, ("d",): 4.0, ("e",): 5.0}
+    predicted, half = Predictions(landmarks, estimates).of(("e",), None)
+    assert predicted == pytest.approx(5.0, abs=0.2) and half > 0
 
 
 @pytest.mark.slow
