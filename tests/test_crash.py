@@ -26,7 +26,7 @@ from .conftest import DEMO, SMALL, demo_recipe
 
 BIN = Path(sys.executable).parent
 # The demo cut small, with sketch chunks of 16 rows so that each store has several.
-SETTINGS = (*SMALL, "meta_init.epochs=3", "sketch.chunk_size=16")
+SETTINGS = (*SMALL, "meta_init.epochs=3", "sketch.chunk_size=16", "select.confirm=0")  # no confirming fine-tunes: the kills are earlier
 
 
 def _build(tmp: Path) -> subprocess.Popen:

@@ -24,7 +24,7 @@ def test_gsm8k_cot_recipe_builds_end_to_end_on_the_shared_files(tmp_path):
             *[f"sources.{i}.max_rows=40" for i in range(1, 5)],
             f"target.dataset={GSM8K}/train.jsonl", "target.config=null",
             "target.validation.size=16", "target.test.size=16", "model.tiny.hidden_size=64", "model.tiny.vocab_size=512",
-            "meta_init.epochs=1", "sketch.max_length=160", "sketch.dim=256", "estimate.subsets=100",
+            "meta_init.epochs=1", "sketch.max_length=160", "sketch.dim=256", "estimate.subsets=100", "select.confirm=0.5",
             f"workdir={tmp_path / 'run'}", f"output.path={tmp_path / 'out'}"]
     args = ["build", "-r", str(DEMO.parent / "gsm8k_cot.yaml"), "--json", *(f"--set={s}" for s in sets)]
     result = CliRunner().invoke(main, args)
