@@ -247,6 +247,7 @@ HEADLINES = (
              _versus("selection-t0-pretrained-epochs", "gradient_similarity", "gradient similarity")),
     Headline("Trained for equal steps (T0, 3 targets): against all sources", "selection-t0-pretrained-steps",
              _versus("selection-t0-pretrained-steps", "all", "all sources")),
+    Headline("GSM8K chain-of-thought, trained for epochs", "selection-gsm8k-pretrained-epochs", _gsm8k),
     Headline("The demo: helpful groups kept, corrupted rows dropped", "selection-demo-epochs", _demo),
 )
 
