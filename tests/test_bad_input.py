@@ -812,6 +812,8 @@ def test_an_output_path_holding_other_files_is_left_alone(built, tmp_path):
 def _user_error_kinds() -> dict[str, type[Exception]]:
     """Every error dataselect raises for a user to fix: the subclasses of UserError, found from
     the modules that define them (all imported above or by them)."""
+    import dataselect.outputs  # noqa: F401  (the CLI imports these lazily; their errors must be found)
+    import dataselect.push  # noqa: F401
     from dataselect.errors import UserError
 
     found, pending = {}, [UserError]
