@@ -3,8 +3,8 @@
 The estimates rank groups like real fine-tunes do, but they are linear in the mixture: they
 cannot see saturation, repetition or forgetting, which decide how many groups to keep and how
 often to repeat them. So the select stage's scores propose a short list of candidate mixtures
-(the groups confidently helpful, all but the confidently harmful, the top fractions of the
-ranking, helpful groups repeated, all sources), each with its estimate and interval; the base
+(the groups confidently helpful, all but the confidently harmful, helpful groups repeated, all
+sources, and the top fractions of three orders of the groups), each with its estimate and interval; the base
 model is fine-tuned on each as the user will train it (`select.training`), scored on the target's
 validation split, and the lowest wins. The cost is cut the way hyper-parameter search cuts it
 (successive halving): when the budget cannot train every candidate in full, all are trained
@@ -141,8 +141,8 @@ def plan(candidates: list[Candidate], cost: Callable[[Candidate], float], budget
 
 @dataclass
 class Calibration:
-    """The measured validation loss as a line in the estimate, from the landmarks: a + b·f̂, with
-    a t prediction interval (90%) from the residuals."""
+    """The measured validation loss as a line a + b·x in one feature of the landmarks (their
+    part-way loss, or their estimate f̂), with a t prediction interval (90%) from the residuals."""
 
     x: np.ndarray
     y: np.ndarray
