@@ -224,6 +224,11 @@ def _report(until: str, summaries: dict, quiet: bool, wrote_output: bool) -> Non
             click.echo(f"confirmed: '{confirm['chosen']}', validation loss {confirm['validation_loss']:.4f} against all "
                        f"sources' {confirm['all_sources_validation_loss']:.4f} ({confirm['candidates']} candidates, "
                        f"{confirm['cost']:.2f} full fine-tunes)")
+            if confirm.get("predicted_validation_loss") is not None:
+                click.echo(f"predicted for a retrain: {confirm['predicted_validation_loss']:.4f} ± "
+                           f"{confirm['predicted_interval90']:.3f} (90%)")
+            elif confirm.get("no_prediction"):
+                click.echo(f"no predicted loss: {confirm['no_prediction']}")
         click.echo(f"mixture: {out['rows']} rows written to {out['path']} (fingerprint {out['fingerprint']})")
         click.echo(f"manifest: {out['path']}/{MANIFEST}")
         if "push" in summaries:

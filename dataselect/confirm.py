@@ -189,6 +189,15 @@ class Predictions:
     def left_out(self, key: tuple, short: float | None) -> tuple[float | None, float | None]:
         return self._predict(key, short, key)
 
+    def why_none(self, training: Training) -> str | None:
+        """Why the chosen mixture gets no prediction (a line with an interval needs three
+        landmarks), in words a user can act on; None where it gets one."""
+        if len(self.landmarks) >= 3:
+            return None
+        each = "a full fine-tune each at equal steps" if training == "steps" else "their share of the pool's steps"
+        return (f"only {len(self.landmarks)} candidates were trained in full (all sources included), and a line with "
+                f"an interval needs 3: raise select.confirm (they cost {each})")
+
 
 def midway_loss(recipe: Recipe, ingested: Ingested, meta: FineTune, rung: float) -> float | None:
     """All sources' validation loss `rung` of the way through meta-init, where meta-init kept a
@@ -313,7 +322,8 @@ def stage(recipe: Recipe, out: Path, ingested: Ingested, meta: FineTune, sketche
             "budget": budget, "cost": round(sum(spent.values()), 3), "short_rung": short, "finalists": finalists,
             "validation_loss": measured[chosen.key()]["full"],
             "all_sources_validation_loss": measured[free.key()]["full"],
-            "predicted_validation_loss": prediction[0], "predicted_interval90": prediction[1]}
+            "predicted_validation_loss": prediction[0], "predicted_interval90": prediction[1],
+            "no_prediction": predict.why_none(training) if prediction[0] is None else None}
 
 
 def training_rows(sources: pl.DataFrame, weights: dict[str, int]) -> Rows:

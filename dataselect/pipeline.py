@@ -89,7 +89,7 @@ STAGES = (
           "score each group from the subset estimates and apply the keep-rules", version="6"),
     Stage("confirm", ("select",), ("ingest", "meta_init", "sketch", "estimate", "select"), "confirm:stage",
           "fine-tune the candidate mixtures the scores propose, as the mixture will be trained; keep the best",
-          version="2"),
+          version="3"),
     Stage("export", ("output",), ("ingest", "meta_init", "sketch", "estimate", "select", "confirm"), "export:stage",
           "write the mixture as a Hugging Face dataset with a manifest", checks="export:is_current", version="5"),
 )

@@ -62,7 +62,8 @@ def confirm_sentence(manifest: dict) -> str | None:
         return None
     if not c.get("confirmed"):
         return f"Not confirmed by fine-tunes ({c.get('why', 'select.confirm is 0')}): the keep rule's groups."
-    predicted = ("" if c["predicted_validation_loss"] is None else
+    predicted = (f" No predicted loss: {c['no_prediction']}." if c.get("no_prediction") else
+                 "" if c["predicted_validation_loss"] is None else
                  f" A retrain is predicted at {c['predicted_validation_loss']:.4f} ± {c['predicted_interval90']:.3f} "
                  "(90%).")
     return (f"Confirmed by real fine-tunes ({c['training']}): '{c['chosen']}' reached validation loss "

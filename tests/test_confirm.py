@@ -91,6 +91,16 @@ def test_a_landmark_is_predicted_from_the_others_only():
     assert Calibration(x[:2], y[:2]).predict(1.0) == (None, None)  # two points leave no residual
 
 
+def test_with_two_landmarks_the_missing_prediction_says_why_and_what_to_raise():
+    two = Predictions({("a",): {"short": 1.5, "full": 1.0}, ("b",): {"short": 2.5, "full": 2.0}},
+                      {("a",): 1.0, ("b",): 2.0})
+    assert two.of(("a",), 1.5) == (None, None)
+    why = two.why_none("steps")
+    assert "only 2 candidates" in why and "select.confirm" in why and "equal steps" in why
+    three = Predictions({**two.landmarks, ("c",): {"short": 3.4, "full": 3.1}}, {**two.estimates, ("c",): 3.0})
+    assert three.of(("a",), 1.5)[0] is not None and three.why_none("steps") is None
+
+
 def test_without_a_part_way_loss_the_prediction_falls_back_to_the_estimate():
     landmarks = {("a",): {"full": 1.0}, ("b",): {"full": 2.0}, ("c",): {"full": 3.1}, ("d",): {"full": 4.0}}
     estimates = {("a",): 1.0, ("b",): 2.0, ("c",): 3.0, ("d",): 4.0, ("e",): 5.0}
