@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> Results:
         confirmation(per_target, parse_seeds(args.seeds), results)
     if len(per_target) > 1:
         over_targets(per_target, results)
+        if args.candidates:
+            fixed_fractions(per_target, results)
     return results
 
 
@@ -248,6 +250,32 @@ def over_targets(per_target: dict[str, list[dict]], results: Results) -> None:
     results.raw["per_target_mean"] = mean
 
 
+def fixed_fractions(per_target: dict[str, list[dict]], results: Results) -> None:
+    """The default against each fixed share of a ranking (its confirm stage's "top eighth by
+    gradient similarity" and the like, fine-tuned for every seed by --candidates) over the targets:
+    a fixed budget that one ranking takes on every target is what a user without confirmation
+    would pick, so the default must beat the best of them, paired by seed."""
+    defaults = {label: next(r for r in rows if r["method"] == "group_effect") for label, rows in per_target.items()}
+    if not all("candidates_measured" in r for r in defaults.values()):
+        return
+    names = [c["candidate"] for c in next(iter(defaults.values()))["candidates_measured"] if c["candidate"].startswith("top ")]
+    table = Table(f"the default against each fixed share of a ranking, over {len(per_target)} targets (every share "
+                  "fine-tuned for every seed): mean test loss; on how many targets the default is lower; Δ: the "
+                  "default's test loss minus the share's, averaged over targets per seed, then mean ± standard error",
+                  [("candidate", "fixed share", ""), ("test", "test loss", ".3f"), ("default", "the default's", ".3f"),
+                   ("default_lower", "default lower on", ""), ("vs_default", "Δ default vs it", "+.3f")])
+    ours = np.mean([r["test"] for r in defaults.values()], axis=0)
+    for name in names:
+        found = [next((c for c in r["candidates_measured"] if c["candidate"] == name), None) for r in defaults.values()]
+        if any(c is None for c in found):
+            continue  # a share some target did not propose (one ranking too short)
+        theirs = np.mean([c["test"] for c in found], axis=0)
+        lower = sum(np.mean(r["test"]) < np.mean(c["test"]) for r, c in zip(defaults.values(), found))
+        table.rows.append({"candidate": name, "test": float(np.mean(theirs)), "default": float(np.mean(ours)),
+                           "default_lower": f"{lower}/{len(found)}", "vs_default": paired(list(ours), list(theirs))})
+    results.add("fixed_shares", table)
+
+
 def confirmation(per_target: dict[str, list[dict]], seeds: list[int], results: Results) -> None:
     """What the default's confirm stage chose and spent per target, and how honest its prediction
     was: each landmark (a candidate trained in full) against its prediction from the others
@@ -293,10 +321,17 @@ def confirmation(per_target: dict[str, list[dict]], seeds: list[int], results: R
 def candidates(recipe, rows: list[dict], seeds: list[int], budget: str, finetunes: Path, label: str, key: str,
                results: Results) -> None:
     """Every candidate the default's confirm stage proposed, fine-tuned for every seed as the
-    mixture will be trained: how far the one it chose is from the best of them, on the test split."""
+    mixture will be trained: how far the one it chose is from the best of them, on the test split.
+    Every fixed share of each ranking is measured too, also where the stage merged it into another
+    candidate with the same groups, so the default meets each one on every target."""
     ours = next((r for r in rows if r["method"] == "group_effect"), None)
     if ours is None or not ours.get("confirm", {}).get("confirmed"):
         return
+    proposed = {c["candidate"] for c in ours["candidates"]}
+    merged = [{"candidate": name, "groups": len(weights), "weights": [f"{g}×{w}" for g, w in weights.items()],
+               "estimate": None, "validation_loss": None, "predicted": None,
+               "decision": "not proposed: the same groups as another candidate"}
+              for name, weights in shares(recipe, ours["decisions"]).items() if name not in proposed]
     sources = source_rows(recipe)
     base = next((r for r in rows if r["method"] == "all"), None)
     table = Table(f"{label}: each candidate of the default's confirm stage, fine-tuned for every seed; the stage's own "
@@ -306,7 +341,7 @@ def candidates(recipe, rows: list[dict], seeds: list[int], budget: str, finetune
                    ("predicted", "predicted", ".3f"), ("val", "validation loss", ".3f"), ("test", "test loss", ".3f"),
                    ("vs_all", "Δ test vs all", "+.4f"), ("decision", "decision", "")])
     measured = []
-    for c in ours["candidates"]:
+    for c in ours["candidates"] + merged:
         weights = dict(w.rsplit("×", 1) for w in c["weights"])
         found = evaluate_mixture(recipe, sources, {g: int(n) for g, n in weights.items()}, seeds, budget, finetunes)
         measured.append({**c, "val": found["val"], "test": found["test"]})
@@ -316,6 +351,18 @@ def candidates(recipe, rows: list[dict], seeds: list[int], budget: str, finetune
                            "vs_all": paired(found["test"], base["test"]) if base else None, "decision": c["decision"]})
     ours["candidates_measured"] = measured
     results.add(f"candidates:{key}", table)
+
+
+def shares(recipe, decisions: list[dict]) -> dict[str, dict[str, int]]:
+    """The fixed shares of the three rankings the confirm stage takes its candidates from
+    (`decisions`: the default's select stage, per group)."""
+    from dataselect.confirm import fixed_shares, other_orders
+
+    run = recipe.run
+    scored = sorted((d for d in decisions if d["score"] is not None), key=lambda d: (-d["score"], d["group"]))
+    orders = {"group effect": [d["group"] for d in scored],
+              **other_orders(recipe, run.ingested, run.meta_init, run.sketches, run.estimates)}
+    return fixed_shares(orders, len(decisions))
 
 
 # --- leave-out ----------------------------------------------------------------------------------

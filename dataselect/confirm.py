@@ -84,12 +84,8 @@ def propose(decided: pl.DataFrame, training: Training, orders: dict[str, list[st
         f"confidently helpful ×{REPEAT}": dict.fromkeys(helpful, REPEAT),
         "all but the confidently harmful": dict.fromkeys(kept, 1),
         f"helpful ×{REPEAT}, the rest once, harmful dropped": {g: REPEAT if g in helpful else 1 for g in kept},
+        **fixed_shares(orders, len(groups)),
     }
-    for ranking, order in orders.items():
-        for divisor, name in FRACTIONS:
-            size = max(1, math.ceil(len(groups) / divisor))
-            if len(order) >= size:
-                proposals[f"{name} by {ranking}"] = dict.fromkeys(order[:size], 1)
     tops = [f"top {fraction} by {ranking}" for fraction in ("eighth", "quarter") for ranking in orders]
     order = (["confidently helpful", *tops, "top half by group effect", f"confidently helpful ×{REPEAT}"]
              if training == "epochs" else
@@ -102,6 +98,18 @@ def propose(decided: pl.DataFrame, training: Training, orders: dict[str, list[st
         if weights:
             distinct.setdefault(Candidate(name, weights).key(), Candidate(name, weights))
     return list(distinct.values())
+
+
+def fixed_shares(orders: dict[str, list[str]], groups: int) -> dict[str, dict[str, int]]:
+    """The top eighth, quarter and half of each order of the groups, by name ("top eighth by
+    gradient similarity"): the fixed budgets a ranking alone would take."""
+    shares = {}
+    for ranking, order in orders.items():
+        for divisor, name in FRACTIONS:
+            size = max(1, math.ceil(groups / divisor))
+            if len(order) >= size:
+                shares[f"{name} by {ranking}"] = dict.fromkeys(order[:size], 1)
+    return shares
 
 
 @dataclass(frozen=True)
