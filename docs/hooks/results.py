@@ -230,6 +230,28 @@ def _fidelity(folder: Path) -> tuple[str, str]:
             f"{median[BASELINES[best]]:.2f}; above every baseline on {above}/{len(targets)} targets"), word
 
 
+def _best_share(folder: Path) -> tuple[str, str]:
+    """The default against the fixed share of a ranking that did best over the targets (each
+    share measured for every seed and target by `--candidates`)."""
+    t = table("selection-t0-pretrained-epochs", "fixed_shares", folder)
+    best = min(t.rows, key=lambda r: r["test"])
+    cell = best["vs_default"]
+    return (f"{format_cell(best['default'], '.3f')} against {format_cell(best['test'], '.3f')} for the best fixed "
+            f"share, {best['candidate']}: {format_cell(cell, '+.3f')} (paired, ± se), lower on "
+            f"{best['default_lower']} targets"), verdict(cell)
+
+
+def _smollm2(folder: Path) -> tuple[str, str]:
+    """One target and one seed: the figures, and no verdict (a single seed has no standard error)."""
+    data = load("selection-t0-smollm2-pretrained-epochs", folder)
+    key = next(k for k in data["tables"] if k.startswith("target:"))
+    t = Table.from_json(data["tables"][key])
+    ours, base = row_of(t, "method=group_effect"), row_of(t, "method=all")
+    return (f"{key.split(':', 1)[1]}: keeps {ours['groups']} of {base['groups']} groups, test loss "
+            f"{format_cell(ours['test'], '.3f')} against all sources' {format_cell(base['test'], '.3f')} "
+            f"(one seed)"), "ties (keeps all)" if ours["rows"] == base["rows"] else "no verdict (one seed)"
+
+
 def _gsm8k(folder: Path) -> tuple[str, str]:
     t = table("selection-gsm8k-pretrained-epochs", "target:gsm8k-pretrained", folder)
     ours, base = row_of(t, "method=group_effect"), row_of(t, "method=all")
@@ -253,7 +275,7 @@ HEADLINES = (
              _versus("selection-t0-pretrained-epochs", "all", "all sources")),
     Headline("Trained for epochs (T0): against gradient similarity under the same keep rule", "selection-t0-pretrained-epochs",
              _versus("selection-t0-pretrained-epochs", "gradient_similarity", "gradient similarity")),
-    Headline("Trained for equal steps (T0, 3 targets): against all sources", "selection-t0-pretrained-steps",
+    Headline("Trained for equal steps (T0): against all sources", "selection-t0-pretrained-steps",
              _versus("selection-t0-pretrained-steps", "all", "all sources")),
     Headline("GSM8K chain-of-thought, trained for epochs", "selection-gsm8k-pretrained-epochs", _gsm8k),
     Headline("The demo: helpful groups kept, corrupted rows dropped", "selection-demo-epochs", _demo),
