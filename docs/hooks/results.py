@@ -277,6 +277,8 @@ HEADLINES = (
              _versus("selection-t0-pretrained-epochs", "gradient_similarity", "gradient similarity")),
     Headline("Trained for equal steps (T0): against all sources", "selection-t0-pretrained-steps",
              _versus("selection-t0-pretrained-steps", "all", "all sources")),
+    Headline("SmolLM2-135M-Instruct with LoRA (T0), trained for epochs: against all sources",
+             "selection-t0-smollm2-pretrained-epochs", _smollm2),
     Headline("GSM8K chain-of-thought, trained for epochs", "selection-gsm8k-pretrained-epochs", _gsm8k),
     Headline("The demo: helpful groups kept, corrupted rows dropped", "selection-demo-epochs", _demo),
 )
