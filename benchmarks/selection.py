@@ -322,15 +322,16 @@ def candidates(recipe, rows: list[dict], seeds: list[int], budget: str, finetune
                results: Results) -> None:
     """Every candidate the default's confirm stage proposed, fine-tuned for every seed as the
     mixture will be trained: how far the one it chose is from the best of them, on the test split.
-    Every fixed share of each ranking is measured too, also where the stage merged it into another
-    candidate with the same groups, so the default meets each one on every target."""
+    Every fixed share of each ranking is measured too, also where the stage did not propose it (for
+    this training) or merged it into a candidate with the same groups, so the default meets each
+    one on every target."""
     ours = next((r for r in rows if r["method"] == "group_effect"), None)
     if ours is None or not ours.get("confirm", {}).get("confirmed"):
         return
     proposed = {c["candidate"] for c in ours["candidates"]}
     merged = [{"candidate": name, "groups": len(weights), "weights": [f"{g}×{w}" for g, w in weights.items()],
                "estimate": None, "validation_loss": None, "predicted": None,
-               "decision": "not proposed: the same groups as another candidate"}
+               "decision": "not a candidate of the stage: not proposed for this training, or the same groups as one"}
               for name, weights in shares(recipe, ours["decisions"]).items() if name not in proposed]
     sources = source_rows(recipe)
     base = next((r for r in rows if r["method"] == "all"), None)
