@@ -357,13 +357,14 @@ def candidates(recipe, rows: list[dict], seeds: list[int], budget: str, finetune
 def shares(recipe, decisions: list[dict]) -> dict[str, dict[str, int]]:
     """The fixed shares of the three rankings the confirm stage takes its candidates from
     (`decisions`: the default's select stage, per group)."""
-    from dataselect.confirm import fixed_shares, other_orders
+    import polars as pl
+
+    from dataselect.confirm import fixed_shares, other_orders, rankings
 
     run = recipe.run
-    scored = sorted((d for d in decisions if d["score"] is not None), key=lambda d: (-d["score"], d["group"]))
-    orders = {"group effect": [d["group"] for d in scored],
-              **other_orders(recipe, run.ingested, run.meta_init, run.sketches, run.estimates)}
-    return fixed_shares(orders, len(decisions))
+    decided = pl.DataFrame(decisions)
+    others = other_orders(recipe, run.ingested, run.meta_init, run.sketches, run.estimates)
+    return fixed_shares(rankings(decided, others), decided.height)
 
 
 # --- leave-out ----------------------------------------------------------------------------------

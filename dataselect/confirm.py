@@ -78,7 +78,7 @@ def propose(decided: pl.DataFrame, training: Training, orders: dict[str, list[st
     helpful = [g for g in groups if g in confidently_past(ranked, 0.0, "low_end")] if has_intervals else []
     harmful = confidently_past(ranked, 0.0, "high_end") if has_intervals else set()
     kept = [g for g in groups if g not in harmful]
-    orders = {"group effect": ranked.filter(pl.col("score").is_not_null())["group"].to_list(), **(orders or {})}
+    orders = rankings(decided, orders or {})
     proposals = {
         "confidently helpful": dict.fromkeys(helpful, 1),
         f"confidently helpful ×{REPEAT}": dict.fromkeys(helpful, REPEAT),
@@ -98,6 +98,13 @@ def propose(decided: pl.DataFrame, training: Training, orders: dict[str, list[st
         if weights:
             distinct.setdefault(Candidate(name, weights).key(), Candidate(name, weights))
     return list(distinct.values())
+
+
+def rankings(decided: pl.DataFrame, others: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The orders the top fractions are taken from: the select stage's scores (best first, groups
+    without a score left out), then `others`."""
+    scored = decided.filter(pl.col("score").is_not_null()).sort(["score", "group"], descending=[True, False])
+    return {"group effect": scored["group"].to_list(), **others}
 
 
 def fixed_shares(orders: dict[str, list[str]], groups: int) -> dict[str, dict[str, int]]:

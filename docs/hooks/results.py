@@ -230,17 +230,6 @@ def _fidelity(folder: Path) -> tuple[str, str]:
             f"{median[BASELINES[best]]:.2f}; above every baseline on {above}/{len(targets)} targets"), word
 
 
-def _best_share(folder: Path) -> tuple[str, str]:
-    """The default against the fixed share of a ranking that did best over the targets (each
-    share measured for every seed and target by `--candidates`)."""
-    t = table("selection-t0-pretrained-epochs", "fixed_shares", folder)
-    best = min(t.rows, key=lambda r: r["test"])
-    cell = best["vs_default"]
-    return (f"{format_cell(best['default'], '.3f')} against {format_cell(best['test'], '.3f')} for the best fixed "
-            f"share, {best['candidate']}: {format_cell(cell, '+.3f')} (paired, ± se), lower on "
-            f"{best['default_lower']} targets"), verdict(cell)
-
-
 def _smollm2(folder: Path) -> tuple[str, str]:
     """One target and one seed: the figures, and no verdict (a single seed has no standard error)."""
     data = load("selection-t0-smollm2-pretrained-epochs", folder)
