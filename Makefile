@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/dataselect build --recipe recipes/demo.yaml
 
-# The docs build strictly (a broken link or a missing page fails), then the tests.
+# The docs build strictly (a broken link or a missing page fails), then the tests, one worker per
+# core with one thread each (workers that each spread over every core slow each other down), the
+# tests that read the session's demo build on one worker, so it is built once.
 test: install
 	$(BIN)/mkdocs build --strict -d $$(mktemp -d)
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadgroup
 
 clean:
 	rm -rf runs out
