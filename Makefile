@@ -9,11 +9,14 @@ install: $(VENV)/.installed
 
 # torch is pinned first: on CPU machines 2.13.0 is a local CPU wheel, and an unpinned torch
 # pulled in by another package would fetch a multi-GB CUDA build.
+# The packages are byte-compiled afterwards on every core (pip compiles on one, most of a fresh
+# install); as with pip, a file written for a newer Python (torch ships one) stays uncompiled.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
 demo: install
