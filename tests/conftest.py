@@ -50,7 +50,7 @@ def write_small_recipe(tmp: Path, name: str, sources: list[dict], target: Path, 
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Every test that needs the session's demo build is `slow`: the build takes minutes on a CPU,
     so `pytest -m "not slow"` (the inner loop) leaves them, and the build, out. Under `make
-    test`'s two workers they all run on one, so the demo is built once. Other slow tests carry
+    test`'s workers they all run on one, so the demo is built once. Other slow tests carry
     the mark themselves."""
     if "demo_build" in getattr(item, "fixturenames", ()):
         item.add_marker(pytest.mark.slow)
